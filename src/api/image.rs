@@ -1,0 +1,102 @@
+//! The VirtualMachineImage resource: a base disk, kernel or initrd and where to get it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A disk image or boot file. Each node's agent fetches it once, verifies it and caches it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "vmlet.dev",
+    version = "v1alpha1",
+    kind = "VirtualMachineImage",
+    namespaced,
+    status = "VirtualMachineImageStatus",
+    shortname = "vmimage",
+    category = "vmlet",
+    printcolumn = r#"{"name":"Format","type":"string","jsonPath":".spec.format"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineImageSpec {
+    /// qcow2 or raw for disks; kernel or initrd for direct kernel boot.
+    pub format: ImageFormat,
+    /// Where the image comes from: exactly one of http or hostPath.
+    pub source: ImageSource,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Qcow2,
+    Raw,
+    Kernel,
+    Initrd,
+}
+
+/// Exactly one of http or hostPath.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("[has(self.http), has(self.hostPath)].exists_one(x, x)").message("exactly one of source.http or source.hostPath must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSource {
+    /// Download over http(s), verified against a sha256 before use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSource>,
+    /// A file under the agent's image root (default /var/lib/vmlet/images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathSource>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HttpSource {
+    /// An http:// or https:// URL.
+    #[schemars(length(min = 8, max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^\\\\s]+$') && isURL(self) && url(self).getHostname() != ''").message("source.http.url must be an http:// or https:// URL"))]
+    pub url: String,
+    /// SHA-256 of the file, 64 lower-case hex digits.
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HostPathSource {
+    /// Absolute path on the node, inside the agent's image root.
+    #[schemars(length(min = 2, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("source.hostPath.path must be absolute"))]
+    #[x_kube(validation = Rule::new("!self.split('/').exists(s, s == '..')").message("source.hostPath.path must not contain '..'"))]
+    #[x_kube(validation = Rule::new("!self.matches('[\\\\x00-\\\\x1f\\\\x7f]')").message("source.hostPath.path must not contain control characters"))]
+    pub path: String,
+}
+
+/// Per-node state of the image.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineImageStatus {
+    /// Ready once some node holds a verified copy; Failed when the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// One entry per node that fetched the image; each agent writes only its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::schema::image_nodes")]
+    pub nodes: Vec<ImageNodeStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::schema::conditions")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageNodeStatus {
+    /// The node.
+    pub node: String,
+    /// Ready, Failed or Pending on that node.
+    pub phase: String,
+    /// Why, when not Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Size of the cached file in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<i64>,
+}

@@ -1,0 +1,432 @@
+//! The VirtualMachine resource.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const MAX_DISKS: u32 = 16;
+pub const MAX_NETWORKS: u32 = 8;
+/// OpenStack bounds user data at 64 KiB; so do we, in bytes.
+pub const MAX_USER_DATA: usize = 65536;
+
+/// A virtual machine: its hardware, disks, networks, placement and run strategy.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "vmlet.dev",
+    version = "v1alpha1",
+    kind = "VirtualMachine",
+    namespaced,
+    status = "VirtualMachineStatus",
+    shortname = "vm",
+    shortname = "vms",
+    category = "vmlet",
+    selectable = ".status.nodeName",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.nodeName"}"#,
+    printcolumn = r#"{"name":"CPUs","type":"integer","jsonPath":".status.vcpus"}"#,
+    printcolumn = r#"{"name":"Memory","type":"string","jsonPath":".status.memory"}"#,
+    printcolumn = r#"{"name":"IP","type":"string","jsonPath":".status.interfaces[0].ipAddress"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("has(self.classRef) || has(self.memory)").message("spec.memory is required unless spec.classRef names a VirtualMachineClass").field_path(".memory"))]
+#[x_kube(validation = Rule::new("!has(self.disks) || self.disks.filter(d, has(d.cloudInit)).size() <= 1").message("at most one cloudInit disk").field_path(".disks"))]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineSpec {
+    /// When the VM should run, with KubeVirt's meanings: Always (restart whenever it stops),
+    /// RerunOnFailure (restart only after a failure), Once (run until it stops, never
+    /// again), Manual (start and stop only on request) and Halted (keep it stopped).
+    /// Default Always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_strategy: Option<RunStrategy>,
+
+    /// A VirtualMachineClass to take cpu, memory, machine and firmware from; fields set on
+    /// the VM override the class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_ref: Option<ClassRef>,
+
+    /// Virtual CPU topology and model. Default one socket, one core, one thread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Cpu>,
+
+    /// Guest memory, e.g. 512Mi or 2Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "super::schema::memory")]
+    pub memory: Option<String>,
+
+    /// Machine type: q35 (PCIe, the default) or pc (i440FX).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Machine>,
+
+    /// Firmware: bios (SeaBIOS, the default) or uefi (OVMF, when the node has it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+
+    /// Direct kernel boot: a kernel and initrd from VirtualMachineImages and a command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
+
+    /// The VM's disks, in boot order. Names are unique DNS labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::schema::disks")]
+    pub disks: Vec<Disk>,
+
+    /// The VM's network interfaces. Names are unique DNS labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::schema::networks")]
+    pub networks: Vec<Network>,
+
+    /// Labels a node must carry for the VM to be placed on it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints of nodes this VM tolerates, as for Pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+
+    /// VMs this VM must not share a topology domain with (required anti-affinity).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub anti_affinity: Vec<AntiAffinityTerm>,
+
+    /// What a node drain does to this VM: LiveMigrate, Shutdown or None. Default LiveMigrate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eviction_strategy: Option<EvictionStrategy>,
+
+    /// Attach a VNC display bound to the host's loopback. Default false: serial console only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graphics: Option<bool>,
+
+    /// Seconds an ACPI shutdown may take before the domain is destroyed. Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub termination_grace_period_seconds: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum RunStrategy {
+    #[default]
+    Always,
+    RerunOnFailure,
+    Once,
+    Manual,
+    Halted,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Machine {
+    #[default]
+    Q35,
+    Pc,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum EvictionStrategy {
+    LiveMigrate,
+    Shutdown,
+    None,
+}
+
+/// A reference to a cluster-scoped VirtualMachineClass.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ClassRef {
+    /// Name of the VirtualMachineClass.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+}
+
+/// A reference to a VirtualMachineImage in the VM's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ImageRef {
+    /// Name of the VirtualMachineImage (same namespace).
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+}
+
+/// Virtual CPU topology (sockets x cores x threads vCPUs) and model.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("(has(self.sockets) ? self.sockets : 1) * (has(self.cores) ? self.cores : 1) * (has(self.threads) ? self.threads : 1) <= 512").message("sockets x cores x threads must be at most 512 vCPUs"))]
+#[serde(rename_all = "camelCase")]
+pub struct Cpu {
+    /// CPU sockets (1-16). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub sockets: Option<i32>,
+    /// Cores per socket (1-128). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 128))]
+    pub cores: Option<i32>,
+    /// Threads per core (1-4). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4))]
+    pub threads: Option<i32>,
+    /// CPU model: host-model, host-passthrough, or a named QEMU model such as Skylake-Server.
+    /// Default: host-model under KVM, QEMU's default model under TCG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"))]
+    pub model: Option<String>,
+}
+
+impl Cpu {
+    pub fn vcpus(&self) -> i32 {
+        self.sockets.unwrap_or(1) * self.cores.unwrap_or(1) * self.threads.unwrap_or(1)
+    }
+}
+
+/// Direct kernel boot.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("has(self.kernel) || (!has(self.initrd) && !has(self.cmdline))").message("boot.initrd and boot.cmdline need boot.kernel").field_path(".kernel"))]
+pub struct Boot {
+    /// A VirtualMachineImage of format kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<ImageRef>,
+    /// A VirtualMachineImage of format initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<ImageRef>,
+    /// Kernel command line (printable characters only, at most 2048).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("!self.matches('[\\\\x00-\\\\x1f\\\\x7f]')").message("boot.cmdline must not contain control characters"))]
+    #[schemars(length(max = 2048))]
+    pub cmdline: Option<String>,
+}
+
+/// One disk: exactly one of image, blank or cloudInit.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("[has(self.image), has(self.blank), has(self.cloudInit)].exists_one(x, x)").message("exactly one of image, blank or cloudInit must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct Disk {
+    /// Disk name, a DNS label unique within the VM.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Bus: virtio (default), sata or scsi. A cloudInit disk is a CD-ROM on sata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<DiskBus>,
+    /// Attach read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// A copy-on-write overlay on a VirtualMachineImage; the image itself is never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
+    /// An empty disk of the given size, created on first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blank: Option<BlankDisk>,
+    /// A cloud-init NoCloud seed (CD-ROM labelled cidata) written by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    Sata,
+    Scsi,
+}
+
+/// An empty disk.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct BlankDisk {
+    #[schemars(schema_with = "super::schema::disk_size")]
+    pub size: String,
+}
+
+/// cloud-init NoCloud data. meta-data (instance-id = the VM's uid, hostname = its name)
+/// is written by the agent.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudInit {
+    /// user-data, e.g. a #cloud-config document (at most 64 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    #[x_kube(validation = Rule::new("size(bytes(self)) <= 65536").message("cloudInit.userData must be at most 64 KiB"))]
+    pub user_data: Option<String>,
+    /// network-config (version 1 or 2), at most 64 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    #[x_kube(validation = Rule::new("size(bytes(self)) <= 65536").message("cloudInit.networkData must be at most 64 KiB"))]
+    pub network_data: Option<String>,
+}
+
+/// One network interface: exactly one of user, network or bridge.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("[has(self.user), has(self.network), has(self.bridge)].exists_one(x, x)").message("exactly one of user, network or bridge must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    /// Interface name, a DNS label unique within the VM.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// NIC model: virtio (default) or e1000e.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<NicModel>,
+    /// A fixed unicast MAC address (lower-case hex); derived from the VM's uid when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$"))]
+    pub mac_address: Option<String>,
+    /// User-mode networking (SLIRP): outbound only, no setup on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserNetwork>,
+    /// A libvirt network defined on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NamedNetwork>,
+    /// A Linux bridge on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<Bridge>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NicModel {
+    #[default]
+    Virtio,
+    E1000e,
+}
+
+/// User-mode networking; no options yet.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct UserNetwork {}
+
+/// A libvirt network by name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct NamedNetwork {
+    /// Name of the libvirt network on the node.
+    #[schemars(
+        length(min = 1, max = 64),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    )]
+    pub name: String,
+}
+
+/// A host bridge by interface name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Bridge {
+    /// The bridge's interface name: at most 15 characters of letters, digits, '_', '.', '-'.
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    )]
+    pub name: String,
+}
+
+/// Required anti-affinity: no two VMs matched by labelSelector in one topology domain.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AntiAffinityTerm {
+    /// VMs (in this VM's namespace) to keep away from.
+    pub label_selector: LabelSelector,
+    /// Node label whose value defines a topology domain, e.g. kubernetes.io/hostname.
+    #[schemars(length(min = 1, max = 316))]
+    pub topology_key: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Scheduled,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+    Migrating,
+    Unknown,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Scheduled => "Scheduled",
+            Phase::Starting => "Starting",
+            Phase::Running => "Running",
+            Phase::Stopping => "Stopping",
+            Phase::Stopped => "Stopped",
+            Phase::Failed => "Failed",
+            Phase::Migrating => "Migrating",
+            Phase::Unknown => "Unknown",
+        }
+    }
+}
+
+/// What vmlet observes of the VM.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineStatus {
+    /// Lifecycle phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The node the VM is bound to (written by the scheduler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::schema::conditions")]
+    pub conditions: Vec<Condition>,
+    /// UUID of the libvirt domain (always the VM's metadata.uid).
+    #[serde(
+        default,
+        rename = "domainUUID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub domain_uuid: Option<String>,
+    /// Network interfaces with their MAC and, where libvirt can tell, IP address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::schema::interfaces")]
+    pub interfaces: Vec<InterfaceStatus>,
+    /// How often vmlet restarted the VM after it stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_count: Option<i32>,
+    /// When the running domain was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// vCPUs after the class is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<i32>,
+    /// Memory after the class is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Acceleration the domain runs with: kvm or tcg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+}
+
+/// One network interface as the node sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InterfaceStatus {
+    /// The interface's name in spec.networks.
+    pub name: String,
+    /// MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// First IP address libvirt reports, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+}

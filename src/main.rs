@@ -1,0 +1,34 @@
+use clap::{Parser, Subcommand};
+
+/// vmlet: run virtual machines as Kubernetes custom resources.
+#[derive(Parser)]
+#[command(name = "vmlet", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print every CustomResourceDefinition as YAML.
+    Crd,
+    /// Run the node agent: turn the VMs bound to this node into libvirt domains.
+    Agent(vmlet::agent::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            for (_, crd) in vmlet::api::crds() {
+                print!("{}", vmlet::api::crd_yaml(&crd));
+            }
+            Ok(())
+        }
+        Command::Agent(args) => {
+            vmlet::telemetry::init();
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(vmlet::agent::run(args))
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Shared set-up for tests against the real local control plane.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, Config, config::KubeConfigOptions, config::Kubeconfig};
+use tokio::sync::OnceCell;
+
+/// The kubeconfig `hack/cluster.sh up` writes, unless KUBECONFIG names another.
+pub fn kubeconfig_path() -> std::path::PathBuf {
+    match std::env::var_os("KUBECONFIG") {
+        Some(p) => p.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/cluster/kubeconfig"),
+    }
+}
+
+pub async fn client() -> Client {
+    let path = kubeconfig_path();
+    let kc = Kubeconfig::read_from(&path).unwrap_or_else(|e| {
+        panic!(
+            "no control plane: cannot read {} ({e}); run `hack/cluster.sh up` or `make test`",
+            path.display()
+        )
+    });
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    Client::try_from(config).expect("client")
+}
+
+static CRDS: OnceCell<()> = OnceCell::const_new();
+
+/// Installs the CRDs (server-side apply) and waits until each is Established.
+pub async fn ensure_crds(client: &Client) {
+    CRDS.get_or_init(|| async {
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let pp = PatchParams::apply("vmlet-tests").force();
+        for (_, crd) in vmlet::api::crds() {
+            let name = crd.metadata.name.clone().unwrap();
+            api.patch(&name, &pp, &Patch::Apply(&crd))
+                .await
+                .expect("apply CRD");
+        }
+        for (_, crd) in vmlet::api::crds() {
+            let name = crd.metadata.name.clone().unwrap();
+            wait_for(Duration::from_secs(30), || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let crd = api.get(&name).await.ok()?;
+                    let conds = crd.status?.conditions?;
+                    conds
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                        .then_some(())
+                }
+            })
+            .await
+            .unwrap_or_else(|| panic!("CRD {name} not Established"));
+        }
+    })
+    .await;
+}
+
+/// A fresh namespace for one test, deleted by the returned guard's `cleanup`.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.generate_name = Some(format!("{prefix}-"));
+    let ns = api
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+    ns.metadata.name.unwrap()
+}
+
+pub async fn delete_namespace(client: &Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let _ = api.delete(name, &DeleteParams::default()).await;
+}
+
+/// Polls `f` every 100 ms until it returns Some or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The multi-document YAML files under `examples/`, parsed.
+pub fn example_documents() -> Vec<(String, serde_json::Value)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("examples/")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut docs = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            if !v.is_null() {
+                docs.push((f.file_name().unwrap().to_string_lossy().into_owned(), v));
+            }
+        }
+    }
+    docs
+}
