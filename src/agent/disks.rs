@@ -1,0 +1,111 @@
+//! The files a VM's disks live in: qcow2 overlays on cached bases, blank disks and the
+//! cloud-init seed. All inside the VM's own directory, so removing it removes them all
+//! and never touches a cached base.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+
+use super::render::DiskFile;
+use super::seed;
+use crate::api::vm::Disk;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("qemu-img failed for {path}: {reason}")]
+    QemuImg { path: String, reason: String },
+    #[error("I/O error preparing disks: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+async fn qemu_img(args: &[&str], path: &Path) -> Result<(), DiskError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(args)
+        .arg(path)
+        .output()
+        .await
+        .map_err(|e| DiskError::QemuImg {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(DiskError::QemuImg {
+            path: path.display().to_string(),
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Creates what is missing. Existing overlays and blank disks hold guest data and are
+/// never rewritten; the seed is rewritten so that it follows the spec on the next boot.
+pub async fn prepare(
+    vm_dir: &Path,
+    files: &[(Disk, DiskFile)],
+    uid: &str,
+    hostname: &str,
+) -> Result<(), DiskError> {
+    let dir = vm_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))??;
+    for (disk, file) in files {
+        let exists = tokio::fs::metadata(file.path()).await.is_ok();
+        match file {
+            DiskFile::Overlay {
+                path,
+                base,
+                base_format,
+            } if !exists => {
+                let base = base.to_string_lossy();
+                qemu_img(
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-F",
+                        base_format,
+                        "-b",
+                        &base,
+                    ],
+                    path,
+                )
+                .await?;
+            }
+            DiskFile::Blank { path, size } if !exists => {
+                qemu_img(
+                    &["create", "-q", "-f", "qcow2", "-o", &format!("size={size}")],
+                    path,
+                )
+                .await?;
+            }
+            DiskFile::Seed { path } => {
+                let ci = disk.cloud_init.as_ref();
+                let files = seed::nocloud_files(
+                    uid,
+                    hostname,
+                    ci.and_then(|c| c.user_data.as_deref()),
+                    ci.and_then(|c| c.network_data.as_deref()),
+                );
+                let tmp = path.with_extension("iso.tmp");
+                tokio::fs::write(&tmp, seed::iso9660(&files)).await?;
+                tokio::fs::rename(&tmp, path).await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Removes the VM's directory: overlays, blank disks, seed and console log.
+pub async fn remove(vm_dir: &Path) -> Result<(), DiskError> {
+    match tokio::fs::remove_dir_all(vm_dir).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}

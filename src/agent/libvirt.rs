@@ -1,0 +1,446 @@
+//! Every libvirt call the agent makes. libvirt blocks, so each call runs on tokio's
+//! blocking pool; one connection is shared (the test driver keeps its state per
+//! connection, and libvirt connections are thread-safe).
+
+use std::ffi::{CStr, c_void};
+use std::sync::{Arc, Once};
+
+use tokio::sync::broadcast::Sender;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+use super::domain::{VmMetadata, owner_of};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error("libvirt: {0}")]
+    Virt(#[from] virt::error::Error),
+    #[error("libvirt call panicked or was cancelled")]
+    Join,
+}
+
+pub type Result<T> = std::result::Result<T, LibvirtError>;
+
+/// A domain's run state, simplified from virDomainState and its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    ShuttingDown,
+    /// Stopped by the guest (poweroff) or by us.
+    ShutOff,
+    /// Stopped because QEMU crashed or failed.
+    Crashed,
+    /// Stopped by `virsh destroy` (from us or from outside) or because QEMU was killed.
+    Destroyed,
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct DomainInfo {
+    pub uuid: String,
+    pub name: String,
+    pub state: RunState,
+    pub owner: Option<VmMetadata>,
+    /// The defined (inactive) XML: what the next start would run.
+    pub xml: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub libvirt_version: String,
+    pub hypervisor_version: String,
+    pub driver: String,
+}
+
+/// Per-domain counters from libvirt's bulk stats.
+#[derive(Debug, Clone, Default)]
+pub struct DomainStats {
+    pub uuid: String,
+    pub cpu_time_ns: u64,
+    pub memory_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+}
+
+#[derive(Clone)]
+pub struct Libvirt {
+    conn: Arc<Connect>,
+    uri: String,
+    /// Lifecycle events, registered once per connection (registering again on a live
+    /// connection deadlocked against the event loop here) and fanned out to subscribers.
+    events: Sender<String>,
+}
+
+static EVENT_LOOP: Once = Once::new();
+
+/// libvirt delivers events only when an event loop is registered before the connection
+/// opens and something runs it; a dedicated thread does.
+fn start_event_loop() {
+    EVENT_LOOP.call_once(|| {
+        virt::error::clear_error_callback();
+        if unsafe { sys::virEventRegisterDefaultImpl() } < 0 {
+            tracing::warn!("libvirt event loop registration failed: lifecycle events unavailable");
+            return;
+        }
+        std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| {
+                loop {
+                    if unsafe { sys::virEventRunDefaultImpl() } < 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            })
+            .expect("spawn libvirt event thread");
+    });
+}
+
+fn uuid_of(dom: &Domain) -> Result<String> {
+    Ok(dom.uuid_string()?)
+}
+
+fn run_state(dom: &Domain) -> Result<RunState> {
+    let (mut state, mut reason) = (-1i32, -1i32);
+    // SAFETY: a live domain handle and two out-parameters.
+    if unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) } < 0 {
+        return Err(virt::error::Error::last_error().into());
+    }
+    let state = state as sys::virDomainState;
+    Ok(match state {
+        sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => RunState::Running,
+        sys::VIR_DOMAIN_PAUSED | sys::VIR_DOMAIN_PMSUSPENDED => RunState::Paused,
+        sys::VIR_DOMAIN_SHUTDOWN => RunState::ShuttingDown,
+        sys::VIR_DOMAIN_CRASHED => RunState::Crashed,
+        sys::VIR_DOMAIN_SHUTOFF => match reason as u32 {
+            sys::VIR_DOMAIN_SHUTOFF_CRASHED | sys::VIR_DOMAIN_SHUTOFF_FAILED => RunState::Crashed,
+            sys::VIR_DOMAIN_SHUTOFF_DESTROYED => RunState::Destroyed,
+            _ => RunState::ShutOff,
+        },
+        _ => RunState::Other,
+    })
+}
+
+fn info_of(dom: &Domain) -> Result<DomainInfo> {
+    let xml = dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)?;
+    Ok(DomainInfo {
+        uuid: uuid_of(dom)?,
+        name: dom.name()?,
+        state: run_state(dom)?,
+        owner: owner_of(&xml),
+        xml,
+    })
+}
+
+fn version_string(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)
+}
+
+fn is_no_domain(e: &virt::error::Error) -> bool {
+    e.code() == virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
+}
+
+impl Libvirt {
+    pub async fn open(uri: &str) -> Result<Self> {
+        let uri = uri.to_string();
+        let conn = tokio::task::spawn_blocking({
+            let uri = uri.clone();
+            move || {
+                start_event_loop();
+                Connect::open(Some(&uri))
+            }
+        })
+        .await
+        .map_err(|_| LibvirtError::Join)??;
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        let lv = Libvirt {
+            conn: Arc::new(conn),
+            uri,
+            events,
+        };
+        lv.register_lifecycle_events().await?;
+        Ok(lv)
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || f(&conn))
+            .await
+            .map_err(|_| LibvirtError::Join)?
+    }
+
+    pub async fn node_info(&self) -> Result<NodeInfo> {
+        self.call(|c| {
+            let info = c.node_info()?;
+            let driver = c.driver_type()?;
+            Ok(NodeInfo {
+                cpus: info.cpus,
+                memory_bytes: info.memory * 1024,
+                libvirt_version: version_string(c.lib_version()?),
+                hypervisor_version: format!(
+                    "{} {}",
+                    driver,
+                    version_string(c.hyp_version().unwrap_or(0))
+                ),
+                driver,
+            })
+        })
+        .await
+    }
+
+    /// Every domain on the node, active or not.
+    pub async fn list(&self) -> Result<Vec<DomainInfo>> {
+        self.call(|c| {
+            let flags =
+                sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE | sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE;
+            c.list_all_domains(flags)?.iter().map(info_of).collect()
+        })
+        .await
+    }
+
+    pub async fn lookup(&self, uuid: &str) -> Result<Option<DomainInfo>> {
+        let uuid = uuid.to_string();
+        self.call(move |c| match c.lookup_domain_by_uuid_string(&uuid) {
+            Ok(d) => match info_of(&d) {
+                Ok(i) => Ok(Some(i)),
+                Err(LibvirtError::Virt(e)) if is_no_domain(&e) => Ok(None),
+                Err(e) => Err(e),
+            },
+            Err(e) if is_no_domain(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+
+    /// Defines (or redefines) a domain from XML.
+    pub async fn define(&self, xml: String) -> Result<()> {
+        self.call(move |c| {
+            c.define_domain_xml(&xml)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn with_domain<F>(&self, uuid: &str, f: F) -> Result<()>
+    where
+        F: FnOnce(&Domain) -> std::result::Result<(), virt::error::Error> + Send + 'static,
+    {
+        let uuid = uuid.to_string();
+        self.call(move |c| match c.lookup_domain_by_uuid_string(&uuid) {
+            Ok(d) => Ok(f(&d)?),
+            Err(e) if is_no_domain(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+
+    pub async fn start(&self, uuid: &str) -> Result<()> {
+        self.with_domain(uuid, |d| d.create().map(|_| ())).await
+    }
+
+    /// Asks the guest to power off through ACPI.
+    pub async fn shutdown(&self, uuid: &str) -> Result<()> {
+        self.with_domain(uuid, |d| match d.is_active()? {
+            true => d.shutdown().map(|_| ()),
+            false => Ok(()),
+        })
+        .await
+    }
+
+    pub async fn destroy(&self, uuid: &str) -> Result<()> {
+        self.with_domain(uuid, |d| match d.is_active()? {
+            true => d.destroy().map(|_| ()),
+            false => Ok(()),
+        })
+        .await
+    }
+
+    /// Removes the definition; also NVRAM, which UEFI domains carry.
+    pub async fn undefine(&self, uuid: &str) -> Result<()> {
+        self.with_domain(uuid, |d| {
+            match d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM) {
+                // Drivers without NVRAM support (the test driver) refuse the flag.
+                Err(e)
+                    if e.code()
+                        == virt::enumutil::Enum::Known(virt::error::ErrorNumber::InvalidArg) =>
+                {
+                    d.undefine()
+                }
+                other => other.map(|_| ()),
+            }
+        })
+        .await
+    }
+
+    /// (MAC, IP) pairs libvirt can tell, from its DHCP leases; empty when it cannot.
+    pub async fn addresses(&self, uuid: &str) -> Result<Vec<(String, String)>> {
+        let uuid = uuid.to_string();
+        self.call(move |c| {
+            let Ok(d) = c.lookup_domain_by_uuid_string(&uuid) else {
+                return Ok(Vec::new());
+            };
+            if !d.is_active().unwrap_or(false) {
+                return Ok(Vec::new());
+            }
+            let ifaces = d
+                .interface_addresses(sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+                .unwrap_or_default();
+            Ok(ifaces
+                .into_iter()
+                .filter_map(|i| Some((i.hwaddr.clone()?, i.addrs.first()?.addr.clone())))
+                .collect())
+        })
+        .await
+    }
+
+    /// CPU, memory, disk and network counters of every running domain.
+    pub async fn stats(&self) -> Result<Vec<DomainStats>> {
+        self.call(|c| {
+            let types = sys::VIR_DOMAIN_STATS_CPU_TOTAL
+                | sys::VIR_DOMAIN_STATS_BALLOON
+                | sys::VIR_DOMAIN_STATS_INTERFACE
+                | sys::VIR_DOMAIN_STATS_BLOCK;
+            let records =
+                c.all_domain_stats(types, sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE)?;
+            let mut out = Vec::with_capacity(records.len());
+            for r in &records {
+                // SAFETY: the records stay valid until freed below; params has nparams entries.
+                let rec = unsafe { &*r.ptr };
+                let dom = unsafe { Domain::from_ptr(rec.dom) };
+                let mut s = DomainStats {
+                    uuid: dom.uuid_string().unwrap_or_default(),
+                    ..Default::default()
+                };
+                std::mem::forget(dom); // owned by the record
+                for i in 0..rec.nparams.max(0) as usize {
+                    let p = unsafe { &*rec.params.add(i) };
+                    let field = unsafe { CStr::from_ptr(p.field.as_ptr()) }.to_string_lossy();
+                    let value = match p.type_ as u32 {
+                        sys::VIR_TYPED_PARAM_ULLONG => unsafe { p.value.ul },
+                        sys::VIR_TYPED_PARAM_LLONG => (unsafe { p.value.l }).max(0) as u64,
+                        sys::VIR_TYPED_PARAM_UINT => u64::from(unsafe { p.value.ui }),
+                        _ => continue,
+                    };
+                    let suffix = field.rsplit('.').next().unwrap_or_default();
+                    match (field.split('.').next().unwrap_or_default(), suffix) {
+                        ("cpu", "time") if field == "cpu.time" => s.cpu_time_ns = value,
+                        ("balloon", "current") => s.memory_bytes = value * 1024,
+                        ("block", "bytes") if field.ends_with(".rd.bytes") => {
+                            s.disk_read_bytes += value
+                        }
+                        ("block", "bytes") if field.ends_with(".wr.bytes") => {
+                            s.disk_write_bytes += value
+                        }
+                        ("net", "bytes") if field.ends_with(".rx.bytes") => s.net_rx_bytes += value,
+                        ("net", "bytes") if field.ends_with(".tx.bytes") => s.net_tx_bytes += value,
+                        _ => {}
+                    }
+                }
+                out.push(s);
+            }
+            // The virt crate frees the array but not the records: hand them back to libvirt
+            // in a NULL-terminated array allocated the way libvirt frees it.
+            let n = records.len() + 1;
+            let size = std::mem::size_of::<sys::virDomainStatsRecordPtr>();
+            // SAFETY: calloc'd array of n pointers, the last left NULL; libvirt frees the
+            // records and the array.
+            unsafe {
+                let arr = libc_calloc(n, size) as *mut sys::virDomainStatsRecordPtr;
+                if !arr.is_null() {
+                    for (i, r) in records.iter().enumerate() {
+                        *arr.add(i) = r.ptr;
+                    }
+                    sys::virDomainStatsRecordListFree(arr);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The UUID of every domain whose lifecycle changes (started, stopped, crashed,
+    /// undefined...), from now on. A subscriber that falls behind skips old events.
+    pub fn lifecycle_events(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.events.subscribe()
+    }
+
+    async fn register_lifecycle_events(&self) -> Result<()> {
+        let tx = self.events.clone();
+        self.call(move |c| {
+            let opaque = Box::into_raw(Box::new(tx)) as *mut c_void;
+            // SAFETY: the callback has the generic signature libvirt expects for
+            // VIR_DOMAIN_EVENT_ID_LIFECYCLE once cast; `free_sender` frees opaque exactly once.
+            let cb: sys::virConnectDomainEventGenericCallback = Some(unsafe {
+                std::mem::transmute::<
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virDomainPtr,
+                        i32,
+                        i32,
+                        *mut c_void,
+                    ) -> i32,
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+                >(on_lifecycle)
+            });
+            let id = unsafe {
+                sys::virConnectDomainEventRegisterAny(
+                    c.as_ptr(),
+                    std::ptr::null_mut(),
+                    sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as i32,
+                    cb,
+                    opaque,
+                    Some(free_sender),
+                )
+            };
+            if id < 0 {
+                unsafe { free_sender(opaque) };
+                return Err(virt::error::Error::last_error().into());
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "calloc"]
+    fn libc_calloc(n: usize, size: usize) -> *mut c_void;
+}
+
+unsafe extern "C" fn on_lifecycle(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _event: i32,
+    _detail: i32,
+    opaque: *mut c_void,
+) -> i32 {
+    // SAFETY: opaque is the sender registered above, alive until free_sender.
+    let tx = unsafe { &*(opaque as *const Sender<String>) };
+    let mut buf: [std::os::raw::c_char; sys::VIR_UUID_STRING_BUFLEN as usize] =
+        [0; sys::VIR_UUID_STRING_BUFLEN as usize];
+    if unsafe { sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) } == 0 {
+        let uuid = unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let _ = tx.send(uuid);
+    }
+    0
+}
+
+unsafe extern "C" fn free_sender(opaque: *mut c_void) {
+    // SAFETY: created by Box::into_raw in lifecycle_events.
+    drop(unsafe { Box::from_raw(opaque as *mut Sender<String>) });
+}

@@ -1,0 +1,251 @@
+//! The node agent: turns the VirtualMachines bound to its node into libvirt domains and
+//! reports their state, and the node's, back to the API.
+
+pub mod accel;
+pub mod disks;
+pub mod domain;
+pub mod images;
+pub mod libvirt;
+mod metrics;
+mod reconcile;
+pub mod render;
+mod report;
+pub mod seed;
+mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+
+use crate::api::{VirtualMachine, VirtualMachineClass};
+
+/// The field manager of everything the agent writes.
+pub const FIELD_MANAGER: &str = "vmlet-agent";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// This node's name: the agent manages VMs whose status.nodeName equals it.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// libvirt connection URI, e.g. qemu:///system or test:///default.
+    #[arg(long, env = "LIBVIRT_URI", default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+    /// Overlays, blank disks, seed ISOs, console logs and the image cache live here.
+    #[arg(long, env = "VMLET_STATE_DIR", default_value = "/var/lib/vmlet")]
+    pub state_dir: PathBuf,
+    /// hostPath images must resolve inside this directory.
+    #[arg(
+        long,
+        env = "VMLET_IMAGE_ROOT",
+        default_value = "/var/lib/vmlet/images"
+    )]
+    pub image_root: PathBuf,
+    /// Acceleration: auto probes KVM and falls back to TCG.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: accel::AccelChoice,
+    /// Host memory kept back from guests, e.g. 1Gi.
+    #[arg(long, default_value = "512Mi")]
+    pub reserved_memory: String,
+    /// Address of /metrics and /healthz.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
+    /// Seconds a domain with vmlet metadata but no VM is kept before it is removed.
+    #[arg(long, default_value = "30")]
+    pub orphan_grace_seconds: u64,
+    /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
+    #[arg(long, env = "VMLET_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub node: String,
+    pub lv: libvirt::Libvirt,
+    pub images: images::ImageCache,
+    pub facts: render::NodeFacts,
+    pub recorder: Recorder,
+    pub vms: kube::runtime::reflector::Store<VirtualMachine>,
+    pub classes: kube::runtime::reflector::Store<VirtualMachineClass>,
+    pub runtime: tokio::sync::Mutex<std::collections::HashMap<String, reconcile::VmRuntime>>,
+    pub metrics: metrics::Metrics,
+    pub args: Args,
+}
+
+pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let lv = libvirt::Libvirt::open(&args.libvirt_uri).await?;
+    run_with(args, lv, shutdown_signal()).await
+}
+
+/// Runs the agent on an open libvirt connection until `shutdown` completes. Dropping the
+/// returned future stops everything the agent runs (tests use that as a crash).
+pub async fn run_with(
+    args: Args,
+    lv: libvirt::Libvirt,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let client = client(args.kubeconfig.as_ref()).await?;
+    std::fs::create_dir_all(&args.state_dir)?;
+    let node_info = lv.node_info().await?;
+    let (accel, why) = if node_info.driver.eq_ignore_ascii_case("test") {
+        (render::Accel::Tcg, "libvirt test driver".to_string())
+    } else {
+        accel::detect(args.accel).await
+    };
+    tracing::info!(node = %args.node, uri = %args.libvirt_uri, accel = accel.as_str(), reason = %why, "agent starting");
+    let facts = render::NodeFacts {
+        node: args.node.clone(),
+        state_dir: args.state_dir.clone(),
+        accel,
+        uefi: uefi_available(),
+        test_driver: node_info.driver.eq_ignore_ascii_case("test"),
+    };
+
+    let vm_api: Api<VirtualMachine> = Api::all(client.clone());
+    let wc = watcher::Config::default().fields(&format!("status.nodeName={}", args.node));
+    let controller = Controller::new(vm_api, wc);
+    let vms = controller.store();
+    let (classes, class_writer) = kube::runtime::reflector::store::<VirtualMachineClass>();
+    let class_stream = kube::runtime::reflector(
+        class_writer,
+        watcher(
+            Api::<VirtualMachineClass>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    );
+
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "vmlet-agent".into(),
+                instance: Some(args.node.clone()),
+            },
+        ),
+        images: images::ImageCache::new(&args.state_dir, args.image_root.clone()),
+        client,
+        node: args.node.clone(),
+        lv: lv.clone(),
+        facts,
+        vms: vms.clone(),
+        classes: classes.clone(),
+        runtime: Default::default(),
+        metrics: metrics::Metrics::default(),
+        args: args.clone(),
+    });
+
+    // libvirt lifecycle events (a crash, a `virsh destroy`, a guest poweroff) trigger the
+    // VM's reconcile at once.
+    let events = lv.lifecycle_events();
+    let triggers = {
+        let vms = vms.clone();
+        tokio_stream_from(events).filter_map(move |uuid| {
+            let found = vms
+                .state()
+                .into_iter()
+                .find(|vm| vm.metadata.uid.as_deref() == Some(uuid.as_str()));
+            futures::future::ready(found.map(|vm| ObjectRef::from(&*vm)))
+        })
+    };
+    // A class change reaches every VM that uses it.
+    let class_triggers = {
+        let vms = vms.clone();
+        class_stream
+            .filter_map(|ev| futures::future::ready(ev.ok()))
+            .flat_map(move |ev| {
+                let names: Vec<String> = match ev {
+                    watcher::Event::Apply(c) | watcher::Event::Delete(c) => {
+                        c.metadata.name.into_iter().collect()
+                    }
+                    _ => Vec::new(),
+                };
+                let refs: Vec<_> = vms
+                    .state()
+                    .into_iter()
+                    .filter(|vm| {
+                        vm.spec
+                            .class_ref
+                            .as_ref()
+                            .is_some_and(|r| names.contains(&r.name))
+                    })
+                    .map(|vm| ObjectRef::from(&*vm))
+                    .collect();
+                futures::stream::iter(refs)
+            })
+    };
+
+    let controller = controller
+        .reconcile_on(triggers)
+        .reconcile_on(class_triggers)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile failed");
+            }
+        });
+    // Not spawned: when this future is dropped, the loops stop with it.
+    tokio::select! {
+        _ = controller => {},
+        _ = report::hypervisor_loop(ctx.clone()) => {},
+        _ = reconcile::orphan_loop(ctx.clone()) => {},
+        _ = metrics::serve(ctx.clone()) => {},
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// A broadcast receiver as a stream; events a slow reader missed are skipped (the
+/// periodic requeue covers them).
+fn tokio_stream_from<T: Clone + Send + 'static>(
+    rx: tokio::sync::broadcast::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(v) => return Some((v, rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// OVMF, as Debian and Fedora install it.
+fn uefi_available() -> bool {
+    [
+        "/usr/share/OVMF/OVMF_CODE.fd",
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists())
+}
+
+pub(crate) const REQUEUE: Duration = Duration::from_secs(300);

@@ -1,0 +1,480 @@
+//! One VM's reconcile: resolve its class and images, render and define its domain, start
+//! or stop it as its run strategy says, and report what is true.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, ResourceExt};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+
+use super::libvirt::{DomainInfo, LibvirtError, RunState};
+use super::render::{self, LocalImage};
+use super::status::{Observed, Problem};
+use super::{Context, disks};
+use crate::api::image::ImageFormat;
+use crate::api::vm::{Phase, RunStrategy};
+use crate::api::{DOMAIN_FINALIZER, VirtualMachine, VirtualMachineImage};
+
+/// The annotation through which a user starts and stops a VM with runStrategy Manual.
+pub const POWER_ANNOTATION: &str = "vmlet.dev/power";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("disks: {0}")]
+    Disks(#[from] disks::DiskError),
+    #[error("rendering XML: {0}")]
+    Xml(#[from] quick_xml::SeError),
+}
+
+impl Error {
+    /// The metric label of this error kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Libvirt(_) => "libvirt",
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::Disks(_) => "disks",
+            Error::Xml(_) => "xml",
+        }
+    }
+}
+
+/// What the agent remembers about a VM between reconciles (lost on restart, which only
+/// costs a shorter backoff or a repeated ACPI request).
+#[derive(Debug, Default)]
+pub struct VmRuntime {
+    /// When we asked the guest to shut down; destroy after the grace period.
+    pub shutdown_since: Option<Instant>,
+    /// We stopped the domain ourselves: a destroyed state is not a failure then.
+    pub stopped_by_us: bool,
+    /// Earliest time the next restart after a failure may happen.
+    pub next_restart: Option<Instant>,
+    /// Failures in a row, for the exponential backoff.
+    pub failures: u32,
+}
+
+/// Restart delay after `failures` failures in a row: 1 s doubling up to 5 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(9).saturating_sub(1)).min(Duration::from_secs(300))
+}
+
+pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = vm.namespace().unwrap_or_default();
+    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+    let bound_here =
+        vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(ctx.node.as_str());
+    if !bound_here {
+        return Ok(Action::await_change());
+    }
+    let started = Instant::now();
+    let res = finalizer(&api, DOMAIN_FINALIZER, vm, |event| async {
+        match event {
+            Finalizer::Apply(vm) => apply(&vm, &ctx).await,
+            Finalizer::Cleanup(vm) => cleanup(&vm, &ctx).await,
+        }
+    })
+    .await;
+    ctx.metrics
+        .reconciled(started.elapsed(), res.as_ref().err().map(|_| "reconcile"));
+    match res {
+        // Two reconciles raced to the end of a deletion: the object is already gone.
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
+            if s.code == 404 =>
+        {
+            return Ok(Action::await_change());
+        }
+        other => other,
+    }
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+pub fn error_policy(vm: Arc<VirtualMachine>, err: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(vm = %vm.name_any(), error = %err, "reconcile error");
+    ctx.metrics.error(err.kind());
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// The local files of every image the VM names, or why one is unusable.
+async fn resolve_images(
+    vm: &VirtualMachine,
+    ctx: &Context,
+) -> Result<BTreeMap<String, LocalImage>, Problem> {
+    let ns = vm.namespace().unwrap_or_default();
+    let api: Api<VirtualMachineImage> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut wanted: Vec<(&str, Option<ImageFormat>)> = Vec::new();
+    for d in &vm.spec.disks {
+        if let Some(i) = &d.image {
+            wanted.push((&i.name, None));
+        }
+    }
+    if let Some(boot) = &vm.spec.boot {
+        boot.kernel
+            .iter()
+            .for_each(|k| wanted.push((&k.name, Some(ImageFormat::Kernel))));
+        boot.initrd
+            .iter()
+            .for_each(|i| wanted.push((&i.name, Some(ImageFormat::Initrd))));
+    }
+    let mut out = BTreeMap::new();
+    for (name, need) in wanted {
+        if out.contains_key(name) {
+            continue;
+        }
+        let img = match api.get_opt(name).await {
+            Ok(Some(img)) => img,
+            Ok(None) => {
+                return Err(Problem::new(
+                    "ImageNotFound",
+                    format!("VirtualMachineImage {ns}/{name} does not exist"),
+                ));
+            }
+            Err(e) => {
+                return Err(Problem::new(
+                    "ImageNotFound",
+                    format!("cannot read VirtualMachineImage {ns}/{name}: {e}"),
+                ));
+            }
+        };
+        let disk_format = matches!(img.spec.format, ImageFormat::Qcow2 | ImageFormat::Raw);
+        let fits = match need {
+            Some(f) => img.spec.format == f,
+            None => disk_format,
+        };
+        if !fits {
+            return Err(Problem::new(
+                "ImageFormatMismatch",
+                format!(
+                    "VirtualMachineImage {name} has format {:?}, which cannot be used there",
+                    img.spec.format
+                ),
+            ));
+        }
+        let local =
+            ctx.images.ensure(&img.spec).await.map_err(|e| {
+                Problem::new(e.reason(), format!("VirtualMachineImage {name}: {e}"))
+            })?;
+        out.insert(name.to_string(), local);
+    }
+    Ok(out)
+}
+
+/// Whether the VM should be running now, given its strategy and what happened so far.
+fn want_running(vm: &VirtualMachine, domain: Option<&DomainInfo>, rt: &VmRuntime) -> bool {
+    let status = vm.status.clone().unwrap_or_default();
+    let state = domain.map(|d| d.state);
+    let running = matches!(
+        state,
+        Some(RunState::Running | RunState::Paused | RunState::ShuttingDown)
+    );
+    let ever_started = status.start_time.is_some();
+    let failed = matches!(state, Some(RunState::Crashed))
+        || (matches!(state, Some(RunState::Destroyed)) && !rt.stopped_by_us);
+    match vm.spec.run_strategy.unwrap_or_default() {
+        RunStrategy::Halted => false,
+        RunStrategy::Always => true,
+        RunStrategy::Manual => {
+            vm.annotations().get(POWER_ANNOTATION).map(String::as_str) == Some("on")
+        }
+        RunStrategy::Once => running || !ever_started,
+        RunStrategy::RerunOnFailure => {
+            // A guest that powered itself off has finished: it stays stopped.
+            let finished = !running && ever_started && !failed && !rt.stopped_by_us;
+            let was_finished = status.phase == Some(Phase::Stopped) && ever_started;
+            running || failed || !(finished || was_finished)
+        }
+    }
+}
+
+async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
+    let uid = vm.uid().unwrap_or_default();
+    let class = match &vm.spec.class_ref {
+        Some(r) => match ctx
+            .classes
+            .get(&kube::runtime::reflector::ObjectRef::new(&r.name))
+        {
+            Some(c) => Some(c.spec.clone()),
+            None => {
+                let p = Problem::new(
+                    "ClassNotFound",
+                    format!("VirtualMachineClass {} does not exist", r.name),
+                );
+                return report_problem(vm, ctx, p).await;
+            }
+        },
+        None => None,
+    };
+    let images = match resolve_images(vm, ctx).await {
+        Ok(i) => i,
+        Err(p) => return report_problem(vm, ctx, p).await,
+    };
+    let domain = match render::render(vm, class.as_ref(), &images, &ctx.facts) {
+        Ok(d) => d,
+        Err(e) => return report_problem(vm, ctx, Problem::new("InvalidSpec", e.to_string())).await,
+    };
+    let hw = render::Hardware::resolve(&vm.spec, class.as_ref()).ok();
+    let (xml, hash) = render::finish(domain)?;
+
+    let mut existing = ctx.lv.lookup(&uid).await?;
+    let mut runtimes = ctx.runtime.lock().await;
+    let rt = runtimes.entry(uid.clone()).or_default();
+    let want = want_running(vm, existing.as_ref(), rt);
+    let defined_hash = existing
+        .as_ref()
+        .and_then(|d| d.owner.as_ref())
+        .map(|o| o.hash.clone());
+    let state = existing.as_ref().map(|d| d.state);
+    let running = matches!(
+        state,
+        Some(RunState::Running | RunState::Paused | RunState::ShuttingDown)
+    );
+    let mut requeue = super::REQUEUE;
+    let mut restarted = false;
+    let mut started_now = false;
+    let mut backing_off = None;
+
+    if existing.is_none() || (!running && defined_hash.as_deref() != Some(hash.as_str())) {
+        // New, or stopped with an outdated definition: (re)define; files first, so that a
+        // defined domain never points at a disk that does not exist.
+        let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, &images)
+            .map_err(|e| Error::Finalizer(e.to_string()))?;
+        disks::prepare(
+            &render::vm_dir(&ctx.facts.state_dir, &uid),
+            &files,
+            &uid,
+            &vm.name_any(),
+        )
+        .await?;
+        ctx.lv.define(xml).await?;
+        existing = ctx.lv.lookup(&uid).await?;
+    }
+
+    if want && !running {
+        let failed = matches!(state, Some(RunState::Crashed))
+            || (matches!(state, Some(RunState::Destroyed)) && !rt.stopped_by_us);
+        if failed && rt.next_restart.is_none() {
+            rt.failures += 1;
+            rt.next_restart = Some(Instant::now() + backoff(rt.failures));
+        }
+        match rt.next_restart {
+            Some(at) if at > Instant::now() => {
+                backing_off = Some(at - Instant::now());
+                requeue = at - Instant::now();
+            }
+            _ => {
+                // The seed follows the spec at every boot.
+                let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, &images)
+                    .map_err(|e| Error::Finalizer(e.to_string()))?;
+                disks::prepare(
+                    &render::vm_dir(&ctx.facts.state_dir, &uid),
+                    &files,
+                    &uid,
+                    &vm.name_any(),
+                )
+                .await?;
+                ctx.lv.start(&uid).await?;
+                restarted = vm
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.start_time.as_ref())
+                    .is_some();
+                started_now = true;
+                rt.next_restart = None;
+                rt.stopped_by_us = false;
+                rt.shutdown_since = None;
+                existing = ctx.lv.lookup(&uid).await?;
+            }
+        }
+    } else if !want && running {
+        rt.stopped_by_us = true;
+        let grace = Duration::from_secs(
+            vm.spec
+                .termination_grace_period_seconds
+                .unwrap_or(30)
+                .max(0) as u64,
+        );
+        match rt.shutdown_since {
+            None => {
+                ctx.lv.shutdown(&uid).await?;
+                rt.shutdown_since = Some(Instant::now());
+                requeue = Duration::from_secs(1);
+            }
+            Some(since) if since.elapsed() >= grace => {
+                tracing::info!(vm = %vm.name_any(), "ACPI shutdown timed out: destroying");
+                ctx.lv.destroy(&uid).await?;
+                existing = ctx.lv.lookup(&uid).await?;
+            }
+            Some(_) => requeue = Duration::from_secs(1),
+        }
+    } else if want && running {
+        // Healthy and running: the restart that follows any later failure starts from 1 s.
+        if rt.failures > 0 && matches!(state, Some(RunState::Running)) {
+            rt.failures = 0;
+        }
+    }
+    let stopped_by_us = rt.stopped_by_us;
+    drop(runtimes);
+
+    let final_state = existing.as_ref().map(|d| d.state);
+    let now_running = matches!(
+        final_state,
+        Some(RunState::Running | RunState::Paused | RunState::ShuttingDown)
+    );
+    let restart_required = now_running
+        && existing
+            .as_ref()
+            .and_then(|d| d.owner.as_ref())
+            .map(|o| o.hash.as_str())
+            != Some(hash.as_str());
+    let addresses = if now_running {
+        ctx.lv.addresses(&uid).await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let observed = Observed {
+        defined: existing.is_some(),
+        state: final_state,
+        want_running: want,
+        stopped_by_us,
+        restart_required,
+        backing_off,
+        restarted,
+        started_now,
+        addresses,
+        hardware: hw,
+    };
+    super::status::write(vm, ctx, observed, None).await?;
+    if final_state == Some(RunState::ShuttingDown) {
+        requeue = requeue.min(Duration::from_secs(1));
+    }
+    Ok(Action::requeue(requeue))
+}
+
+async fn report_problem(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    problem: Problem,
+) -> Result<Action, Error> {
+    let uid = vm.uid().unwrap_or_default();
+    let existing = ctx.lv.lookup(&uid).await?;
+    let observed = Observed {
+        defined: existing.is_some(),
+        state: existing.map(|d| d.state),
+        ..Default::default()
+    };
+    super::status::write(vm, ctx, observed, Some(problem)).await?;
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// Deletion: stop the guest (gracefully, then by force), undefine it, remove its files.
+async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
+    let uid = vm.uid().unwrap_or_default();
+    if let Some(d) = ctx.lv.lookup(&uid).await? {
+        let running = matches!(
+            d.state,
+            RunState::Running | RunState::Paused | RunState::ShuttingDown
+        );
+        if running {
+            let grace = Duration::from_secs(
+                vm.spec
+                    .termination_grace_period_seconds
+                    .unwrap_or(30)
+                    .max(0) as u64,
+            );
+            let mut runtimes = ctx.runtime.lock().await;
+            let rt = runtimes.entry(uid.clone()).or_default();
+            rt.stopped_by_us = true;
+            match rt.shutdown_since {
+                None => {
+                    ctx.lv.shutdown(&uid).await?;
+                    rt.shutdown_since = Some(Instant::now());
+                    drop(runtimes);
+                    let observed = Observed {
+                        defined: true,
+                        state: Some(RunState::ShuttingDown),
+                        ..Default::default()
+                    };
+                    super::status::write(vm, ctx, observed, None).await?;
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+                Some(since) if since.elapsed() < grace => {
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+                Some(_) => ctx.lv.destroy(&uid).await?,
+            }
+        }
+        ctx.lv.undefine(&uid).await?;
+    }
+    disks::remove(&render::vm_dir(&ctx.facts.state_dir, &uid)).await?;
+    ctx.runtime.lock().await.remove(&uid);
+    tracing::info!(vm = %vm.name_any(), uid, "domain and disks removed");
+    Ok(Action::await_change())
+}
+
+/// Removes domains that carry vmlet metadata but whose VM is gone or bound elsewhere,
+/// once they have been orphans for the grace period (the VM store may lag behind).
+pub async fn orphan_loop(ctx: Arc<Context>) {
+    let _ = ctx.vms.wait_until_ready().await;
+    let mut first_seen: std::collections::HashMap<String, Instant> = Default::default();
+    let grace = Duration::from_secs(ctx.args.orphan_grace_seconds);
+    loop {
+        match ctx.lv.list().await {
+            Ok(domains) => {
+                let live: std::collections::HashSet<String> = ctx
+                    .vms
+                    .state()
+                    .iter()
+                    .filter_map(|vm| vm.metadata.uid.clone())
+                    .collect();
+                let mut orphans = std::collections::HashSet::new();
+                for d in domains {
+                    let Some(owner) = d.owner else { continue };
+                    if owner.node != ctx.node || live.contains(&owner.uid) {
+                        continue;
+                    }
+                    orphans.insert(d.uuid.clone());
+                    let since = *first_seen
+                        .entry(d.uuid.clone())
+                        .or_insert_with(Instant::now);
+                    if since.elapsed() < grace {
+                        continue;
+                    }
+                    tracing::warn!(domain = %d.name, vm = %format!("{}/{}", owner.namespace, owner.name), "removing orphaned domain");
+                    let _ = ctx.lv.destroy(&d.uuid).await;
+                    if ctx.lv.undefine(&d.uuid).await.is_ok() {
+                        let _ =
+                            disks::remove(&render::vm_dir(&ctx.facts.state_dir, &owner.uid)).await;
+                        ctx.metrics.orphan_removed();
+                    }
+                }
+                first_seen.retain(|uuid, _| orphans.contains(uuid));
+            }
+            Err(e) => tracing::warn!(error = %e, "listing domains failed"),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(30), Duration::from_secs(256));
+    }
+}

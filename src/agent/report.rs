@@ -1,0 +1,176 @@
+//! The node's Hypervisor object and Lease: capacity, allocatable, allocated, accel,
+//! versions, Ready, and a heartbeat the controller reads as liveness.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use super::render::Hardware;
+use super::{Context, FIELD_MANAGER};
+use crate::api::conditions;
+use crate::api::hypervisor::Resources;
+use crate::api::quantity::{Bytes, parse_bytes};
+use crate::api::{Hypervisor, HypervisorStatus};
+
+/// Where agents keep their heartbeat Leases (the namespace kubelets use for theirs).
+pub const LEASE_NAMESPACE: &str = "kube-node-lease";
+pub const LEASE_DURATION_SECONDS: i32 = 15;
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+pub fn lease_name(node: &str) -> String {
+    format!("vmlet-{node}")
+}
+
+/// allocatable = capacity x overcommit - reserved (memory), floored at zero.
+pub fn allocatable(
+    cpus: u32,
+    memory: u64,
+    cpu_ratio: f64,
+    mem_ratio: f64,
+    reserved: u64,
+) -> (u32, u64) {
+    let cpu = (f64::from(cpus) * cpu_ratio).floor() as u32;
+    let mem = ((memory as f64 * mem_ratio).floor() as u64).saturating_sub(reserved);
+    (cpu, mem)
+}
+
+async fn report(ctx: &Context) -> anyhow::Result<()> {
+    let api: Api<Hypervisor> = Api::all(ctx.client.clone());
+    let info = ctx.lv.node_info().await?;
+    let current = api.get_opt(&ctx.node).await?;
+    if current.is_none() {
+        let obj = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor", "metadata": {"name": ctx.node}, "spec": {}});
+        api.patch(
+            &ctx.node,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(&obj),
+        )
+        .await?;
+    }
+    let spec = current.as_ref().map(|h| h.spec.clone()).unwrap_or_default();
+    let reserved = match &spec.reserved_memory {
+        Some(r) => parse_bytes(r)?,
+        None => parse_bytes(&ctx.args.reserved_memory)?,
+    };
+    let (cpu, mem) = allocatable(
+        info.cpus,
+        info.memory_bytes,
+        spec.cpu_overcommit.unwrap_or(4.0),
+        spec.memory_overcommit.unwrap_or(1.0),
+        reserved,
+    );
+    let (mut used_cpu, mut used_mem, mut count) = (0i64, 0u64, 0i32);
+    for vm in ctx.vms.state() {
+        let class = vm.spec.class_ref.as_ref().and_then(|r| {
+            ctx.classes
+                .get(&kube::runtime::reflector::ObjectRef::new(&r.name))
+        });
+        if let Ok(hw) = Hardware::resolve(&vm.spec, class.as_ref().map(|c| &c.spec)) {
+            used_cpu += i64::from(hw.vcpus());
+            used_mem += hw.memory_bytes;
+        }
+        count += 1;
+    }
+    let old = current.and_then(|h| h.status).unwrap_or_default();
+    let now = Time(Timestamp::now());
+    let status = HypervisorStatus {
+        capacity: Some(Resources {
+            cpu: i64::from(info.cpus),
+            memory: Bytes(info.memory_bytes).to_string(),
+        }),
+        allocatable: Some(Resources {
+            cpu: i64::from(cpu),
+            memory: Bytes(mem).to_string(),
+        }),
+        allocated: Some(Resources {
+            cpu: used_cpu,
+            memory: Bytes(used_mem).to_string(),
+        }),
+        accel: Some(ctx.facts.accel.as_str().to_string()),
+        libvirt_version: Some(info.libvirt_version),
+        hypervisor_version: Some(info.hypervisor_version),
+        uefi: Some(ctx.facts.uefi),
+        vms: Some(count),
+        conditions: vec![conditions::new(
+            &old.conditions,
+            "Ready",
+            true,
+            "AgentReady",
+            format!(
+                "libvirt {} reachable; guests use {}",
+                ctx.lv.uri(),
+                ctx.facts.accel.as_str()
+            ),
+            None,
+            now,
+        )],
+    };
+    if status != old {
+        let patch =
+            json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor", "status": status});
+        api.patch_status(
+            &ctx.node,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn heartbeat(ctx: &Context) -> anyhow::Result<()> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), LEASE_NAMESPACE);
+    let name = lease_name(&ctx.node);
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": name},
+        "spec": LeaseSpec {
+            holder_identity: Some(ctx.node.clone()),
+            lease_duration_seconds: Some(LEASE_DURATION_SECONDS),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            ..Default::default()
+        },
+    });
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&lease),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn hypervisor_loop(ctx: Arc<Context>) {
+    let _ = ctx.vms.wait_until_ready().await;
+    let mut tick = 0u64;
+    loop {
+        if let Err(e) = heartbeat(&ctx).await {
+            tracing::warn!(error = %e, "lease renewal failed");
+        }
+        // The inventory changes slowly; every other heartbeat is often enough.
+        if tick.is_multiple_of(2)
+            && let Err(e) = report(&ctx).await
+        {
+            tracing::warn!(error = %e, "hypervisor report failed");
+        }
+        tick += 1;
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocatable_applies_ratio_then_reserve() {
+        assert_eq!(allocatable(8, 16 << 30, 4.0, 1.0, 1 << 30), (32, 15 << 30));
+        assert_eq!(allocatable(2, 1 << 30, 1.5, 1.0, 2 << 30), (3, 0));
+    }
+}

@@ -1,0 +1,278 @@
+//! What the agent tells the API about a VM: phase, conditions and the rest, written with
+//! server-side apply as `vmlet-agent`, and only when something changed.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
+use kube::api::{Api, Patch, PatchParams, ResourceExt};
+use kube::runtime::events::{Event, EventType};
+use serde::Serialize;
+use serde_json::json;
+
+use super::libvirt::RunState;
+use super::render::{self, Hardware};
+use super::{Context, FIELD_MANAGER};
+use crate::api::conditions;
+use crate::api::quantity::Bytes;
+use crate::api::vm::{InterfaceStatus, Phase};
+use crate::api::{VirtualMachine, VirtualMachineStatus};
+
+/// Why a VM cannot run, as a condition reason and message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Problem {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// What one reconcile saw and did.
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub defined: bool,
+    pub state: Option<RunState>,
+    pub want_running: bool,
+    pub stopped_by_us: bool,
+    pub restart_required: bool,
+    pub backing_off: Option<Duration>,
+    pub restarted: bool,
+    pub started_now: bool,
+    pub addresses: Vec<(String, String)>,
+    pub hardware: Option<Hardware>,
+}
+
+/// The part of the status the agent owns.
+#[derive(Serialize, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct AgentStatus {
+    phase: Phase,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    observed_generation: Option<i64>,
+    conditions: Vec<Condition>,
+    #[serde(rename = "domainUUID", skip_serializing_if = "Option::is_none")]
+    domain_uuid: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    interfaces: Vec<InterfaceStatus>,
+    restart_count: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_time: Option<Time>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vcpus: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<String>,
+    accel: String,
+}
+
+const OUR_CONDITIONS: [&str; 3] = ["Ready", "DomainDefined", "RestartRequired"];
+
+fn phase_of(o: &Observed, problem: Option<&Problem>) -> Phase {
+    let running = matches!(o.state, Some(RunState::Running | RunState::Paused));
+    if let Some(p) = problem {
+        if running {
+            return Phase::Running;
+        }
+        return if p.reason.ends_with("NotFound") {
+            Phase::Pending
+        } else {
+            Phase::Failed
+        };
+    }
+    match o.state {
+        None => Phase::Pending,
+        Some(RunState::Running | RunState::Paused) => Phase::Running,
+        Some(RunState::ShuttingDown) => Phase::Stopping,
+        Some(RunState::Other) => Phase::Unknown,
+        Some(s @ (RunState::ShutOff | RunState::Crashed | RunState::Destroyed)) => {
+            let failure = s == RunState::Crashed || (s == RunState::Destroyed && !o.stopped_by_us);
+            match (o.want_running, o.backing_off.is_some(), failure) {
+                (true, true, _) => Phase::Failed,
+                (true, false, _) => Phase::Starting,
+                (false, _, true) => Phase::Failed,
+                (false, _, false) => Phase::Stopped,
+            }
+        }
+    }
+}
+
+fn desired(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    o: &Observed,
+    problem: Option<&Problem>,
+) -> AgentStatus {
+    let old = vm.status.clone().unwrap_or_default();
+    let generation = vm.metadata.generation;
+    let now = Time(Timestamp::now());
+    let phase = phase_of(o, problem);
+    let cond = |t: &str, ok: bool, reason: &str, msg: String| {
+        conditions::new(&old.conditions, t, ok, reason, msg, generation, now.clone())
+    };
+    let (ready_reason, ready_msg) = match (problem, phase, o.state) {
+        (Some(p), _, _) => (p.reason.to_string(), p.message.clone()),
+        (None, Phase::Running, Some(RunState::Paused)) => {
+            ("Paused".into(), "the domain is paused".into())
+        }
+        (None, Phase::Running, _) => ("Running".into(), "the domain is running".into()),
+        (None, Phase::Failed, _) if o.backing_off.is_some() => (
+            "CrashLoopBackOff".into(),
+            format!(
+                "the domain stopped unexpectedly; restarting in {} s",
+                o.backing_off.unwrap_or_default().as_secs().max(1)
+            ),
+        ),
+        (None, Phase::Failed, _) => ("Failed".into(), "the domain stopped unexpectedly".into()),
+        (None, p, _) => (
+            p.as_str().to_string(),
+            format!("the VM is {}", p.as_str().to_lowercase()),
+        ),
+    };
+    let conditions = vec![
+        cond(
+            "Ready",
+            phase == Phase::Running && o.state == Some(RunState::Running) && problem.is_none(),
+            &ready_reason,
+            ready_msg,
+        ),
+        cond(
+            "DomainDefined",
+            o.defined,
+            if o.defined { "Defined" } else { "NotDefined" },
+            if o.defined {
+                "the libvirt domain is defined".into()
+            } else {
+                "no libvirt domain yet".into()
+            },
+        ),
+        cond(
+            "RestartRequired",
+            o.restart_required,
+            if o.restart_required {
+                "SpecChanged"
+            } else {
+                "UpToDate"
+            },
+            if o.restart_required {
+                "the spec changed in a way that takes effect only after a restart".into()
+            } else {
+                "the running domain matches the spec".into()
+            },
+        ),
+    ];
+    let interfaces = if o.defined {
+        vm.spec
+            .networks
+            .iter()
+            .map(|n| {
+                let mac = n
+                    .mac_address
+                    .clone()
+                    .unwrap_or_else(|| render::derived_mac(&vm.uid().unwrap_or_default(), &n.name));
+                let ip = o
+                    .addresses
+                    .iter()
+                    .find(|(m, _)| m.eq_ignore_ascii_case(&mac))
+                    .map(|(_, ip)| ip.clone());
+                InterfaceStatus {
+                    name: n.name.clone(),
+                    mac: Some(mac),
+                    ip_address: ip,
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    AgentStatus {
+        phase,
+        observed_generation: generation,
+        conditions,
+        domain_uuid: o.defined.then(|| vm.uid()).flatten(),
+        interfaces,
+        restart_count: old.restart_count.unwrap_or(0) + i32::from(o.restarted),
+        start_time: if o.started_now {
+            Some(now.clone())
+        } else {
+            old.start_time.clone()
+        },
+        vcpus: o.hardware.as_ref().map(|h| h.vcpus() as i32).or(old.vcpus),
+        memory: o
+            .hardware
+            .as_ref()
+            .map(|h| Bytes(h.memory_bytes).to_string())
+            .or(old.memory.clone()),
+        accel: ctx.facts.accel.as_str().to_string(),
+    }
+}
+
+/// The agent-owned part of the status as it stands now.
+fn current(old: &VirtualMachineStatus) -> Option<AgentStatus> {
+    Some(AgentStatus {
+        phase: old.phase?,
+        observed_generation: old.observed_generation,
+        conditions: old
+            .conditions
+            .iter()
+            .filter(|c| OUR_CONDITIONS.contains(&c.type_.as_str()))
+            .cloned()
+            .collect(),
+        domain_uuid: old.domain_uuid.clone(),
+        interfaces: old.interfaces.clone(),
+        restart_count: old.restart_count.unwrap_or(0),
+        start_time: old.start_time.clone(),
+        vcpus: old.vcpus,
+        memory: old.memory.clone(),
+        accel: old.accel.clone().unwrap_or_default(),
+    })
+}
+
+pub async fn write(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    o: Observed,
+    problem: Option<Problem>,
+) -> Result<(), kube::Error> {
+    let new = desired(vm, ctx, &o, problem.as_ref());
+    let old = vm.status.clone().unwrap_or_default();
+    if current(&old).as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let patch =
+        json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": new});
+    api.patch_status(
+        &vm.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    ctx.metrics.status_written();
+    if old.phase != Some(new.phase) || problem.is_some() && old.phase.is_none() {
+        let ready = new.conditions.first();
+        let ev = Event {
+            type_: if matches!(new.phase, Phase::Failed | Phase::Unknown) {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: new.phase.as_str().to_string(),
+            note: ready.map(|c| c.message.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        let reference = vm.object_ref(&());
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            tracing::debug!(error = %e, "event not recorded");
+        }
+    }
+    Ok(())
+}

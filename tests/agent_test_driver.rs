@@ -1,0 +1,521 @@
+//! The agent against the real control plane and libvirt's `test:///default` driver.
+//!
+//! Each test runs its own agent in-process, for its own node name, on its own libvirt
+//! connection (the test driver keeps domains per connection), and holds a clone of that
+//! connection to see what the agent did. Dropping an agent's task is a crash: its domains
+//! stay, as they would when a real agent dies.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use vmlet::agent::libvirt::{Libvirt, RunState};
+use vmlet::api::{VirtualMachine, VirtualMachineImage};
+
+struct Node {
+    name: String,
+    lv: Libvirt,
+    dir: tempfile::TempDir,
+    agent: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Node {
+    async fn new(prefix: &str) -> Self {
+        vmlet::telemetry::init();
+        let name = format!(
+            "{prefix}-{}",
+            std::process::id() as u64 * 1000 + rand_u16() as u64
+        );
+        let lv = Libvirt::open("test:///default").await.expect("test driver");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        let mut n = Node {
+            name,
+            lv,
+            dir,
+            agent: None,
+        };
+        n.start_agent();
+        n
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn image_root(&self) -> PathBuf {
+        self.dir.path().join("images")
+    }
+
+    fn start_agent(&mut self) {
+        let args = vmlet::agent::Args {
+            node: self.name.clone(),
+            libvirt_uri: "test:///default".into(),
+            state_dir: self.state_dir(),
+            image_root: self.image_root(),
+            accel: vmlet::agent::accel::AccelChoice::Tcg,
+            reserved_memory: "0".into(),
+            metrics_addr: "127.0.0.1:0".into(),
+            orphan_grace_seconds: 2,
+            kubeconfig: Some(common::kubeconfig_path()),
+        };
+        let lv = self.lv.clone();
+        self.agent = Some(tokio::spawn(vmlet::agent::run_with(
+            args,
+            lv,
+            std::future::pending(),
+        )));
+    }
+
+    fn crash_agent(&mut self) {
+        if let Some(h) = self.agent.take() {
+            h.abort();
+        }
+    }
+
+    async fn domains_for(&self, uid: &str) -> usize {
+        self.lv
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|d| d.uuid == uid)
+            .count()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.crash_agent();
+    }
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (t.subsec_nanos() % 65536) as u16
+}
+
+async fn bind(api: &Api<VirtualMachine>, name: &str, node: &str) {
+    let patch = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": node}});
+    api.patch_status(
+        name,
+        &PatchParams::apply("vmlet-test-scheduler"),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .unwrap();
+}
+
+async fn create_vm(
+    api: &Api<VirtualMachine>,
+    name: &str,
+    spec: serde_json::Value,
+    node: &str,
+) -> String {
+    let vm = VirtualMachine::new(name, serde_json::from_value(spec).unwrap());
+    let vm = api.create(&PostParams::default(), &vm).await.unwrap();
+    bind(api, name, node).await;
+    vm.metadata.uid.unwrap()
+}
+
+async fn wait_phase(
+    api: &Api<VirtualMachine>,
+    name: &str,
+    phase: &str,
+    secs: u64,
+) -> VirtualMachine {
+    let got = common::wait_for(Duration::from_secs(secs), || async {
+        let vm = api.get(name).await.ok()?;
+        let p = serde_json::to_value(vm.status.as_ref()?.phase?).ok()?;
+        (p == phase).then_some(vm)
+    })
+    .await;
+    match got {
+        Some(vm) => vm,
+        None => panic!(
+            "{name} never reached {phase}: {:#?}",
+            api.get(name).await.ok().and_then(|v| v.status)
+        ),
+    }
+}
+
+fn condition<'a>(
+    vm: &'a VirtualMachine,
+    t: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    vmlet::api::conditions::find(&vm.status.as_ref().unwrap().conditions, t)
+        .unwrap_or_else(|| panic!("no {t} condition"))
+}
+
+async fn patch_spec(api: &Api<VirtualMachine>, name: &str, spec: serde_json::Value) {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": spec})),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn lifecycle_create_stop_start_crash_restart_delete() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "agent-life").await;
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    let mut node = Node::new("life").await;
+
+    let spec = json!({
+        "memory": "64Mi",
+        "cpu": {"cores": 2},
+        "disks": [
+            {"name": "data", "blank": {"size": "16Mi"}},
+            {"name": "seed", "cloudInit": {"userData": "#cloud-config\nhostname: x\n"}}
+        ],
+        "networks": [{"name": "default", "user": {}}]
+    });
+    let uid = create_vm(&api, "vm1", spec, &node.name).await;
+
+    // Created and running, with its files on the node.
+    let vm = wait_phase(&api, "vm1", "Running", 30).await;
+    assert_eq!(condition(&vm, "Ready").status, "True");
+    assert_eq!(condition(&vm, "DomainDefined").status, "True");
+    let st = vm.status.as_ref().unwrap();
+    assert_eq!(st.domain_uuid.as_deref(), Some(uid.as_str()));
+    assert_eq!(st.vcpus, Some(2));
+    assert_eq!(st.memory.as_deref(), Some("64Mi"));
+    assert_eq!(st.observed_generation, vm.metadata.generation);
+    assert!(
+        st.interfaces[0]
+            .mac
+            .as_deref()
+            .unwrap()
+            .starts_with("52:54:00:")
+    );
+    assert!(
+        vm.metadata
+            .finalizers
+            .as_ref()
+            .unwrap()
+            .contains(&vmlet::api::DOMAIN_FINALIZER.to_string())
+    );
+    let vm_dir = node.state_dir().join("vms").join(&uid);
+    assert!(vm_dir.join("disk-data.qcow2").exists());
+    assert!(vm_dir.join("disk-seed.iso").exists());
+    assert_eq!(node.domains_for(&uid).await, 1);
+    let dom = node.lv.lookup(&uid).await.unwrap().unwrap();
+    assert_eq!(dom.name, format!("vmlet_{ns}_vm1"));
+    assert_eq!(dom.state, RunState::Running);
+
+    // Nothing changes while nothing changes: no status churn.
+    let rv = api.get("vm1").await.unwrap().metadata.resource_version;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        api.get("vm1").await.unwrap().metadata.resource_version,
+        rv,
+        "status rewritten with nothing changed"
+    );
+
+    // Halted stops it (ACPI; the test driver powers off at once).
+    patch_spec(&api, "vm1", json!({"runStrategy": "Halted"})).await;
+    wait_phase(&api, "vm1", "Stopped", 30).await;
+    assert_eq!(
+        node.lv.lookup(&uid).await.unwrap().unwrap().state,
+        RunState::ShutOff
+    );
+
+    // Always starts it again.
+    patch_spec(&api, "vm1", json!({"runStrategy": "Always"})).await;
+    let vm = wait_phase(&api, "vm1", "Running", 30).await;
+    let restarts = vm.status.as_ref().unwrap().restart_count.unwrap_or(0);
+
+    // Destroyed from outside (a `virsh destroy`): Always restarts it, and counts it.
+    node.lv.destroy(&uid).await.unwrap();
+    let restarted = common::wait_for(Duration::from_secs(20), || async {
+        let vm = api.get("vm1").await.ok()?;
+        let s = vm.status?;
+        (s.phase == Some(vmlet::api::vm::Phase::Running) && s.restart_count.unwrap_or(0) > restarts)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        restarted.is_some(),
+        "not restarted after an outside destroy: {:?}",
+        api.get("vm1").await.unwrap().status
+    );
+    assert_eq!(
+        node.lv.lookup(&uid).await.unwrap().unwrap().state,
+        RunState::Running
+    );
+
+    // The agent dies; the spec changes meanwhile; a new agent adopts the running domain by
+    // uuid (no second copy) and says a restart is needed instead of rebooting it.
+    node.crash_agent();
+    patch_spec(&api, "vm1", json!({"memory": "128Mi"})).await;
+    node.start_agent();
+    let adopted = common::wait_for(Duration::from_secs(30), || async {
+        let vm = api.get("vm1").await.ok()?;
+        let s = vm.status.as_ref()?;
+        let c = vmlet::api::conditions::find(&s.conditions, "RestartRequired")?;
+        (c.status == "True" && s.observed_generation == vm.metadata.generation).then_some(())
+    })
+    .await;
+    assert!(
+        adopted.is_some(),
+        "{:?}",
+        api.get("vm1").await.unwrap().status
+    );
+    assert_eq!(node.domains_for(&uid).await, 1);
+    assert_eq!(
+        node.lv.lookup(&uid).await.unwrap().unwrap().state,
+        RunState::Running,
+        "rebooted behind the user's back"
+    );
+
+    // Deletion removes the domain and the VM's files, then the finalizer.
+    api.delete("vm1", &DeleteParams::default()).await.unwrap();
+    let gone = common::wait_for(Duration::from_secs(30), || async {
+        api.get_opt("vm1").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "VM not deleted: {:?}",
+        api.get("vm1").await.ok().map(|v| v.metadata.finalizers)
+    );
+    assert_eq!(node.domains_for(&uid).await, 0);
+    assert!(!vm_dir.exists(), "per-VM files left behind");
+
+    common::delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn delete_while_stopping_and_once_strategy() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "agent-del").await;
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    let node = Node::new("del").await;
+
+    let uid = create_vm(&api, "a", json!({"memory": "32Mi"}), &node.name).await;
+    wait_phase(&api, "a", "Running", 30).await;
+    patch_spec(&api, "a", json!({"runStrategy": "Halted"})).await;
+    api.delete("a", &DeleteParams::default()).await.unwrap();
+    let gone = common::wait_for(Duration::from_secs(30), || async {
+        api.get_opt("a").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(gone.is_some());
+    assert_eq!(node.domains_for(&uid).await, 0);
+
+    // Once: runs, and after the guest stops it stays stopped.
+    let uid = create_vm(
+        &api,
+        "once",
+        json!({"memory": "32Mi", "runStrategy": "Once"}),
+        &node.name,
+    )
+    .await;
+    wait_phase(&api, "once", "Running", 30).await;
+    node.lv.shutdown(&uid).await.unwrap();
+    wait_phase(&api, "once", "Stopped", 30).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        node.lv.lookup(&uid).await.unwrap().unwrap().state,
+        RunState::ShutOff,
+        "Once ran twice"
+    );
+
+    // Halted from the start: defined, never started.
+    let uid = create_vm(
+        &api,
+        "halted",
+        json!({"memory": "32Mi", "runStrategy": "Halted"}),
+        &node.name,
+    )
+    .await;
+    let vm = wait_phase(&api, "halted", "Stopped", 30).await;
+    assert_eq!(condition(&vm, "DomainDefined").status, "True");
+    assert_eq!(
+        node.lv.lookup(&uid).await.unwrap().unwrap().state,
+        RunState::ShutOff
+    );
+
+    common::delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn a_vm_bound_elsewhere_is_not_touched() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "agent-scope").await;
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    let node = Node::new("scope").await;
+    let uid = create_vm(&api, "other", json!({"memory": "32Mi"}), "some-other-node").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(node.domains_for(&uid).await, 0);
+    let vm = api.get("other").await.unwrap();
+    assert!(
+        vm.status.unwrap().phase.is_none(),
+        "agent wrote status of a VM bound elsewhere"
+    );
+    common::delete_namespace(&client, &ns).await;
+}
+
+/// Serves `body` at http://127.0.0.1:PORT/ for the image tests.
+async fn serve_bytes(body: Vec<u8>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = vmlet::http::Bytes::from(body);
+    tokio::spawn(vmlet::http::serve(listener, move |_| {
+        let body = body.clone();
+        async move { Some(("application/octet-stream", body)) }
+    }));
+    format!("http://{addr}/image")
+}
+
+#[tokio::test]
+async fn bad_images_keep_the_vm_off_and_say_why() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "agent-bad").await;
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    let images: Api<VirtualMachineImage> = Api::namespaced(client.clone(), &ns);
+    let node = Node::new("bad").await;
+
+    let url = serve_bytes(b"not the kernel you are looking for".to_vec()).await;
+    let secret = node.dir.path().join("secret");
+    std::fs::write(&secret, "host secret").unwrap();
+    std::os::unix::fs::symlink(&secret, node.image_root().join("escape")).unwrap();
+    let wrong_sha = "ab".repeat(32);
+    let imgs = [
+        (
+            "badsum",
+            json!({"format": "kernel", "source": {"http": {"url": url, "sha256": wrong_sha}}}),
+        ),
+        (
+            "escape",
+            json!({"format": "kernel", "source": {"hostPath": {"path": node.image_root().join("escape")}}}),
+        ),
+        (
+            "outside",
+            json!({"format": "kernel", "source": {"hostPath": {"path": secret}}}),
+        ),
+    ];
+    for (name, spec) in imgs {
+        let img = VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap());
+        images.create(&PostParams::default(), &img).await.unwrap();
+    }
+    let cases = [
+        (
+            "vm-badsum",
+            "badsum",
+            "ImageChecksumMismatch",
+            "checksum mismatch",
+        ),
+        (
+            "vm-escape",
+            "escape",
+            "ImagePathRefused",
+            "outside the image root",
+        ),
+        (
+            "vm-outside",
+            "outside",
+            "ImagePathRefused",
+            "outside the image root",
+        ),
+        (
+            "vm-missing",
+            "nonexistent",
+            "ImageNotFound",
+            "does not exist",
+        ),
+    ];
+    let mut uids = Vec::new();
+    for (vm, image, _, _) in cases {
+        let spec = json!({"memory": "32Mi", "boot": {"kernel": {"name": image}, "cmdline": "console=ttyS0"}});
+        uids.push(create_vm(&api, vm, spec, &node.name).await);
+    }
+    for ((vm, _, reason, text), uid) in cases.iter().zip(&uids) {
+        let got = common::wait_for(Duration::from_secs(30), || async {
+            let v = api.get(vm).await.ok()?;
+            let c = vmlet::api::conditions::find(&v.status.as_ref()?.conditions, "Ready")?.clone();
+            (c.reason == *reason).then_some(c)
+        })
+        .await
+        .unwrap_or_else(|| panic!("{vm}: no {reason}: {:?}", futures_status(&api, vm)));
+        assert_eq!(got.status, "False");
+        assert!(got.message.contains(text), "{vm}: {}", got.message);
+        assert_eq!(node.domains_for(uid).await, 0, "{vm}: a domain was defined");
+        assert!(
+            !node.state_dir().join("vms").join(uid).exists(),
+            "{vm}: files were created"
+        );
+    }
+    // Nothing from the failed download is left in the cache.
+    let cached: Vec<_> = std::fs::read_dir(node.state_dir().join("images"))
+        .map(|d| d.count())
+        .into_iter()
+        .collect();
+    assert!(
+        cached.iter().all(|&n| n == 0),
+        "partial download left in the cache"
+    );
+    common::delete_namespace(&client, &ns).await;
+}
+
+fn futures_status(api: &Api<VirtualMachine>, name: &str) -> String {
+    let api = api.clone();
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async { format!("{:?}", api.get(&name).await.ok().and_then(|v| v.status)) })
+    })
+    .join()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn hypervisor_object_and_lease_report_the_node() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let node = Node::new("hv").await;
+    let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
+    let hv = common::wait_for(Duration::from_secs(30), || async {
+        let hv = hvs.get_opt(&node.name).await.ok()??;
+        hv.status.as_ref()?.capacity.as_ref()?;
+        Some(hv)
+    })
+    .await
+    .expect("Hypervisor reported");
+    let st = hv.status.unwrap();
+    // test:///default reports 16 CPUs and 8 GiB (in its built-in node).
+    let cap = st.capacity.unwrap();
+    assert!(cap.cpu > 0);
+    let alloc = st.allocatable.unwrap();
+    assert_eq!(alloc.cpu, cap.cpu * 4, "default cpu overcommit 4.0");
+    assert_eq!(
+        alloc.memory, cap.memory,
+        "memory overcommit 1.0, nothing reserved"
+    );
+    assert_eq!(st.accel.as_deref(), Some("tcg"));
+    assert!(vmlet::api::conditions::is_true(&st.conditions, "Ready"));
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "kube-node-lease");
+    let lease = leases
+        .get(&format!("vmlet-{}", node.name))
+        .await
+        .expect("heartbeat lease");
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some(node.name.as_str())
+    );
+    hvs.delete(&node.name, &DeleteParams::default()).await.ok();
+}

@@ -1,0 +1,278 @@
+//! End to end with libvirtd and QEMU (TCG here): a real kernel and busybox initramfs,
+//! served over HTTP from 127.0.0.1 as sha256-checked VirtualMachineImages, boot to
+//! userspace as a VirtualMachine; deletion removes domain, overlay and seed.
+//!
+//! Needs `hack/libvirt.sh up` (make test runs it). Prints apply->Running and
+//! apply->guest-userspace beside a plain `virsh define && virsh start` of the same XML.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use vmlet::agent::libvirt::{Libvirt, RunState};
+use vmlet::api::{VirtualMachine, VirtualMachineImage};
+
+fn guest_files() -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join(".cache/guest");
+    let status = Command::new(root.join("hack/tiny-guest.sh"))
+        .arg(&out)
+        .status()
+        .expect("hack/tiny-guest.sh");
+    assert!(status.success(), "building the tiny guest failed");
+    (out.join("vmlinuz"), out.join("initrd.gz"))
+}
+
+async fn serve_file(path: &Path) -> (String, String) {
+    let bytes = std::fs::read(path).unwrap();
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = vmlet::http::Bytes::from(bytes);
+    tokio::spawn(vmlet::http::serve(listener, move |_| {
+        let body = body.clone();
+        async move { Some(("application/octet-stream", body)) }
+    }));
+    (
+        format!(
+            "http://{addr}/{}",
+            path.file_name().unwrap().to_string_lossy()
+        ),
+        sha,
+    )
+}
+
+fn console_has(path: &Path, needle: &str) -> bool {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).contains(needle))
+        .unwrap_or(false)
+}
+
+async fn wait_console(path: &Path, needle: &str, secs: u64) -> bool {
+    common::wait_for(Duration::from_secs(secs), || async {
+        console_has(path, needle).then_some(())
+    })
+    .await
+    .is_some()
+}
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .arg("-c")
+        .arg("qemu:///system")
+        .args(args)
+        .output()
+        .expect("virsh")
+}
+
+#[tokio::test]
+async fn tiny_guest_boots_to_userspace_and_is_cleaned_up() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let lv = Libvirt::open("qemu:///system")
+        .await
+        .expect("libvirtd (hack/libvirt.sh up)");
+    let (kernel, initrd) = guest_files();
+    let (kurl, ksha) = serve_file(&kernel).await;
+    let (iurl, isha) = serve_file(&initrd).await;
+
+    let ns = common::namespace(&client, "e2e").await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(dir.path().join("images")).unwrap();
+    let node = format!("e2e-{}", std::process::id());
+    let args = vmlet::agent::Args {
+        node: node.clone(),
+        libvirt_uri: "qemu:///system".into(),
+        state_dir: state.clone(),
+        image_root: dir.path().join("images"),
+        accel: vmlet::agent::accel::AccelChoice::Auto,
+        reserved_memory: "0".into(),
+        metrics_addr: "127.0.0.1:0".into(),
+        orphan_grace_seconds: 30,
+        kubeconfig: Some(common::kubeconfig_path()),
+    };
+    let agent = tokio::spawn(vmlet::agent::run_with(
+        args,
+        lv.clone(),
+        std::future::pending(),
+    ));
+
+    let images: Api<VirtualMachineImage> = Api::namespaced(client.clone(), &ns);
+    for (name, fmt, url, sha) in [
+        ("tiny-kernel", "kernel", &kurl, &ksha),
+        ("tiny-initrd", "initrd", &iurl, &isha),
+    ] {
+        let spec = json!({"format": fmt, "source": {"http": {"url": url, "sha256": sha}}});
+        images
+            .create(
+                &PostParams::default(),
+                &VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap()),
+            )
+            .await
+            .unwrap();
+    }
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    let spec = json!({
+        "runStrategy": "Once",
+        "memory": "128Mi",
+        "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"}, "cmdline": "console=ttyS0 panic=-1"},
+        "disks": [
+            {"name": "data", "blank": {"size": "64Mi"}},
+            {"name": "seed", "cloudInit": {"userData": "#cloud-config\n"}}
+        ],
+        "networks": [{"name": "default", "user": {}}]
+    });
+    let t0 = Instant::now();
+    let vm = api
+        .create(
+            &PostParams::default(),
+            &VirtualMachine::new("tiny", serde_json::from_value(spec).unwrap()),
+        )
+        .await
+        .unwrap();
+    let patch = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": node}});
+    api.patch_status(
+        "tiny",
+        &kube::api::PatchParams::apply("vmlet-test-scheduler"),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await
+    .unwrap();
+    let uid = vm.metadata.uid.unwrap();
+    let _guard = DomainGuard(vec![uid.clone(), "vmlet-plain-baseline".into()]);
+    let console = state.join("vms").join(&uid).join("console.log");
+
+    let running = common::wait_for(Duration::from_secs(120), || async {
+        let vm = api.get("tiny").await.ok()?;
+        (vm.status?.phase? == vmlet::api::vm::Phase::Running).then(|| t0.elapsed())
+    })
+    .await
+    .unwrap_or_else(|| panic!("not Running: {:?}", std::fs::read_to_string(&console)));
+    assert!(
+        wait_console(&console, "vmlet-guest-up", 60).await,
+        "guest never reached userspace"
+    );
+    let userspace = t0.elapsed();
+    let vm = api.get("tiny").await.unwrap();
+    let accel = vm
+        .status
+        .as_ref()
+        .unwrap()
+        .accel
+        .clone()
+        .unwrap_or_default();
+
+    // The same XML, defined and started by hand, in the same run.
+    let xml = virsh(&["dumpxml", "--inactive", &uid]).stdout;
+    let plain = dir.path().join("plain.xml");
+    let plain_log = dir.path().join("plain-console.log");
+    // Console path first: it contains the uid.
+    let xml = String::from_utf8(xml)
+        .unwrap()
+        .replace(console.to_str().unwrap(), plain_log.to_str().unwrap())
+        .replace(&uid, "00000000-0000-4000-8000-00000000beef")
+        .replace(&format!("vmlet_{ns}_tiny"), "vmlet-plain-baseline");
+    // The baseline must not share the VM's writable disks: drop them.
+    let xml = strip_disks(&xml);
+    std::fs::write(&plain, xml).unwrap();
+    let t1 = Instant::now();
+    for args in [
+        &["define", plain.to_str().unwrap()][..],
+        &["start", "vmlet-plain-baseline"][..],
+    ] {
+        let out = virsh(args);
+        assert!(
+            out.status.success(),
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let plain_started = t1.elapsed();
+    assert!(wait_console(&plain_log, "vmlet-guest-up", 60).await);
+    let plain_userspace = t1.elapsed();
+    let _ = virsh(&["destroy", "vmlet-plain-baseline"]);
+    let _ = virsh(&["undefine", "vmlet-plain-baseline"]);
+    println!(
+        "e2e boot ({accel}): apply->Running {:.2} s, apply->guest userspace {:.2} s; \
+         virsh define+start {:.2} s, ->guest userspace {:.2} s; ratio {:.2}",
+        running.as_secs_f64(),
+        userspace.as_secs_f64(),
+        plain_started.as_secs_f64(),
+        plain_userspace.as_secs_f64(),
+        userspace.as_secs_f64() / plain_userspace.as_secs_f64()
+    );
+
+    // Something outside kills the guest: the status says so within 2 s (lifecycle events).
+    // The clock starts when the domain is gone (virsh destroy returns then).
+    let td = Instant::now();
+    assert!(virsh(&["destroy", &uid]).status.success());
+    println!("virsh destroy took {:.2} s", td.elapsed().as_secs_f64());
+    let t2 = Instant::now();
+    let seen = common::wait_for(Duration::from_secs(10), || async {
+        let vm = api.get("tiny").await.ok()?;
+        (vm.status?.phase? == vmlet::api::vm::Phase::Failed).then(|| t2.elapsed())
+    })
+    .await
+    .expect("outside destroy never reached the status");
+    println!(
+        "outside destroy -> status Failed in {:.2} s",
+        seen.as_secs_f64()
+    );
+    assert!(seen < Duration::from_secs(2), "took {seen:?}");
+    assert_eq!(
+        lv.lookup(&uid).await.unwrap().unwrap().state,
+        RunState::Destroyed
+    );
+
+    // Deletion: domain, overlay and seed gone; the cached images stay.
+    let vm_dir = state.join("vms").join(&uid);
+    assert!(vm_dir.join("disk-data.qcow2").exists() && vm_dir.join("disk-seed.iso").exists());
+    api.delete("tiny", &DeleteParams::default()).await.unwrap();
+    let gone = common::wait_for(Duration::from_secs(60), || async {
+        api.get_opt("tiny").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(gone.is_some());
+    assert!(
+        lv.lookup(&uid).await.unwrap().is_none(),
+        "domain left behind"
+    );
+    assert!(!vm_dir.exists(), "VM files left behind");
+    assert_eq!(
+        std::fs::read_dir(state.join("images")).unwrap().count(),
+        2,
+        "cached images removed"
+    );
+    agent.abort();
+    common::delete_namespace(&client, &ns).await;
+}
+
+fn strip_disks(xml: &str) -> String {
+    let mut out = String::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find("<disk ") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find("</disk>").expect("closed disk") + start + "</disk>".len();
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Removes the test's domains from the shared libvirtd even when the test fails.
+struct DomainGuard(Vec<String>);
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&["undefine", d]);
+        }
+    }
+}
