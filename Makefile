@@ -1,0 +1,50 @@
+# vmlet: the two commands are `make demo` and `make test`; both set up a fresh machine.
+SHELL := /bin/bash
+export KUBECONFIG ?= $(CURDIR)/.cache/cluster/kubeconfig
+export PATH := $(CURDIR)/.cache/bin:$(PATH)
+CARGO ?= cargo
+
+.PHONY: all deps build cluster-up cluster-down libvirt-up libvirt-down crds lint test test-unit demo demo-down bench clean
+
+all: build
+
+deps:
+	hack/deps.sh
+
+build:
+	$(CARGO) build --bins
+
+cluster-up: deps
+	hack/cluster.sh up
+
+cluster-down:
+	hack/cluster.sh down
+
+libvirt-up: deps
+	hack/libvirt.sh up
+
+libvirt-down:
+	hack/libvirt.sh down
+
+## crds: regenerate crds/ from the code
+crds:
+	VMLET_UPDATE_CRDS=1 $(CARGO) test --test crds
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## test: the whole suite, against the real local control plane and libvirt
+test: cluster-up libvirt-up lint
+	$(CARGO) test --all-targets -- --test-threads=4
+
+## demo: control plane + agent on local libvirt, boots the tiny guest and shows it Running
+demo: cluster-up libvirt-up
+	hack/demo.sh
+
+demo-down:
+	hack/demo.sh down
+
+clean:
+	hack/cluster.sh down || true
+	rm -rf .cache/cluster target
