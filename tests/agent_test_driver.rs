@@ -70,6 +70,19 @@ impl Node {
         )));
     }
 
+    /// Removes the node's Hypervisor and Lease (the agent is stopped first).
+    async fn forget(mut self) {
+        self.crash_agent();
+        let client = common::client().await;
+        let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
+        let _ = hvs.delete(&self.name, &DeleteParams::default()).await;
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client, "kube-node-lease");
+        let _ = leases
+            .delete(&format!("vmlet-{}", self.name), &DeleteParams::default())
+            .await;
+    }
+
     fn crash_agent(&mut self) {
         if let Some(h) = self.agent.take() {
             h.abort();
@@ -291,7 +304,8 @@ async fn lifecycle_create_stop_start_crash_restart_delete() {
     assert_eq!(node.domains_for(&uid).await, 0);
     assert!(!vm_dir.exists(), "per-VM files left behind");
 
-    common::delete_namespace(&client, &ns).await;
+    common::delete_vms_and_namespace(&client, &ns).await;
+    node.forget().await;
 }
 
 #[tokio::test]
@@ -346,7 +360,8 @@ async fn delete_while_stopping_and_once_strategy() {
         RunState::ShutOff
     );
 
-    common::delete_namespace(&client, &ns).await;
+    common::delete_vms_and_namespace(&client, &ns).await;
+    node.forget().await;
 }
 
 #[tokio::test]
@@ -364,7 +379,8 @@ async fn a_vm_bound_elsewhere_is_not_touched() {
         vm.status.unwrap().phase.is_none(),
         "agent wrote status of a VM bound elsewhere"
     );
-    common::delete_namespace(&client, &ns).await;
+    common::delete_vms_and_namespace(&client, &ns).await;
+    node.forget().await;
 }
 
 /// Serves `body` at http://127.0.0.1:PORT/ for the image tests.
@@ -467,7 +483,8 @@ async fn bad_images_keep_the_vm_off_and_say_why() {
         cached.iter().all(|&n| n == 0),
         "partial download left in the cache"
     );
-    common::delete_namespace(&client, &ns).await;
+    common::delete_vms_and_namespace(&client, &ns).await;
+    node.forget().await;
 }
 
 fn futures_status(api: &Api<VirtualMachine>, name: &str) -> String {
@@ -517,5 +534,5 @@ async fn hypervisor_object_and_lease_report_the_node() {
         lease.spec.unwrap().holder_identity.as_deref(),
         Some(node.name.as_str())
     );
-    hvs.delete(&node.name, &DeleteParams::default()).await.ok();
+    node.forget().await;
 }

@@ -249,8 +249,10 @@ async fn tiny_guest_boots_to_userspace_and_is_cleaned_up() {
         2,
         "cached images removed"
     );
+    common::delete_vms_and_namespace(&client, &ns).await;
     agent.abort();
-    common::delete_namespace(&client, &ns).await;
+    let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
+    let _ = hvs.delete(&node, &DeleteParams::default()).await;
 }
 
 fn strip_disks(xml: &str) -> String {

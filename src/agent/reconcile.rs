@@ -379,6 +379,8 @@ async fn report_problem(
 
 /// Deletion: stop the guest (gracefully, then by force), undefine it, remove its files.
 async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
+    // The finalizer helper drops the finalizer as soon as this returns Ok, so everything
+    // happens here, including the wait for the guest to power off.
     let uid = vm.uid().unwrap_or_default();
     if let Some(d) = ctx.lv.lookup(&uid).await? {
         let running = matches!(
@@ -386,33 +388,25 @@ async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
             RunState::Running | RunState::Paused | RunState::ShuttingDown
         );
         if running {
+            ctx.runtime
+                .lock()
+                .await
+                .entry(uid.clone())
+                .or_default()
+                .stopped_by_us = true;
+            let observed = Observed {
+                defined: true,
+                state: Some(RunState::ShuttingDown),
+                ..Default::default()
+            };
+            super::status::write(vm, ctx, observed, None).await?;
             let grace = Duration::from_secs(
                 vm.spec
                     .termination_grace_period_seconds
                     .unwrap_or(30)
                     .max(0) as u64,
             );
-            let mut runtimes = ctx.runtime.lock().await;
-            let rt = runtimes.entry(uid.clone()).or_default();
-            rt.stopped_by_us = true;
-            match rt.shutdown_since {
-                None => {
-                    ctx.lv.shutdown(&uid).await?;
-                    rt.shutdown_since = Some(Instant::now());
-                    drop(runtimes);
-                    let observed = Observed {
-                        defined: true,
-                        state: Some(RunState::ShuttingDown),
-                        ..Default::default()
-                    };
-                    super::status::write(vm, ctx, observed, None).await?;
-                    return Ok(Action::requeue(Duration::from_secs(1)));
-                }
-                Some(since) if since.elapsed() < grace => {
-                    return Ok(Action::requeue(Duration::from_secs(1)));
-                }
-                Some(_) => ctx.lv.destroy(&uid).await?,
-            }
+            stop_gracefully(ctx, &uid, grace).await?;
         }
         ctx.lv.undefine(&uid).await?;
     }
@@ -420,6 +414,28 @@ async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
     ctx.runtime.lock().await.remove(&uid);
     tracing::info!(vm = %vm.name_any(), uid, "domain and disks removed");
     Ok(Action::await_change())
+}
+
+/// ACPI shutdown, then destroy once `grace` has passed without the guest powering off.
+async fn stop_gracefully(ctx: &Context, uid: &str, grace: Duration) -> Result<(), Error> {
+    let deadline = Instant::now() + grace;
+    ctx.lv.shutdown(uid).await?;
+    while Instant::now() < deadline {
+        match ctx.lv.lookup(uid).await? {
+            Some(d)
+                if matches!(
+                    d.state,
+                    RunState::Running | RunState::Paused | RunState::ShuttingDown
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            _ => return Ok(()),
+        }
+    }
+    tracing::info!(uid, "ACPI shutdown timed out: destroying");
+    ctx.lv.destroy(uid).await?;
+    Ok(())
 }
 
 /// Removes domains that carry vmlet metadata but whose VM is gone or bound elsewhere,

@@ -26,7 +26,8 @@ pub fn lease_name(node: &str) -> String {
     format!("vmlet-{node}")
 }
 
-/// allocatable = capacity x overcommit - reserved (memory), floored at zero.
+/// allocatable = capacity x overcommit - reserved (memory), floored at zero and, for
+/// memory, to whole MiB.
 pub fn allocatable(
     cpus: u32,
     memory: u64,
@@ -36,6 +37,8 @@ pub fn allocatable(
 ) -> (u32, u64) {
     let cpu = (f64::from(cpus) * cpu_ratio).floor() as u32;
     let mem = ((memory as f64 * mem_ratio).floor() as u64).saturating_sub(reserved);
+    // Whole MiB: guests are sized in MiB, and the status reads better.
+    let mem = mem & !((1 << 20) - 1);
     (cpu, mem)
 }
 
@@ -172,5 +175,6 @@ mod tests {
     fn allocatable_applies_ratio_then_reserve() {
         assert_eq!(allocatable(8, 16 << 30, 4.0, 1.0, 1 << 30), (32, 15 << 30));
         assert_eq!(allocatable(2, 1 << 30, 1.5, 1.0, 2 << 30), (3, 0));
+        assert_eq!(allocatable(1, (1 << 30) + 12345, 1.0, 1.0, 0), (1, 1 << 30));
     }
 }

@@ -77,6 +77,29 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
     ns.metadata.name.unwrap()
 }
 
+/// Deletes the namespace's VMs and waits until their finalizers are done (the agent
+/// must still run), then the namespace itself.
+pub async fn delete_vms_and_namespace(client: &Client, name: &str) {
+    let api: Api<vmlet::api::VirtualMachine> = Api::namespaced(client.clone(), name);
+    let _ = api
+        .delete_collection(&DeleteParams::default(), &Default::default())
+        .await;
+    let gone = wait_for(Duration::from_secs(60), || async {
+        api.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "VMs in {name} were not removed by their agent"
+    );
+    delete_namespace(client, name).await;
+}
+
 pub async fn delete_namespace(client: &Client, name: &str) {
     let api: Api<Namespace> = Api::all(client.clone());
     let _ = api.delete(name, &DeleteParams::default()).await;
