@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The demo: CRDs on the local control plane, an agent on this machine's libvirt, and the
-# tiny guest booted as a VirtualMachine. `hack/demo.sh down` removes the VM and stops the
-# agent. Expects `hack/cluster.sh up` and `hack/libvirt.sh up` (make demo runs both).
+# The demo: CRDs on the local control plane, the controller, an agent on this machine's
+# libvirt, and the tiny guest booted as a VirtualMachine. `hack/demo.sh down` removes the
+# VM and stops the controller and the agent. Expects `hack/cluster.sh up` and
+# `hack/libvirt.sh up` (make demo runs both).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -17,12 +18,16 @@ down() {
     log "deleting VM tiny"
     kubectl delete vm tiny -n default --wait=true --timeout=60s || true
   fi
-  if [[ -f "$RUN/agent.pid" ]] && kill -0 "$(cat "$RUN/agent.pid")" 2>/dev/null; then
-    log "stopping the agent"
-    kill "$(cat "$RUN/agent.pid")"
-  fi
-  rm -f "$RUN/agent.pid"
+  for p in agent controller; do
+    if [[ -f "$RUN/$p.pid" ]] && kill -0 "$(cat "$RUN/$p.pid")" 2>/dev/null; then
+      log "stopping the $p"
+      kill "$(cat "$RUN/$p.pid")"
+    fi
+    rm -f "$RUN/$p.pid"
+  done
 }
+
+running() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
 if [[ "${1:-}" == "down" ]]; then down; exit 0; fi
 
@@ -47,7 +52,12 @@ metadata:
   labels: {vmlet.dev/hypervisor: "true", kubernetes.io/hostname: $NODE}
 YAML
 
-if ! { [[ -f "$RUN/agent.pid" ]] && kill -0 "$(cat "$RUN/agent.pid")" 2>/dev/null; }; then
+if ! running controller; then
+  log "starting the controller (log: $RUN/controller.log)"
+  setsid "$VMLET" controller --metrics-addr 127.0.0.1:9465 >>"$RUN/controller.log" 2>&1 < /dev/null &
+  echo $! > "$RUN/controller.pid"
+fi
+if ! running agent; then
   log "starting the agent (log: $RUN/agent.log)"
   setsid "$VMLET" agent --node "$NODE" --libvirt-uri qemu:///system --state-dir /var/lib/vmlet \
     --metrics-addr 127.0.0.1:9464 >>"$RUN/agent.log" 2>&1 < /dev/null &
@@ -57,9 +67,6 @@ fi
 log "applying examples/tiny-vm.yaml"
 start=$(date +%s.%N)
 kubectl apply --server-side --field-manager=vmlet-demo -n default -f examples/tiny-vm.yaml
-# No controller yet: bind the VM to this node the way the scheduler will.
-kubectl patch vm tiny -n default --subresource=status --type=merge \
-  -p "{\"status\":{\"nodeName\":\"$NODE\"}}" >/dev/null
 
 log "waiting for the VM to be Running"
 kubectl wait vm/tiny -n default --for=jsonpath='{.status.phase}'=Running --timeout=120s
@@ -75,4 +82,4 @@ grep -a "vmlet-guest" "$console" | head -n 3
 printf '\n[demo] apply->Running %.2f s, apply->guest userspace %.2f s (accel: %s)\n' \
   "$(awk "BEGIN{print $running - $start}")" "$(awk "BEGIN{print $userspace - $start}")" \
   "$(kubectl get vm tiny -n default -o jsonpath='{.status.accel}')"
-log "the VM keeps running; 'make demo-down' deletes it and stops the agent"
+log "the VM keeps running; 'make demo-down' deletes it and stops the controller and agent"

@@ -5,5 +5,6 @@
 
 pub mod agent;
 pub mod api;
+pub mod controller;
 pub mod http;
 pub mod telemetry;

@@ -14,6 +14,8 @@ enum Command {
     Crd,
     /// Run the node agent: turn the VMs bound to this node into libvirt domains.
     Agent(vmlet::agent::Args),
+    /// Run the controller: place VMs on hypervisors (leader-elected).
+    Controller(vmlet::controller::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,6 +31,11 @@ fn main() -> anyhow::Result<()> {
             vmlet::telemetry::init();
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(vmlet::agent::run(args))
+        }
+        Command::Controller(args) => {
+            vmlet::telemetry::init();
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(vmlet::controller::run(args))
         }
     }
 }

@@ -75,16 +75,8 @@ impl Hardware {
         vm: &VirtualMachineSpec,
         class: Option<&VirtualMachineClassSpec>,
     ) -> Result<Self, RenderError> {
-        let cpu = vm
-            .cpu
-            .clone()
-            .or_else(|| class.and_then(|c| c.cpu.clone()))
-            .unwrap_or_default();
-        let memory = vm
-            .memory
-            .as_deref()
-            .or(class.and_then(|c| c.memory.as_deref()))
-            .ok_or(RenderError::NoMemory)?;
+        let cpu = vm.effective_cpu(class);
+        let memory = vm.effective_memory(class).ok_or(RenderError::NoMemory)?;
         Ok(Hardware {
             // The schema keeps these in 1..=128; the clamp only guards hand-made objects.
             sockets: cpu.sockets.unwrap_or(1).clamp(1, 128) as u32,

@@ -430,3 +430,33 @@ pub struct InterfaceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_address: Option<String>,
 }
+
+impl VirtualMachineSpec {
+    /// The CPU after the class is applied: the VM's own `cpu` wins as a whole.
+    pub fn effective_cpu(&self, class: Option<&crate::api::VirtualMachineClassSpec>) -> Cpu {
+        self.cpu
+            .clone()
+            .or_else(|| class.and_then(|c| c.cpu.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The memory quantity after the class is applied.
+    pub fn effective_memory<'a>(
+        &'a self,
+        class: Option<&'a crate::api::VirtualMachineClassSpec>,
+    ) -> Option<&'a str> {
+        self.memory
+            .as_deref()
+            .or(class.and_then(|c| c.memory.as_deref()))
+    }
+
+    /// What the VM takes from a hypervisor: vCPUs and memory bytes; None when its memory
+    /// cannot be known (no memory and no class, or the class is missing).
+    pub fn requests(
+        &self,
+        class: Option<&crate::api::VirtualMachineClassSpec>,
+    ) -> Option<(i64, u64)> {
+        let memory = crate::api::quantity::parse_bytes(self.effective_memory(class)?).ok()?;
+        Some((i64::from(self.effective_cpu(class).vcpus().max(1)), memory))
+    }
+}

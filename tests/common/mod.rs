@@ -1,6 +1,8 @@
 //! Shared set-up for tests against the real local control plane.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;

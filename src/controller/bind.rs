@@ -1,0 +1,215 @@
+//! One VM's placement: bind it to the best hypervisor, or say why none fits.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, ResourceExt};
+use kube::runtime::controller::Action;
+use serde_json::json;
+
+use super::inventory::Assumed;
+use super::scheduler::{self, Request};
+use super::{Context, FIELD_MANAGER};
+use crate::api::{VirtualMachine, conditions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(_) => "kube",
+        }
+    }
+}
+
+/// Unschedulable VMs get another try at least this often, besides every hypervisor change.
+const RETRY_UNSCHEDULABLE: Duration = Duration::from_secs(30);
+
+fn request(vm: &VirtualMachine, requests: (i64, u64)) -> Request {
+    Request {
+        namespace: vm.namespace().unwrap_or_default(),
+        labels: vm.labels().clone(),
+        cpu: requests.0,
+        memory: requests.1,
+        node_selector: vm.spec.node_selector.clone(),
+        tolerations: vm.spec.tolerations.clone(),
+        anti_affinity: vm.spec.anti_affinity.clone(),
+    }
+}
+
+/// The Scheduled condition and phase, written only when they differ from what is there.
+async fn set_scheduled(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    ok: bool,
+    reason: &str,
+    message: String,
+    extra: serde_json::Value,
+) -> Result<(), Error> {
+    let old = vm.status.clone().unwrap_or_default();
+    let same = conditions::find(&old.conditions, "Scheduled").is_some_and(|c| {
+        c.status == if ok { "True" } else { "False" } && c.reason == reason && c.message == message
+    });
+    if same && extra.is_null() {
+        return Ok(());
+    }
+    let cond = conditions::new(
+        &old.conditions,
+        "Scheduled",
+        ok,
+        reason,
+        message,
+        vm.metadata.generation,
+        Time(Timestamp::now()),
+    );
+    let mut status = json!({"conditions": [cond]});
+    if let serde_json::Value::Object(m) = extra {
+        status.as_object_mut().expect("object").extend(m);
+    }
+    let mut patch =
+        json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": status});
+    if status_binds(&patch) {
+        // Optimistic concurrency: the bind fails if the VM changed since we read it.
+        patch["metadata"] = json!({"resourceVersion": vm.resource_version()});
+    }
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    api.patch_status(
+        &vm.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+fn status_binds(patch: &serde_json::Value) -> bool {
+    patch["status"].get("nodeName").is_some()
+}
+
+pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if vm.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    if let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) {
+        // Bound (by us, or by someone else): make sure the condition says so.
+        set_scheduled(
+            &vm,
+            &ctx,
+            true,
+            "Scheduled",
+            format!("bound to {node}"),
+            serde_json::Value::Null,
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
+    let Some(class) = ctx.caches.class_of(&vm) else {
+        let name = vm
+            .spec
+            .class_ref
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_default();
+        let msg = format!("VirtualMachineClass {name} does not exist");
+        set_scheduled(
+            &vm,
+            &ctx,
+            false,
+            "ClassNotFound",
+            msg,
+            json!({"phase": "Pending"}),
+        )
+        .await?;
+        return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
+    };
+    let Some(requests) = vm.spec.requests(class.as_ref()) else {
+        let msg = "the VM's memory is unknown: set spec.memory or a class that sets it".to_string();
+        set_scheduled(
+            &vm,
+            &ctx,
+            false,
+            "InvalidSpec",
+            msg,
+            json!({"phase": "Pending"}),
+        )
+        .await?;
+        return Ok(Action::await_change());
+    };
+    let started = Instant::now();
+    let uid = vm.uid().unwrap_or_default();
+    let req = request(&vm, requests);
+    let decision = {
+        let mut assumed = ctx.assumed.lock().await;
+        let (candidates, placed) = ctx.caches.snapshot(&mut assumed, ctx.heartbeat_grace);
+        let decision = scheduler::schedule(&req, &candidates, &placed, ctx.strategy, ctx.weights);
+        if let Ok(node) = &decision {
+            assumed.insert(
+                uid.clone(),
+                Assumed {
+                    node: node.clone(),
+                    cpu: req.cpu,
+                    memory: req.memory,
+                    at: Instant::now(),
+                },
+            );
+        }
+        decision
+    };
+    match decision {
+        Ok(node) => {
+            let extra = json!({"nodeName": node, "phase": "Scheduled"});
+            match set_scheduled(
+                &vm,
+                &ctx,
+                true,
+                "Scheduled",
+                format!("bound to {node}"),
+                extra,
+            )
+            .await
+            {
+                Ok(()) => {
+                    ctx.metrics.attempt("scheduled", started.elapsed());
+                    tracing::info!(vm = %format!("{}/{}", req.namespace, vm.name_any()), %node, "bound");
+                    Ok(Action::await_change())
+                }
+                Err(e) => {
+                    ctx.assumed.lock().await.remove(&uid);
+                    ctx.metrics.attempt("error", started.elapsed());
+                    Err(e)
+                }
+            }
+        }
+        Err(why) => {
+            ctx.metrics.attempt("unschedulable", started.elapsed());
+            set_scheduled(
+                &vm,
+                &ctx,
+                false,
+                "Unschedulable",
+                why.to_string(),
+                json!({"phase": "Pending"}),
+            )
+            .await?;
+            Ok(Action::requeue(RETRY_UNSCHEDULABLE))
+        }
+    }
+}
+
+pub fn error_policy(vm: Arc<VirtualMachine>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(err.kind());
+    if err.kind() == "conflict" {
+        // Someone changed the VM between our read and our bind: try again with the news.
+        return Action::requeue(Duration::from_millis(200));
+    }
+    tracing::warn!(vm = %vm.name_any(), error = %err, "placement failed");
+    Action::requeue(Duration::from_secs(5))
+}

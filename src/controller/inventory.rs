@@ -1,0 +1,179 @@
+//! Which hypervisors exist, which may take VMs, and how full each is, from the Node,
+//! Hypervisor and Lease caches and the VMs (bound, or assumed bound) in the cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::scheduler::{Candidate, Placed, Reason};
+use crate::api::quantity::parse_bytes;
+use crate::api::{HYPERVISOR_LABEL, Hypervisor, VirtualMachine, VirtualMachineClass, conditions};
+
+/// A placement made but not yet visible in the VM cache: counted against its node until
+/// the cache shows the binding (or the entry expires), so that a burst of decisions
+/// never over-allocates a node.
+#[derive(Debug, Clone)]
+pub struct Assumed {
+    pub node: String,
+    pub cpu: i64,
+    pub memory: u64,
+    pub at: Instant,
+}
+
+/// How long an assumption may stay unconfirmed before it is dropped.
+pub const ASSUME_TTL: Duration = Duration::from_secs(60);
+
+pub struct Caches {
+    pub vms: Store<VirtualMachine>,
+    pub classes: Store<VirtualMachineClass>,
+    pub nodes: Store<Node>,
+    pub hypervisors: Store<Hypervisor>,
+    pub leases: Store<Lease>,
+}
+
+impl Caches {
+    pub fn class_of(
+        &self,
+        vm: &VirtualMachine,
+    ) -> Option<Option<crate::api::VirtualMachineClassSpec>> {
+        match &vm.spec.class_ref {
+            None => Some(None),
+            Some(r) => self
+                .classes
+                .get(&ObjectRef::new(&r.name))
+                .map(|c| Some(c.spec.clone())),
+        }
+    }
+
+    /// The candidates and the placed VMs, with allocation = bound VMs + assumptions.
+    /// Drops assumptions the cache has caught up with, or that expired.
+    pub fn snapshot(
+        &self,
+        assumed: &mut HashMap<String, Assumed>,
+        lease_grace: Duration,
+    ) -> (Vec<Candidate>, Vec<Placed>) {
+        let mut used: HashMap<String, (i64, u64)> = HashMap::new();
+        let mut placed = Vec::new();
+        for vm in self.vms.state() {
+            let uid = vm.metadata.uid.clone().unwrap_or_default();
+            let bound = vm.status.as_ref().and_then(|s| s.node_name.clone());
+            let node = match (&bound, assumed.get(&uid)) {
+                (Some(n), _) => {
+                    assumed.remove(&uid);
+                    n.clone()
+                }
+                (None, Some(a)) => a.node.clone(),
+                (None, None) => continue,
+            };
+            if let Some((cpu, mem)) = self
+                .class_of(&vm)
+                .and_then(|c| vm.spec.requests(c.as_ref()))
+            {
+                let e = used.entry(node.clone()).or_default();
+                e.0 += cpu;
+                e.1 += mem;
+            }
+            placed.push(Placed {
+                namespace: vm.metadata.namespace.clone().unwrap_or_default(),
+                labels: vm.metadata.labels.clone().unwrap_or_default(),
+                node,
+                anti_affinity: vm.spec.anti_affinity.clone(),
+            });
+        }
+        assumed.retain(|_, a| a.at.elapsed() < ASSUME_TTL);
+
+        let now = Timestamp::now();
+        let nodes: BTreeMap<String, std::sync::Arc<Node>> = self
+            .nodes
+            .state()
+            .into_iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, n)))
+            .collect();
+        let mut names: Vec<String> = self
+            .hypervisors
+            .state()
+            .iter()
+            .filter_map(|h| h.metadata.name.clone())
+            .collect();
+        for (name, n) in &nodes {
+            let labelled = n
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(HYPERVISOR_LABEL))
+                .map(String::as_str)
+                == Some("true");
+            if labelled && !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        names.sort();
+        let candidates = names
+            .into_iter()
+            .map(|name| {
+                let node = nodes.get(&name);
+                let hv = self.hypervisors.get(&ObjectRef::new(&name));
+                let status = hv
+                    .as_ref()
+                    .and_then(|h| h.status.clone())
+                    .unwrap_or_default();
+                let lease = self
+                    .leases
+                    .get(&ObjectRef::new(&format!("vmlet-{name}")).within("kube-node-lease"));
+                let labelled = node
+                    .and_then(|n| n.metadata.labels.as_ref())
+                    .and_then(|l| l.get(HYPERVISOR_LABEL))
+                    .map(String::as_str)
+                    == Some("true");
+                let fresh = lease.and_then(|l| l.spec.clone()).is_some_and(|s| {
+                    let duration =
+                        Duration::from_secs(s.lease_duration_seconds.unwrap_or(15).max(0) as u64);
+                    s.renew_time.is_some_and(|t| {
+                        let age = now.duration_since(t.0).unsigned_abs();
+                        age <= duration + lease_grace
+                    })
+                });
+                let ineligible = if !labelled {
+                    Some(Reason::NotHypervisor)
+                } else if node
+                    .and_then(|n| n.spec.as_ref())
+                    .and_then(|s| s.unschedulable)
+                    .unwrap_or(false)
+                {
+                    Some(Reason::Cordoned)
+                } else if !conditions::is_true(&status.conditions, "Ready") {
+                    Some(Reason::NotReady)
+                } else if !fresh {
+                    Some(Reason::LeaseStale)
+                } else {
+                    None
+                };
+                let (cpu, mem) = used.get(&name).copied().unwrap_or_default();
+                Candidate {
+                    labels: node
+                        .and_then(|n| n.metadata.labels.clone())
+                        .unwrap_or_default(),
+                    taints: node
+                        .and_then(|n| n.spec.as_ref())
+                        .and_then(|s| s.taints.clone())
+                        .unwrap_or_default(),
+                    ineligible,
+                    allocatable_cpu: status.allocatable.as_ref().map(|a| a.cpu).unwrap_or(0),
+                    allocatable_memory: status
+                        .allocatable
+                        .as_ref()
+                        .and_then(|a| parse_bytes(&a.memory).ok())
+                        .unwrap_or(0),
+                    allocated_cpu: cpu,
+                    allocated_memory: mem,
+                    name,
+                }
+            })
+            .collect();
+        (candidates, placed)
+    }
+}

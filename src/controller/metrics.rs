@@ -1,0 +1,142 @@
+//! The controller's `/metrics` and `/healthz`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::Context;
+use crate::api::conditions;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    attempts: Family<ResultLabel, Counter>,
+    latency: Family<ResultLabel, Histogram>,
+    errors: Family<KindLabel, Counter>,
+    leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            attempts: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            errors: Family::default(),
+            leader: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn attempt(&self, result: &str, took: Duration) {
+        let l = ResultLabel {
+            result: result.to_string(),
+        };
+        self.attempts.get_or_create(&l).inc();
+        self.latency.get_or_create(&l).observe(took.as_secs_f64());
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.errors
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+}
+
+fn render(m: &Metrics, ctx: Option<&Context>) -> String {
+    let mut reg = Registry::with_prefix("vmlet_controller");
+    reg.register(
+        "scheduling_attempts",
+        "Scheduling attempts by result",
+        m.attempts.clone(),
+    );
+    reg.register(
+        "scheduling_duration_seconds",
+        "Time from decision start to bind",
+        m.latency.clone(),
+    );
+    reg.register(
+        "reconcile_errors",
+        "Reconcile errors by kind",
+        m.errors.clone(),
+    );
+    reg.register(
+        "leader",
+        "1 while this replica is the leader",
+        m.leader.clone(),
+    );
+    let unschedulable = Gauge::<i64>::default();
+    let by_phase = Family::<PhaseLabel, Gauge<i64>>::default();
+    if let Some(ctx) = ctx {
+        for vm in ctx.caches.vms.state() {
+            let st = vm.status.clone().unwrap_or_default();
+            if conditions::find(&st.conditions, "Scheduled").is_some_and(|c| c.status == "False") {
+                unschedulable.inc();
+            }
+            let phase = st.phase.map(|p| p.as_str()).unwrap_or("Pending");
+            by_phase
+                .get_or_create(&PhaseLabel {
+                    phase: phase.to_string(),
+                })
+                .inc();
+        }
+    }
+    reg.register(
+        "unschedulable_vms",
+        "VMs no hypervisor can take now",
+        unschedulable,
+    );
+    reg.register("vms", "VMs by phase", by_phase);
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+    out
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: Arc<tokio::sync::OnceCell<Arc<Context>>>,
+    m: Metrics,
+) {
+    crate::http::serve(listener, move |path| {
+        let (ctx, m) = (ctx.clone(), m.clone());
+        async move {
+            match path.as_str() {
+                "/metrics" => Some((
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    render(&m, ctx.get().map(|c| &**c)).into(),
+                )),
+                "/healthz" => Some(("text/plain", "ok\n".into())),
+                _ => None,
+            }
+        }
+    })
+    .await;
+}

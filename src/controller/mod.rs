@@ -1,0 +1,304 @@
+//! The cluster-wide controller: keeps an inventory of hypervisors and places each new
+//! VirtualMachine on one of them. Leader-elected: only one replica binds at a time.
+
+mod bind;
+pub mod inventory;
+mod metrics;
+pub mod scheduler;
+pub mod selector;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+
+use crate::api::{Hypervisor, VirtualMachine, VirtualMachineClass};
+use inventory::{Assumed, Caches};
+use scheduler::{Strategy, Weights};
+
+/// The field manager of everything the controller writes.
+pub const FIELD_MANAGER: &str = "vmlet-controller";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// How to score hypervisors that fit: spread (balance load), pack (fill nodes) or
+    /// balanced (even cpu and memory use per node).
+    #[arg(long, env = "VMLET_STRATEGY", value_enum, default_value = "spread")]
+    pub strategy: Strategy,
+    /// Weight of cpu in the spread and pack scores.
+    #[arg(long, default_value = "1.0")]
+    pub cpu_weight: f64,
+    /// Weight of memory in the spread and pack scores.
+    #[arg(long, default_value = "1.0")]
+    pub memory_weight: f64,
+    /// Address of /metrics and /healthz.
+    #[arg(long, default_value = "127.0.0.1:9465")]
+    pub metrics_addr: String,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub lease_namespace: String,
+    /// This replica's identity in the leader-election Lease.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Seconds a leader holds the Lease without renewing it.
+    #[arg(long, default_value = "10")]
+    pub lease_duration_seconds: u64,
+    /// Seconds a hypervisor's heartbeat may be late beyond its lease duration before the
+    /// node stops taking new VMs.
+    #[arg(long, default_value = "5")]
+    pub heartbeat_grace_seconds: u64,
+    /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
+    #[arg(long, env = "VMLET_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub caches: Caches,
+    /// Placements not yet visible in the VM cache. The lock is held from snapshot to
+    /// assumption, so concurrent reconciles never place against stale allocation.
+    pub assumed: tokio::sync::Mutex<HashMap<String, Assumed>>,
+    pub strategy: Strategy,
+    pub weights: Weights,
+    pub heartbeat_grace: Duration,
+    pub metrics: metrics::Metrics,
+}
+
+pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    run_until(args, shutdown_signal()).await
+}
+
+/// Serves /healthz at once, waits to become leader, then schedules until `shutdown`
+/// completes or leadership is lost (the error then makes the process exit, and its
+/// restart rejoins the election).
+pub async fn run_until(
+    args: Args,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let client = client(args.kubeconfig.as_ref()).await?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let metrics = metrics::Metrics::default();
+    let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
+
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "vmlet-controller")
+        .with_namespace(&args.lease_namespace)
+        .with_identity(&identity)
+        .with_duration(args.lease_duration_seconds)
+        .with_grace(2)
+        .with_field_manager(FIELD_MANAGER)
+        .build()
+        .await?;
+    let (mut leader, lease_task) = manager.watch().await;
+
+    let ctx_cell: Arc<tokio::sync::OnceCell<Arc<Context>>> = Arc::default();
+    let serve = metrics::serve(listener, ctx_cell.clone(), metrics.clone());
+    let work = async {
+        while !*leader.borrow_and_update() {
+            leader.changed().await?;
+        }
+        tracing::info!(%identity, "became leader");
+        metrics.set_leader(true);
+        let (ctx, writers) = start(client.clone(), &args, metrics.clone()).await?;
+        let _ = ctx_cell.set(ctx.clone());
+        let lost = async {
+            while *leader.borrow_and_update() {
+                if leader.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            res = controller(ctx, writers) => res,
+            _ = lost => {
+                metrics.set_leader(false);
+                anyhow::bail!("lost leadership of lease {}/vmlet-controller", args.lease_namespace)
+            }
+        }
+    };
+    let res = tokio::select! {
+        res = work => res,
+        _ = serve => Ok(()),
+        _ = shutdown => Ok(()),
+    };
+    // Hand the lease over at once instead of making the next leader wait it out.
+    drop(leader);
+    if let Ok(Ok(manager)) = lease_task.await {
+        let _ = manager.release().await;
+    }
+    res
+}
+
+/// The caches the controller's own streams fill (their events also trigger placement).
+struct Writers {
+    vms: reflector::store::Writer<VirtualMachine>,
+    hypervisors: reflector::store::Writer<Hypervisor>,
+    leases: reflector::store::Writer<Lease>,
+}
+
+/// Starts the caches of what the scheduler only reads and waits until they are filled.
+async fn start(
+    client: Client,
+    args: &Args,
+    metrics: metrics::Metrics,
+) -> anyhow::Result<(Arc<Context>, Writers)> {
+    fn cache<K>(api: Api<K>) -> (reflector::Store<K>, impl futures::Future<Output = ()>)
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (store, writer) = reflector::store();
+        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(|_| futures::future::ready(()));
+        (store, stream)
+    }
+    let (vms, vm_writer) = reflector::store::<VirtualMachine>();
+    let (classes, classes_run) = cache(Api::<VirtualMachineClass>::all(client.clone()));
+    let (nodes, nodes_run) = cache(Api::<Node>::all(client.clone()));
+    let (leases, lease_writer) = reflector::store::<Lease>();
+    tokio::spawn(classes_run);
+    tokio::spawn(nodes_run);
+    let (hypervisors, hv_writer) = reflector::store::<Hypervisor>();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        caches: Caches {
+            vms,
+            classes,
+            nodes,
+            hypervisors,
+            leases,
+        },
+        assumed: Default::default(),
+        strategy: args.strategy,
+        weights: Weights {
+            cpu: args.cpu_weight,
+            memory: args.memory_weight,
+        },
+        heartbeat_grace: Duration::from_secs(args.heartbeat_grace_seconds),
+        metrics,
+    });
+    ctx.caches.classes.wait_until_ready().await?;
+    ctx.caches.nodes.wait_until_ready().await?;
+    let writers = Writers {
+        vms: vm_writer,
+        hypervisors: hv_writer,
+        leases: lease_writer,
+    };
+    Ok((ctx, writers))
+}
+
+/// Every VM still waiting for a place.
+fn pending_vms(vms: &reflector::Store<VirtualMachine>) -> Vec<ObjectRef<VirtualMachine>> {
+    vms.state()
+        .into_iter()
+        .filter(|vm| {
+            vm.status
+                .as_ref()
+                .and_then(|s| s.node_name.as_ref())
+                .is_none()
+        })
+        .filter(|vm| vm.metadata.deletion_timestamp.is_none())
+        .map(|vm| ObjectRef::from(&*vm))
+        .collect()
+}
+
+async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
+    let Writers {
+        vms: vm_writer,
+        hypervisors: hv_writer,
+        leases: lease_writer,
+    } = writers;
+    let client = ctx.client.clone();
+    let vm_stream = reflector::reflector(
+        vm_writer,
+        watcher(
+            Api::<VirtualMachine>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let hv_stream = reflector::reflector(
+        hv_writer,
+        watcher(
+            Api::<Hypervisor>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    // A hypervisor that appears, changes or frees capacity gives every VM still waiting
+    // for a place another try; so does a heartbeat that comes back after going stale.
+    // Routine renewals (every few seconds per node) do not.
+    let lease_stream = reflector::reflector(
+        lease_writer,
+        watcher(
+            Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let grace = ctx.heartbeat_grace;
+    let mut last_renew: HashMap<String, k8s_openapi::jiff::Timestamp> = HashMap::new();
+    let revived = lease_stream.filter_map(move |l| {
+        let revived = l.ok().and_then(|l| {
+            let spec = l.spec?;
+            let renew = spec.renew_time?.0;
+            let limit = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(0) as u64)
+                + grace;
+            let prev = last_renew.insert(l.metadata.name?, renew);
+            prev.is_none_or(|p| renew.duration_since(p).unsigned_abs() > limit)
+                .then_some(())
+        });
+        futures::future::ready(revived)
+    });
+    let hv_changed = hv_stream.filter_map(|h| futures::future::ready(h.ok().map(|_| ())));
+    let pending = {
+        let vms = ctx.caches.vms.clone();
+        futures::stream::select(hv_changed, revived)
+            .flat_map(move |()| futures::stream::iter(pending_vms(&vms)))
+    };
+    Controller::for_stream(vm_stream, ctx.caches.vms.clone())
+        .reconcile_on(pending)
+        .run(bind::reconcile, bind::error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()))
+        .await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}

@@ -1,0 +1,493 @@
+//! Placement: filter the hypervisors a VM may run on, score the rest by strategy, pick
+//! the best with a deterministic tie-break. Pure; docs/scheduling.md has the maths.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Taint, Toleration};
+
+use super::selector;
+use crate::api::vm::AntiAffinityTerm;
+
+/// How the scheduler scores hypervisors that fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    /// Least allocated first: spreads load.
+    Spread,
+    /// Most allocated first: fills nodes, frees whole ones.
+    Pack,
+    /// Keeps each node's cpu and memory utilisation close to each other.
+    Balanced,
+}
+
+/// Weights of cpu and memory in the spread and pack scores.
+#[derive(Debug, Clone, Copy)]
+pub struct Weights {
+    pub cpu: f64,
+    pub memory: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            cpu: 1.0,
+            memory: 1.0,
+        }
+    }
+}
+
+/// One hypervisor as the scheduler sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Candidate {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub taints: Vec<Taint>,
+    /// Why the node takes no VMs at all (not labelled, cordoned, not Ready, stale lease).
+    pub ineligible: Option<Reason>,
+    pub allocatable_cpu: i64,
+    pub allocatable_memory: u64,
+    pub allocated_cpu: i64,
+    pub allocated_memory: u64,
+}
+
+/// A VM already placed, for anti-affinity.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub node: String,
+    pub anti_affinity: Vec<AntiAffinityTerm>,
+}
+
+/// What the VM asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub cpu: i64,
+    pub memory: u64,
+    pub node_selector: BTreeMap<String, String>,
+    pub tolerations: Vec<Toleration>,
+    pub anti_affinity: Vec<AntiAffinityTerm>,
+}
+
+/// Why a hypervisor was filtered out; the order is the order of the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    NotHypervisor,
+    Cordoned,
+    NotReady,
+    LeaseStale,
+    NodeSelector,
+    Taint,
+    AntiAffinity,
+    InsufficientCpu,
+    InsufficientMemory,
+}
+
+impl Reason {
+    pub fn text(self) -> &'static str {
+        match self {
+            Reason::NotHypervisor => "not a hypervisor",
+            Reason::Cordoned => "cordoned",
+            Reason::NotReady => "hypervisor not ready",
+            Reason::LeaseStale => "heartbeat lease stale",
+            Reason::NodeSelector => "node selector mismatch",
+            Reason::Taint => "untolerated taint",
+            Reason::AntiAffinity => "anti-affinity conflict",
+            Reason::InsufficientCpu => "insufficient cpu",
+            Reason::InsufficientMemory => "insufficient memory",
+        }
+    }
+}
+
+/// No hypervisor fits: how many were refused for each reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unschedulable {
+    pub total: usize,
+    pub reasons: BTreeMap<Reason, usize>,
+}
+
+impl std::fmt::Display for Unschedulable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "0/{} hypervisors available", self.total)?;
+        let parts: Vec<String> = self
+            .reasons
+            .iter()
+            .map(|(r, n)| format!("{n} {}", r.text()))
+            .collect();
+        if !parts.is_empty() {
+            write!(f, ": {}", parts.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Taints the node lifecycle controller sets when the *kubelet* stops reporting. A
+/// hypervisor's liveness is its agent's Lease (checked separately), and VMs are not Pods:
+/// these taints say nothing about whether the node can run domains.
+const KUBELET_HEALTH_TAINTS: [&str; 2] = [
+    "node.kubernetes.io/not-ready",
+    "node.kubernetes.io/unreachable",
+];
+
+fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
+    tolerations.iter().any(|t| {
+        let key_ok = match t.key.as_deref() {
+            None | Some("") => t.operator.as_deref() == Some("Exists"),
+            Some(k) => k == taint.key,
+        };
+        let value_ok = match t.operator.as_deref() {
+            Some("Exists") => true,
+            _ => t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or(""),
+        };
+        let effect_ok = t
+            .effect
+            .as_deref()
+            .is_none_or(|e| e.is_empty() || e == taint.effect);
+        key_ok && value_ok && effect_ok
+    })
+}
+
+/// The topology domain a node is in for `key`; every node is its own hostname domain.
+fn domain<'a>(c: &'a Candidate, key: &str) -> Option<&'a str> {
+    match c.labels.get(key) {
+        Some(v) => Some(v),
+        None if key == "kubernetes.io/hostname" => Some(&c.name),
+        None => None,
+    }
+}
+
+/// Domains (per topology key) that a new VM must avoid: where a VM it repels runs, or
+/// where a VM runs whose own anti-affinity repels it (required anti-affinity is symmetric).
+fn forbidden_domains(
+    req: &Request,
+    placed: &[Placed],
+    nodes: &BTreeMap<&str, &Candidate>,
+) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for p in placed {
+        if p.namespace != req.namespace {
+            continue;
+        }
+        let Some(node) = nodes.get(p.node.as_str()) else {
+            continue;
+        };
+        let terms_ours = req
+            .anti_affinity
+            .iter()
+            .filter(|t| selector::matches(&t.label_selector, &p.labels));
+        let terms_theirs = p
+            .anti_affinity
+            .iter()
+            .filter(|t| selector::matches(&t.label_selector, &req.labels));
+        for t in terms_ours.chain(terms_theirs) {
+            if let Some(d) = domain(node, &t.topology_key) {
+                out.insert((t.topology_key.clone(), d.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Filters: the first reason a node cannot take the VM, or None when it fits.
+fn filter(req: &Request, c: &Candidate, forbidden: &BTreeSet<(String, String)>) -> Option<Reason> {
+    if let Some(r) = c.ineligible {
+        return Some(r);
+    }
+    if req
+        .node_selector
+        .iter()
+        .any(|(k, v)| c.labels.get(k) != Some(v))
+    {
+        return Some(Reason::NodeSelector);
+    }
+    let hard = |t: &&Taint| {
+        (t.effect == "NoSchedule" || t.effect == "NoExecute")
+            && !KUBELET_HEALTH_TAINTS.contains(&t.key.as_str())
+    };
+    if c.taints
+        .iter()
+        .filter(hard)
+        .any(|t| !tolerates(&req.tolerations, t))
+    {
+        return Some(Reason::Taint);
+    }
+    let keys: BTreeSet<&str> = forbidden.iter().map(|(k, _)| k.as_str()).collect();
+    if keys
+        .iter()
+        .any(|k| domain(c, k).is_some_and(|d| forbidden.contains(&(k.to_string(), d.to_string()))))
+    {
+        return Some(Reason::AntiAffinity);
+    }
+    if c.allocated_cpu + req.cpu > c.allocatable_cpu {
+        return Some(Reason::InsufficientCpu);
+    }
+    if c.allocated_memory.saturating_add(req.memory) > c.allocatable_memory {
+        return Some(Reason::InsufficientMemory);
+    }
+    None
+}
+
+fn ratio(used: f64, cap: f64) -> f64 {
+    if cap <= 0.0 {
+        1.0
+    } else {
+        (used / cap).clamp(0.0, 1.0)
+    }
+}
+
+/// The score of placing `req` on `c` (higher is better), in [0, 1].
+pub fn score(req: &Request, c: &Candidate, strategy: Strategy, w: Weights) -> f64 {
+    let u_cpu = ratio((c.allocated_cpu + req.cpu) as f64, c.allocatable_cpu as f64);
+    let u_mem = ratio(
+        c.allocated_memory.saturating_add(req.memory) as f64,
+        c.allocatable_memory as f64,
+    );
+    let wsum = (w.cpu + w.memory).max(f64::EPSILON);
+    match strategy {
+        Strategy::Spread => (w.cpu * (1.0 - u_cpu) + w.memory * (1.0 - u_mem)) / wsum,
+        Strategy::Pack => (w.cpu * u_cpu + w.memory * u_mem) / wsum,
+        // Kubernetes' NodeResourcesBalancedAllocation: 1 - standard deviation of the
+        // utilisations, which for two resources is |u_cpu - u_mem| / 2.
+        Strategy::Balanced => 1.0 - (u_cpu - u_mem).abs() / 2.0,
+    }
+}
+
+/// Picks the hypervisor for `req`: the highest score; ties go to the smallest name.
+pub fn schedule(
+    req: &Request,
+    candidates: &[Candidate],
+    placed: &[Placed],
+    strategy: Strategy,
+    weights: Weights,
+) -> Result<String, Unschedulable> {
+    let by_name: BTreeMap<&str, &Candidate> =
+        candidates.iter().map(|c| (c.name.as_str(), c)).collect();
+    let forbidden = forbidden_domains(req, placed, &by_name);
+    let mut reasons = BTreeMap::new();
+    let mut best: Option<(f64, &str)> = None;
+    for c in candidates {
+        if let Some(r) = filter(req, c, &forbidden) {
+            *reasons.entry(r).or_insert(0) += 1;
+            continue;
+        }
+        let s = score(req, c, strategy, weights);
+        let better = match best {
+            None => true,
+            Some((bs, bn)) => s > bs + 1e-12 || ((s - bs).abs() <= 1e-12 && c.name.as_str() < bn),
+        };
+        if better {
+            best = Some((s, &c.name));
+        }
+    }
+    best.map(|(_, n)| n.to_string()).ok_or(Unschedulable {
+        total: candidates.len(),
+        reasons,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    const GI: u64 = 1 << 30;
+
+    fn node(name: &str, cpu: i64, mem_gi: u64) -> Candidate {
+        Candidate {
+            name: name.into(),
+            allocatable_cpu: cpu,
+            allocatable_memory: mem_gi * GI,
+            ..Default::default()
+        }
+    }
+
+    fn req(cpu: i64, mem_gi: u64) -> Request {
+        Request {
+            namespace: "ns".into(),
+            cpu,
+            memory: mem_gi * GI,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn spread_prefers_least_allocated_and_pack_the_most() {
+        let mut a = node("a", 8, 16);
+        a.allocated_cpu = 4;
+        a.allocated_memory = 8 * GI;
+        let b = node("b", 8, 16);
+        let nodes = [a, b];
+        let r = req(1, 1);
+        assert_eq!(
+            schedule(&r, &nodes, &[], Strategy::Spread, Weights::default()).unwrap(),
+            "b"
+        );
+        assert_eq!(
+            schedule(&r, &nodes, &[], Strategy::Pack, Weights::default()).unwrap(),
+            "a"
+        );
+    }
+
+    #[test]
+    fn balanced_evens_out_cpu_and_memory() {
+        // a is cpu-heavy already; a memory-heavy VM balances it best.
+        let mut a = node("a", 10, 10);
+        a.allocated_cpu = 6;
+        let b = node("b", 10, 10);
+        let r = req(0, 6);
+        assert_eq!(
+            schedule(&r, &[a, b], &[], Strategy::Balanced, Weights::default()).unwrap(),
+            "a"
+        );
+    }
+
+    /// The worked example of docs/scheduling.md.
+    #[test]
+    fn worked_example() {
+        let mem = (31 * GI) / 2; // 15.5 GiB
+        let n = |name: &str, cpu: i64, used_gi: u64| Candidate {
+            name: name.into(),
+            allocatable_cpu: 32,
+            allocatable_memory: mem,
+            allocated_cpu: cpu,
+            allocated_memory: used_gi * GI,
+            ..Default::default()
+        };
+        let nodes = [n("a", 24, 4), n("b", 8, 12), n("c", 2, 15)];
+        let r = req(4, 2);
+        let w = Weights::default();
+        assert_eq!(schedule(&r, &nodes, &[], Strategy::Spread, w).unwrap(), "a");
+        assert_eq!(schedule(&r, &nodes, &[], Strategy::Pack, w).unwrap(), "b");
+        assert_eq!(
+            schedule(&r, &nodes, &[], Strategy::Balanced, w).unwrap(),
+            "a"
+        );
+        assert!((score(&r, &nodes[0], Strategy::Spread, w) - 0.369).abs() < 1e-3);
+        assert!((score(&r, &nodes[1], Strategy::Pack, w) - 0.639).abs() < 1e-3);
+        assert!((score(&r, &nodes[1], Strategy::Balanced, w) - 0.736).abs() < 1e-3);
+        let mem_only = Weights {
+            cpu: 0.0,
+            memory: 1.0,
+        };
+        assert!((score(&r, &nodes[1], Strategy::Spread, mem_only) - 0.097).abs() < 1e-3);
+        let err = schedule(&req(4, 2), &nodes[2..], &[], Strategy::Spread, w).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/1 hypervisors available: 1 insufficient memory"
+        );
+    }
+
+    #[test]
+    fn ties_go_to_the_smallest_name() {
+        let nodes = [node("c", 8, 8), node("a", 8, 8), node("b", 8, 8)];
+        assert_eq!(
+            schedule(
+                &req(1, 1),
+                &nodes,
+                &[],
+                Strategy::Spread,
+                Weights::default()
+            )
+            .unwrap(),
+            "a"
+        );
+    }
+
+    #[test]
+    fn unschedulable_message_counts_reasons() {
+        let mut small = node("small", 1, 1);
+        small.labels.insert("zone".into(), "a".into());
+        let mut cordoned = node("cordoned", 64, 64);
+        cordoned.ineligible = Some(Reason::Cordoned);
+        let other_zone = node("z", 64, 64);
+        let mut r = req(2, 4);
+        r.node_selector.insert("zone".into(), "a".into());
+        let err = schedule(
+            &r,
+            &[small, cordoned, other_zone],
+            &[],
+            Strategy::Spread,
+            Weights::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/3 hypervisors available: 1 cordoned, 1 node selector mismatch, 1 insufficient cpu"
+        );
+    }
+
+    #[test]
+    fn taints_need_tolerations() {
+        let mut t = node("t", 8, 8);
+        t.taints.push(Taint {
+            key: "dedicated".into(),
+            value: Some("vms".into()),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        });
+        let mut r = req(1, 1);
+        assert!(
+            schedule(
+                &r,
+                std::slice::from_ref(&t),
+                &[],
+                Strategy::Spread,
+                Weights::default()
+            )
+            .is_err()
+        );
+        let mut not_ready = t.clone();
+        not_ready.taints = vec![Taint {
+            key: "node.kubernetes.io/not-ready".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        }];
+        assert_eq!(
+            schedule(&r, &[not_ready], &[], Strategy::Spread, Weights::default()).unwrap(),
+            "t"
+        );
+        r.tolerations.push(Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Equal".into()),
+            value: Some("vms".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            schedule(&r, &[t], &[], Strategy::Spread, Weights::default()).unwrap(),
+            "t"
+        );
+    }
+
+    #[test]
+    fn anti_affinity_is_symmetric() {
+        let term = AntiAffinityTerm {
+            label_selector: LabelSelector {
+                match_labels: Some([("app".to_string(), "db".to_string())].into()),
+                ..Default::default()
+            },
+            topology_key: "kubernetes.io/hostname".into(),
+        };
+        let placed = [Placed {
+            namespace: "ns".into(),
+            labels: [("app".to_string(), "db".to_string())].into(),
+            node: "a".into(),
+            anti_affinity: vec![term.clone()],
+        }];
+        let nodes = [node("a", 8, 8), node("b", 8, 8)];
+        // The new VM has no term of its own but carries the label the placed one repels.
+        let mut r = req(1, 1);
+        r.labels.insert("app".into(), "db".into());
+        assert_eq!(
+            schedule(&r, &nodes, &placed, Strategy::Pack, Weights::default()).unwrap(),
+            "b"
+        );
+        // Another namespace does not count.
+        r.namespace = "other".into();
+        assert_eq!(
+            schedule(&r, &nodes, &placed, Strategy::Pack, Weights::default()).unwrap(),
+            "a"
+        );
+    }
+}

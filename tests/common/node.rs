@@ -1,0 +1,193 @@
+//! An in-process agent on its own `test:///default` connection: a simulated hypervisor.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use vmlet::agent::libvirt::Libvirt;
+use vmlet::api::VirtualMachine;
+
+pub struct Node {
+    pub name: String,
+    pub lv: Libvirt,
+    pub dir: tempfile::TempDir,
+    agent: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Node {
+    pub async fn new(prefix: &str) -> Self {
+        vmlet::telemetry::init();
+        let name = format!(
+            "{prefix}-{}",
+            std::process::id() as u64 * 1000 + rand_u16() as u64
+        );
+        let lv = Libvirt::open("test:///default").await.expect("test driver");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        let mut n = Node {
+            name,
+            lv,
+            dir,
+            agent: None,
+        };
+        n.start_agent();
+        n
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn image_root(&self) -> PathBuf {
+        self.dir.path().join("images")
+    }
+
+    pub fn start_agent(&mut self) {
+        let args = vmlet::agent::Args {
+            node: self.name.clone(),
+            libvirt_uri: "test:///default".into(),
+            state_dir: self.state_dir(),
+            image_root: self.image_root(),
+            accel: vmlet::agent::accel::AccelChoice::Tcg,
+            reserved_memory: "0".into(),
+            metrics_addr: "127.0.0.1:0".into(),
+            orphan_grace_seconds: 2,
+            kubeconfig: Some(super::kubeconfig_path()),
+        };
+        let lv = self.lv.clone();
+        self.agent = Some(tokio::spawn(vmlet::agent::run_with(
+            args,
+            lv,
+            std::future::pending(),
+        )));
+    }
+
+    /// Removes the node's Hypervisor and Lease (the agent is stopped first).
+    /// Registers a Kubernetes Node of this name, labelled as a hypervisor plus `labels`.
+    pub async fn register(&self, labels: &[(&str, &str)]) {
+        let client = super::client().await;
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
+        let mut l: std::collections::BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        l.insert("vmlet.dev/hypervisor".into(), "true".into());
+        l.insert("kubernetes.io/hostname".into(), self.name.clone());
+        let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.name, "labels": l}});
+        nodes
+            .patch(
+                &self.name,
+                &PatchParams::apply("vmlet-tests").force(),
+                &Patch::Apply(&node),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn forget(mut self) {
+        self.crash_agent();
+        let client = super::client().await;
+        let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
+        let _ = hvs.delete(&self.name, &DeleteParams::default()).await;
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client, "kube-node-lease");
+        let _ = leases
+            .delete(&format!("vmlet-{}", self.name), &DeleteParams::default())
+            .await;
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(super::client().await);
+        let _ = nodes.delete(&self.name, &DeleteParams::default()).await;
+    }
+
+    pub fn crash_agent(&mut self) {
+        if let Some(h) = self.agent.take() {
+            h.abort();
+        }
+    }
+
+    pub async fn domains_for(&self, uid: &str) -> usize {
+        self.lv
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|d| d.uuid == uid)
+            .count()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.crash_agent();
+    }
+}
+
+pub fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (t.subsec_nanos() % 65536) as u16
+}
+
+pub async fn bind(api: &Api<VirtualMachine>, name: &str, node: &str) {
+    let patch = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": node}});
+    api.patch_status(
+        name,
+        &PatchParams::apply("vmlet-test-scheduler"),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .unwrap();
+}
+
+pub async fn create_vm(
+    api: &Api<VirtualMachine>,
+    name: &str,
+    spec: serde_json::Value,
+    node: &str,
+) -> String {
+    let vm = VirtualMachine::new(name, serde_json::from_value(spec).unwrap());
+    let vm = api.create(&PostParams::default(), &vm).await.unwrap();
+    bind(api, name, node).await;
+    vm.metadata.uid.unwrap()
+}
+
+pub async fn wait_phase(
+    api: &Api<VirtualMachine>,
+    name: &str,
+    phase: &str,
+    secs: u64,
+) -> VirtualMachine {
+    let got = super::wait_for(Duration::from_secs(secs), || async {
+        let vm = api.get(name).await.ok()?;
+        let p = serde_json::to_value(vm.status.as_ref()?.phase?).ok()?;
+        (p == phase).then_some(vm)
+    })
+    .await;
+    match got {
+        Some(vm) => vm,
+        None => panic!(
+            "{name} never reached {phase}: {:#?}",
+            api.get(name).await.ok().and_then(|v| v.status)
+        ),
+    }
+}
+
+pub fn condition<'a>(
+    vm: &'a VirtualMachine,
+    t: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    vmlet::api::conditions::find(&vm.status.as_ref().unwrap().conditions, t)
+        .unwrap_or_else(|| panic!("no {t} condition"))
+}
+
+pub async fn patch_spec(api: &Api<VirtualMachine>, name: &str, spec: serde_json::Value) {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": spec})),
+    )
+    .await
+    .unwrap();
+}
