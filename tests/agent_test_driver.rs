@@ -315,6 +315,47 @@ async fn bad_images_keep_the_vm_off_and_say_why() {
             "{vm}: files were created"
         );
     }
+    // A qcow2 base whose backing file points at a host path, and the same file declared
+    // raw (which would hand the guest the qcow2 header and its backing reference).
+    let evil = node.image_root().join("evil.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&secret)
+        .arg(&evil)
+        .arg("1M")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, format, reason, text) in [
+        (
+            "backed",
+            "qcow2",
+            "ImageHasBackingFile",
+            "has a backing file",
+        ),
+        ("disguised", "raw", "ImageFormatMismatch", "is qcow2"),
+    ] {
+        let spec = json!({"format": format, "source": {"hostPath": {"path": evil}}});
+        let img = VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap());
+        images.create(&PostParams::default(), &img).await.unwrap();
+        let vm = format!("vm-{name}");
+        let spec = json!({"memory": "32Mi", "disks": [{"name": "root", "image": {"name": name}}]});
+        let uid = create_vm(&api, &vm, spec, &node.name).await;
+        let got = common::wait_for(Duration::from_secs(30), || async {
+            let v = api.get(&vm).await.ok()?;
+            let c = vmlet::api::conditions::find(&v.status.as_ref()?.conditions, "Ready")?.clone();
+            (c.reason == reason).then_some(c)
+        })
+        .await
+        .unwrap_or_else(|| panic!("{vm}: no {reason}"));
+        assert!(got.message.contains(text), "{vm}: {}", got.message);
+        assert_eq!(node.domains_for(&uid).await, 0);
+        assert!(!node.state_dir().join("vms").join(&uid).exists());
+    }
     // Nothing from the failed download is left in the cache.
     let cached: Vec<_> = std::fs::read_dir(node.state_dir().join("images"))
         .map(|d| d.count())
@@ -375,5 +416,48 @@ async fn hypervisor_object_and_lease_report_the_node() {
         lease.spec.unwrap().holder_identity.as_deref(),
         Some(node.name.as_str())
     );
+    node.forget().await;
+}
+
+#[tokio::test]
+async fn orphaned_domains_are_removed_after_the_grace_period() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "agent-orphan").await;
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    let mut node = Node::new("orphan").await;
+    let uid = create_vm(
+        &api,
+        "gone",
+        json!({"memory": "32Mi", "disks": [{"name": "d", "blank": {"size": "1Mi"}}]}),
+        &node.name,
+    )
+    .await;
+    wait_phase(&api, "gone", "Running", 30).await;
+    let vm_dir = node.state_dir().join("vms").join(&uid);
+    assert!(vm_dir.exists());
+
+    // The VM disappears while its agent is down (finalizer removed by hand).
+    node.crash_agent();
+    let patch = json!({"metadata": {"finalizers": null}});
+    api.patch(
+        "gone",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    api.delete("gone", &DeleteParams::default()).await.unwrap();
+    assert_eq!(node.domains_for(&uid).await, 1);
+
+    // The restarted agent removes the domain and its files once the grace period passed.
+    node.start_agent();
+    let removed = common::wait_for(Duration::from_secs(30), || async {
+        (node.domains_for(&uid).await == 0).then_some(())
+    })
+    .await;
+    assert!(removed.is_some(), "orphaned domain kept");
+    assert!(!vm_dir.exists(), "orphan's files kept");
+    common::delete_vms_and_namespace(&client, &ns).await;
     node.forget().await;
 }

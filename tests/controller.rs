@@ -118,6 +118,68 @@ async fn placement_and_leader_failover() {
     )
     .await;
 
+    // A burst against one hypervisor never over-allocates it: exactly as many VMs as fit
+    // are bound (the assume cache counts placements the cache has not seen yet).
+    let hv = hvs.get(&names[2]).await.unwrap().status.unwrap();
+    let free =
+        vmlet::api::quantity::parse_bytes(&hv.allocatable.unwrap().memory).unwrap() - (64 << 20);
+    let fit = (free / (64 << 20)) as usize;
+    let burst = fit + 10;
+    let zone_b = json!({"topology.kubernetes.io/zone": "b"});
+    let creates = (0..burst).map(|i| {
+        let api = api.clone();
+        let zone_b = zone_b.clone();
+        async move {
+            create(
+                &api,
+                &format!("burst-{i}"),
+                json!({"burst": "yes"}),
+                json!({"memory": "64Mi", "nodeSelector": zone_b}),
+            )
+            .await
+        }
+    });
+    futures::future::join_all(creates).await;
+    let settled = common::wait_for(Duration::from_secs(60), || async {
+        let vms = api
+            .list(&kube::api::ListParams::default().labels("burst=yes"))
+            .await
+            .ok()?
+            .items;
+        let bound = vms
+            .iter()
+            .filter(|v| {
+                v.status
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_ref())
+                    .is_some()
+            })
+            .count();
+        let refused = vms
+            .iter()
+            .filter(|v| {
+                v.status
+                    .as_ref()
+                    .and_then(|s| conditions::find(&s.conditions, "Scheduled"))
+                    .is_some_and(|c| c.status == "False")
+            })
+            .count();
+        (bound + refused == burst).then_some(bound)
+    })
+    .await
+    .expect("burst never settled");
+    assert_eq!(
+        settled, fit,
+        "{burst} VMs of 64Mi on a node with room for {fit}"
+    );
+    let api_burst = api.clone();
+    let _ = api_burst
+        .delete_collection(
+            &Default::default(),
+            &kube::api::ListParams::default().labels("burst=yes"),
+        )
+        .await;
+
     // Nothing in the cluster has 3 TiB free: refused, with the reason counted.
     create(&api, "huge", json!({}), json!({"memory": "3Ti"})).await;
     for (name, text) in [

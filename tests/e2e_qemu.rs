@@ -93,7 +93,7 @@ async fn tiny_guest_boots_to_userspace_and_is_cleaned_up() {
         image_root: dir.path().join("images"),
         accel: vmlet::agent::accel::AccelChoice::Auto,
         reserved_memory: "0".into(),
-        metrics_addr: "127.0.0.1:0".into(),
+        metrics_addr: "127.0.0.1:19464".into(),
         orphan_grace_seconds: 30,
         kubeconfig: Some(common::kubeconfig_path()),
     };
@@ -159,6 +159,25 @@ async fn tiny_guest_boots_to_userspace_and_is_cleaned_up() {
         "guest never reached userspace"
     );
     let userspace = t0.elapsed();
+    // The agent's metrics carry the guest's libvirt counters.
+    let metrics = reqwest::get("http://127.0.0.1:19464/metrics")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("vmlet_vm_cpu_seconds_total{{namespace=\"{ns}\",name=\"tiny\"}}");
+    assert!(
+        metrics.contains(&series),
+        "{series} missing from:\n{metrics}"
+    );
+    assert_eq!(
+        reqwest::get("http://127.0.0.1:19464/healthz")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let vm = api.get("tiny").await.unwrap();
     let accel = vm
         .status

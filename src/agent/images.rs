@@ -197,12 +197,6 @@ async fn check_base_image(path: &Path, format: &str) -> Result<(), ImageError> {
     }
     let info: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| ImageError::Inspect(path.display().to_string(), e.to_string()))?;
-    if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
-        return Err(ImageError::BackingFile(
-            path.display().to_string(),
-            backing.to_string(),
-        ));
-    }
     let actual = info
         .get("format")
         .and_then(|f| f.as_str())
@@ -213,6 +207,12 @@ async fn check_base_image(path: &Path, format: &str) -> Result<(), ImageError> {
             actual: actual.to_string(),
             declared: format.to_string(),
         });
+    }
+    if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
+        return Err(ImageError::BackingFile(
+            path.display().to_string(),
+            backing.to_string(),
+        ));
     }
     Ok(())
 }
