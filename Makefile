@@ -29,6 +29,7 @@ libvirt-down:
 ## crds: regenerate crds/ from the code
 crds:
 	VMLET_UPDATE_CRDS=1 $(CARGO) test --test crds
+	rm -f charts/vmlet/crds/*.yaml && cp crds/*.yaml charts/vmlet/crds/
 
 lint:
 	$(CARGO) fmt --check

@@ -1,0 +1,25 @@
+{{- define "vmlet.name" -}}vmlet{{- end -}}
+
+{{- define "vmlet.labels" -}}
+app.kubernetes.io/name: vmlet
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "vmlet.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "vmlet.controller.selector" -}}
+app.kubernetes.io/name: vmlet
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: controller
+{{- end -}}
+
+{{- define "vmlet.agent.selector" -}}
+app.kubernetes.io/name: vmlet
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: agent
+{{- end -}}

@@ -1,0 +1,221 @@
+//! The Helm chart against the real control plane: lint, server-side dry run of the
+//! rendered manifests, and install / uninstall of every object. No kubelet runs here, so
+//! the pods stay Pending: the tests check objects, not pods.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn bin(name: &str) -> PathBuf {
+    let local = root().join(".cache/bin").join(name);
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut c = Command::new(bin(cmd));
+    c.args(args).env("KUBECONFIG", common::kubeconfig_path());
+    c.stdin(if stdin.is_some() {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    });
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (run hack/cluster.sh build)"));
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn chart() -> String {
+    root().join("charts/vmlet").to_string_lossy().into_owned()
+}
+
+#[test]
+fn chart_lints_strictly() {
+    ok(
+        run("helm", &["lint", "--strict", &chart()], None),
+        "helm lint --strict",
+    );
+}
+
+#[test]
+fn chart_crds_are_the_generated_ones() {
+    let mut files: Vec<_> = std::fs::read_dir(root().join("crds"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    files.sort();
+    let mut chart_files: Vec<_> = std::fs::read_dir(root().join("charts/vmlet/crds"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    chart_files.sort();
+    assert_eq!(
+        files, chart_files,
+        "charts/vmlet/crds must hold exactly crds/ (make crds copies them)"
+    );
+    for f in files {
+        let a = std::fs::read(root().join("crds").join(&f)).unwrap();
+        let b = std::fs::read(root().join("charts/vmlet/crds").join(&f)).unwrap();
+        assert!(
+            a == b,
+            "charts/vmlet/crds/{} differs from crds/ (run make crds)",
+            f.to_string_lossy()
+        );
+    }
+}
+
+/// Every object in a multi-document manifest: (kind, namespace, name).
+fn objects(manifest: &str) -> Vec<(String, Option<String>, String)> {
+    serde_yaml::Deserializer::from_str(manifest)
+        .filter_map(|d| {
+            let v: serde_json::Value = serde::Deserialize::deserialize(d).ok()?;
+            let kind = v["kind"].as_str()?.to_string();
+            let ns = v["metadata"]["namespace"].as_str().map(String::from);
+            Some((kind, ns, v["metadata"]["name"].as_str()?.to_string()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn rendered_chart_passes_a_server_side_dry_run() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "chart-dry").await;
+    let rendered = ok(
+        run(
+            "helm",
+            &[
+                "template",
+                "dry",
+                &chart(),
+                "-n",
+                &ns,
+                "--include-crds",
+                "--kube-version",
+                "v1.37.2",
+                "--set",
+                "metrics.serviceMonitor.enabled=false",
+            ],
+            None,
+        ),
+        "helm template",
+    );
+    assert!(objects(&rendered).len() >= 18);
+    ok(
+        run(
+            "kubectl",
+            &["apply", "--dry-run=server", "-f", "-"],
+            Some(&rendered),
+        ),
+        "kubectl apply --dry-run=server",
+    );
+    common::delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn install_creates_every_object_and_uninstall_removes_them() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "chart-install").await;
+    let release = format!("it{}", std::process::id());
+    ok(
+        run("helm", &["install", &release, &chart(), "-n", &ns], None),
+        "helm install",
+    );
+    let manifest = ok(
+        run("helm", &["get", "manifest", &release, "-n", &ns], None),
+        "helm get manifest",
+    );
+    let objs = objects(&manifest);
+    for kind in [
+        "Deployment",
+        "DaemonSet",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ConfigMap",
+        "PodDisruptionBudget",
+    ] {
+        assert!(
+            objs.iter().any(|(k, _, _)| k == kind),
+            "chart has no {kind}"
+        );
+    }
+    let get = |kind: &str, ns: &Option<String>, name: &str| {
+        let mut args = vec![
+            "get".to_string(),
+            kind.to_lowercase(),
+            name.to_string(),
+            "-o".into(),
+            "name".into(),
+        ];
+        if let Some(n) = ns {
+            args.extend(["-n".to_string(), n.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("kubectl", &args, None)
+    };
+    for (kind, obj_ns, name) in &objs {
+        assert!(
+            get(kind, obj_ns, name).status.success(),
+            "{kind} {name} not created"
+        );
+    }
+    // No role of ours grants a wildcard.
+    let roles = objs
+        .iter()
+        .filter(|(k, _, _)| k == "ClusterRole" || k == "Role")
+        .count();
+    assert!(
+        roles >= 4,
+        "expected separate roles for controller and agent"
+    );
+    assert!(
+        !manifest.contains("'*'") && !manifest.contains("\"*\""),
+        "a role grants a wildcard"
+    );
+    ok(
+        run("helm", &["uninstall", &release, "-n", &ns, "--wait"], None),
+        "helm uninstall",
+    );
+    for (kind, obj_ns, name) in &objs {
+        assert!(
+            !get(kind, obj_ns, name).status.success(),
+            "{kind} {name} left behind by uninstall"
+        );
+    }
+    common::delete_namespace(&client, &ns).await;
+}
