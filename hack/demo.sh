@@ -37,7 +37,7 @@ cargo build --bins -q
 VMLET="$ROOT/target/debug/vmlet"
 
 log "installing the CRDs"
-"$VMLET" crd | kubectl apply --server-side --field-manager=vmlet-demo -f - >/dev/null
+"$VMLET" crd | kubectl apply --server-side --force-conflicts --field-manager=vmlet-demo -f - >/dev/null
 kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
 
 log "building the tiny guest (Debian cloud kernel + busybox initramfs)"

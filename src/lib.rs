@@ -7,4 +7,5 @@ pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod http;
+pub mod kubectl;
 pub mod telemetry;

@@ -11,6 +11,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::Context;
+use crate::http::Reply;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
@@ -155,25 +156,19 @@ async fn render(ctx: &Context) -> String {
     out
 }
 
-pub async fn serve(ctx: Arc<Context>) {
-    let addr = ctx.args.metrics_addr.clone();
-    let listener = match tokio::net::TcpListener::bind(&addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%addr, error = %e, "cannot serve /metrics");
-            return std::future::pending().await;
-        }
-    };
-    crate::http::serve(listener, move |path| {
+/// Serves /metrics, /healthz and /console/{namespace}/{name}.
+pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>) {
+    crate::http::serve_requests(listener, move |req| {
         let ctx = ctx.clone();
         async move {
-            match path.as_str() {
-                "/metrics" => Some((
+            match req.path.as_str() {
+                "/metrics" => Reply::ok(
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    render(&ctx).await.into(),
-                )),
-                "/healthz" => Some(("text/plain", "ok\n".into())),
-                _ => None,
+                    render(&ctx).await,
+                ),
+                "/healthz" => Reply::ok("text/plain", "ok\n"),
+                p if p.starts_with("/console/") => super::console::handle(&ctx, req).await,
+                _ => Reply::error(404, "not found"),
             }
         }
     })

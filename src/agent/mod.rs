@@ -2,6 +2,7 @@
 //! reports their state, and the node's, back to the API.
 
 pub mod accel;
+mod console;
 pub mod disks;
 pub mod domain;
 pub mod images;
@@ -53,9 +54,13 @@ pub struct Args {
     /// Host memory kept back from guests, e.g. 1Gi.
     #[arg(long, default_value = "512Mi")]
     pub reserved_memory: String,
-    /// Address of /metrics and /healthz.
+    /// Address of /metrics, /healthz and /console.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
+    /// The address others reach this agent at (the Pod's IP); defaults to the address
+    /// /metrics binds when that is a specific one.
+    #[arg(long, env = "POD_IP")]
+    pub advertise_address: Option<String>,
     /// Seconds a domain with vmlet metadata but no VM is kept before it is removed.
     #[arg(long, default_value = "30")]
     pub orphan_grace_seconds: u64,
@@ -76,6 +81,8 @@ pub struct Context {
     pub runtime: tokio::sync::Mutex<std::collections::HashMap<String, reconcile::VmRuntime>>,
     pub metrics: metrics::Metrics,
     pub args: Args,
+    /// Where `kubectl vm console` reaches this agent.
+    pub agent_url: Option<String>,
 }
 
 pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
@@ -103,6 +110,16 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let client = client(args.kubeconfig.as_ref()).await?;
     std::fs::create_dir_all(&args.state_dir)?;
+    let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
+    let bound = listener.local_addr()?;
+    let agent_url = match (&args.advertise_address, bound.ip().is_unspecified()) {
+        (Some(ip), _) => Some(format!(
+            "http://{}",
+            std::net::SocketAddr::new(ip.parse()?, bound.port())
+        )),
+        (None, false) => Some(format!("http://{bound}")),
+        (None, true) => None,
+    };
     let node_info = lv.node_info().await?;
     let (accel, why) = if node_info.driver.eq_ignore_ascii_case("test") {
         (render::Accel::Tcg, "libvirt test driver".to_string())
@@ -149,6 +166,7 @@ pub async fn run_with(
         runtime: Default::default(),
         metrics: metrics::Metrics::default(),
         args: args.clone(),
+        agent_url,
     });
 
     // libvirt lifecycle events (a crash, a `virsh destroy`, a guest poweroff) trigger the
@@ -206,7 +224,7 @@ pub async fn run_with(
         _ = controller => {},
         _ = report::hypervisor_loop(ctx.clone()) => {},
         _ = reconcile::orphan_loop(ctx.clone()) => {},
-        _ = metrics::serve(ctx.clone()) => {},
+        _ = metrics::serve(listener, ctx.clone()) => {},
     }
     tracing::info!("agent stopped");
     Ok(())

@@ -19,6 +19,9 @@ use crate::api::{DOMAIN_FINALIZER, VirtualMachine, VirtualMachineImage};
 
 /// The annotation through which a user starts and stops a VM with runStrategy Manual.
 pub const POWER_ANNOTATION: &str = "vmlet.dev/power";
+/// A new value here asks for one stop-and-start (kubectl vm restart); the value acted on
+/// is recorded in status.lastRestartRequest.
+pub const RESTART_ANNOTATION: &str = "vmlet.dev/restart";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -229,7 +232,7 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
     let mut existing = ctx.lv.lookup(&uid).await?;
     let mut runtimes = ctx.runtime.lock().await;
     let rt = runtimes.entry(uid.clone()).or_default();
-    let want = want_running(vm, existing.as_ref(), rt);
+    let mut want = want_running(vm, existing.as_ref(), rt);
     let defined_hash = existing
         .as_ref()
         .and_then(|d| d.owner.as_ref())
@@ -239,6 +242,18 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
         state,
         Some(RunState::Running | RunState::Paused | RunState::ShuttingDown)
     );
+    let restart_token = vm.annotations().get(RESTART_ANNOTATION).cloned();
+    let restart_pending = restart_token.is_some()
+        && restart_token
+            != vm
+                .status
+                .as_ref()
+                .and_then(|s| s.last_restart_request.clone());
+    let halted = vm.spec.run_strategy == Some(RunStrategy::Halted);
+    if restart_pending && !halted {
+        // Stop first if it runs; start once it is down, whatever the strategy says.
+        want = !running;
+    }
     let mut requeue = super::REQUEUE;
     let mut restarted = false;
     let mut started_now = false;
@@ -353,6 +368,8 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
         started_now,
         addresses,
         hardware: hw,
+        restart_handled: restart_token
+            .filter(|_| restart_pending && (started_now || (halted && !now_running))),
     };
     super::status::write(vm, ctx, observed, None).await?;
     if final_state == Some(RunState::ShuttingDown) {

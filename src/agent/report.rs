@@ -98,6 +98,7 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
         libvirt_version: Some(info.libvirt_version),
         hypervisor_version: Some(info.hypervisor_version),
         uefi: Some(ctx.facts.uefi),
+        agent_url: ctx.agent_url.clone(),
         vms: Some(count),
         conditions: vec![conditions::new(
             &old.conditions,

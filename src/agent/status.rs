@@ -48,6 +48,8 @@ pub struct Observed {
     pub started_now: bool,
     pub addresses: Vec<(String, String)>,
     pub hardware: Option<Hardware>,
+    /// A restart request that was carried out in this reconcile.
+    pub restart_handled: Option<String>,
 }
 
 /// The part of the status the agent owns.
@@ -70,6 +72,8 @@ struct AgentStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     memory: Option<String>,
     accel: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_restart_request: Option<String>,
 }
 
 const OUR_CONDITIONS: [&str; 3] = ["Ready", "DomainDefined", "RestartRequired"];
@@ -210,6 +214,10 @@ fn desired(
             .map(|h| Bytes(h.memory_bytes).to_string())
             .or(old.memory.clone()),
         accel: ctx.facts.accel.as_str().to_string(),
+        last_restart_request: o
+            .restart_handled
+            .clone()
+            .or(old.last_restart_request.clone()),
     }
 }
 
@@ -231,6 +239,7 @@ fn current(old: &VirtualMachineStatus) -> Option<AgentStatus> {
         vcpus: old.vcpus,
         memory: old.memory.clone(),
         accel: old.accel.clone().unwrap_or_default(),
+        last_restart_request: old.last_restart_request.clone(),
     })
 }
 

@@ -73,6 +73,9 @@ pub struct HypervisorStatus {
     /// Whether UEFI firmware (OVMF) is installed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uefi: Option<bool>,
+    /// Where the agent serves /console, /metrics and /healthz, e.g. http://10.0.0.5:9464.
+    #[serde(default, rename = "agentURL", skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
     /// VMs bound here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vms: Option<i32>,

@@ -406,6 +406,9 @@ pub struct VirtualMachineStatus {
     /// When the running domain was started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
+    /// The last `vmlet.dev/restart` annotation value the agent acted on (kubectl vm restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart_request: Option<String>,
     /// vCPUs after the class is applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<i32>,

@@ -53,6 +53,7 @@ impl Node {
             accel: vmlet::agent::accel::AccelChoice::Tcg,
             reserved_memory: "0".into(),
             metrics_addr: "127.0.0.1:0".into(),
+            advertise_address: None,
             orphan_grace_seconds: 2,
             kubeconfig: Some(super::kubeconfig_path()),
         };

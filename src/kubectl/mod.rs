@@ -1,0 +1,317 @@
+//! The `kubectl vm` plugin: start, stop, restart, console, nodes, completion.
+
+use std::io::Write;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::json;
+
+use crate::api::quantity::{Bytes, parse_bytes};
+use crate::api::vm::RunStrategy;
+use crate::api::{Hypervisor, VirtualMachine, conditions};
+
+const FIELD_MANAGER: &str = "kubectl-vm";
+const POWER_ANNOTATION: &str = "vmlet.dev/power";
+const RESTART_ANNOTATION: &str = "vmlet.dev/restart";
+
+/// Manage vmlet virtual machines.
+#[derive(Parser)]
+#[command(name = "kubectl-vm", bin_name = "kubectl vm", version, about)]
+pub struct Cli {
+    /// Namespace of the VM (default: the kubeconfig context's namespace, else "default").
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, global = true)]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a stopped VM (runStrategy Halted becomes Always; Manual VMs are powered on).
+    Start { name: String },
+    /// Stop a VM (runStrategy becomes Halted; Manual VMs are powered off).
+    Stop { name: String },
+    /// Stop and start a running VM once (graceful shutdown first).
+    Restart { name: String },
+    /// Print a VM's serial console, read through the agent on its node.
+    Console {
+        name: String,
+        /// Keep printing what the guest writes.
+        #[arg(short, long)]
+        follow: bool,
+        /// Bearer token for the agent (default: the kubeconfig user's token).
+        #[arg(long, env = "VMLET_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// A capacity table of the hypervisors.
+    Nodes,
+    /// Print a shell completion script.
+    Completion { shell: clap_complete::Shell },
+}
+
+struct Session {
+    client: kube::Client,
+    namespace: String,
+    token: Option<String>,
+}
+
+async fn session(cli: &Cli) -> anyhow::Result<Session> {
+    let options = KubeConfigOptions {
+        context: cli.context.clone(),
+        ..Default::default()
+    };
+    let config = match &cli.kubeconfig {
+        Some(path) => {
+            kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(path)?, &options).await?
+        }
+        None => match Kubeconfig::read() {
+            Ok(kc) => kube::Config::from_custom_kubeconfig(kc, &options).await?,
+            Err(_) => kube::Config::infer().await?,
+        },
+    };
+    let token = config.auth_info.token.as_ref().map(|t| {
+        use secrecy::ExposeSecret;
+        t.expose_secret().to_string()
+    });
+    let namespace = cli
+        .namespace
+        .clone()
+        .unwrap_or_else(|| config.default_namespace.clone());
+    Ok(Session {
+        client: kube::Client::try_from(config)?,
+        namespace,
+        token,
+    })
+}
+
+async fn patch_vm(s: &Session, name: &str, patch: serde_json::Value) -> anyhow::Result<()> {
+    let api: Api<VirtualMachine> = Api::namespaced(s.client.clone(), &s.namespace);
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    api.patch(name, &pp, &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+async fn get_vm(s: &Session, name: &str) -> anyhow::Result<VirtualMachine> {
+    let api: Api<VirtualMachine> = Api::namespaced(s.client.clone(), &s.namespace);
+    api.get_opt(name)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("VirtualMachine {}/{name} not found", s.namespace))
+}
+
+async fn start(s: &Session, name: &str) -> anyhow::Result<String> {
+    let vm = get_vm(s, name).await?;
+    match vm.spec.run_strategy.unwrap_or_default() {
+        RunStrategy::Halted => {
+            patch_vm(s, name, json!({"spec": {"runStrategy": "Always"}})).await?
+        }
+        RunStrategy::Manual => {
+            patch_vm(
+                s,
+                name,
+                json!({"metadata": {"annotations": {POWER_ANNOTATION: "on"}}}),
+            )
+            .await?
+        }
+        other => {
+            anyhow::bail!("{name} already runs by itself (runStrategy {other:?}); use restart")
+        }
+    }
+    Ok(format!("{name} starting"))
+}
+
+async fn stop(s: &Session, name: &str) -> anyhow::Result<String> {
+    let vm = get_vm(s, name).await?;
+    match vm.spec.run_strategy.unwrap_or_default() {
+        RunStrategy::Halted => anyhow::bail!("{name} is already stopped (runStrategy Halted)"),
+        RunStrategy::Manual => {
+            patch_vm(
+                s,
+                name,
+                json!({"metadata": {"annotations": {POWER_ANNOTATION: "off"}}}),
+            )
+            .await?
+        }
+        _ => patch_vm(s, name, json!({"spec": {"runStrategy": "Halted"}})).await?,
+    }
+    Ok(format!("{name} stopping"))
+}
+
+async fn restart(s: &Session, name: &str) -> anyhow::Result<String> {
+    let vm = get_vm(s, name).await?;
+    if vm.spec.run_strategy == Some(RunStrategy::Halted) {
+        anyhow::bail!("{name} is stopped (runStrategy Halted); use start");
+    }
+    let token = Timestamp::now().to_string();
+    patch_vm(
+        s,
+        name,
+        json!({"metadata": {"annotations": {RESTART_ANNOTATION: token}}}),
+    )
+    .await?;
+    Ok(format!("{name} restarting"))
+}
+
+async fn console(
+    s: &Session,
+    name: &str,
+    follow: bool,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    let vm = get_vm(s, name).await?;
+    let node = vm
+        .status
+        .as_ref()
+        .and_then(|st| st.node_name.clone())
+        .ok_or_else(|| anyhow::anyhow!("{name} is not placed on a node yet"))?;
+    let hv = Api::<Hypervisor>::all(s.client.clone()).get(&node).await?;
+    let url = hv
+        .status
+        .and_then(|st| st.agent_url)
+        .ok_or_else(|| anyhow::anyhow!("the agent on {node} does not say where to reach it"))?;
+    let token = token.or_else(|| s.token.clone()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the agent needs a bearer token: use --token or a kubeconfig user with a token"
+        )
+    })?;
+    let mut url = format!("{url}/console/{}/{name}", s.namespace);
+    if follow {
+        url.push_str("?follow=1");
+    }
+    let mut resp = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(token)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        anyhow::bail!(
+            "{}: {}",
+            status,
+            resp.text().await.unwrap_or_default().trim()
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = resp.chunk().await? {
+        out.write_all(&chunk)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+async fn nodes(s: &Session) -> anyhow::Result<String> {
+    let mut hvs = Api::<Hypervisor>::all(s.client.clone())
+        .list(&Default::default())
+        .await?
+        .items;
+    hvs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut rows = vec![
+        ["NAME", "READY", "ACCEL", "VMS", "CPU", "MEMORY", "MEM%"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for h in hvs {
+        let st = h.status.unwrap_or_default();
+        let (alloc, cap) = (
+            st.allocated.unwrap_or_default(),
+            st.allocatable.unwrap_or_default(),
+        );
+        let pct = match (parse_bytes(&alloc.memory), parse_bytes(&cap.memory)) {
+            (Ok(a), Ok(c)) if c > 0 => format!("{}%", a * 100 / c),
+            _ => "-".into(),
+        };
+        let mem = |m: &str| {
+            parse_bytes(m)
+                .map(|b| Bytes(b & !((1 << 20) - 1)).to_string())
+                .unwrap_or_else(|_| "-".into())
+        };
+        rows.push(vec![
+            h.metadata.name.unwrap_or_default(),
+            if conditions::is_true(&st.conditions, "Ready") {
+                "True"
+            } else {
+                "False"
+            }
+            .into(),
+            st.accel.unwrap_or_else(|| "-".into()),
+            st.vms.unwrap_or(0).to_string(),
+            format!("{}/{}", alloc.cpu, cap.cpu),
+            format!("{}/{}", mem(&alloc.memory), mem(&cap.memory)),
+            pct,
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    Ok(rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect::<Vec<_>>()
+                .join("   ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Completion { shell } = &cli.command {
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "kubectl-vm",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
+    let s = session(&cli).await?;
+    let out = match cli.command {
+        Command::Start { name } => start(&s, &name).await?,
+        Command::Stop { name } => stop(&s, &name).await?,
+        Command::Restart { name } => restart(&s, &name).await?,
+        Command::Console {
+            name,
+            follow,
+            token,
+        } => return console(&s, &name, follow, token).await,
+        Command::Nodes => nodes(&s).await?,
+        Command::Completion { .. } => unreachable!("handled above"),
+    };
+    println!("{out}");
+    Ok(())
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
