@@ -13,11 +13,17 @@ pub struct Node {
     pub name: String,
     pub lv: Libvirt,
     pub dir: tempfile::TempDir,
+    image_root: PathBuf,
     agent: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Node {
     pub async fn new(prefix: &str) -> Self {
+        Self::with_image_root(prefix, None).await
+    }
+
+    /// A node whose agent confines hostPath images to `root` (default: a temporary dir).
+    pub async fn with_image_root(prefix: &str, root: Option<PathBuf>) -> Self {
         vmlet::telemetry::init();
         let name = format!(
             "{prefix}-{}",
@@ -25,11 +31,13 @@ impl Node {
         );
         let lv = Libvirt::open("test:///default").await.expect("test driver");
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        let image_root = root.unwrap_or_else(|| dir.path().join("images"));
+        std::fs::create_dir_all(&image_root).unwrap();
         let mut n = Node {
             name,
             lv,
             dir,
+            image_root,
             agent: None,
         };
         n.start_agent();
@@ -41,7 +49,7 @@ impl Node {
     }
 
     pub fn image_root(&self) -> PathBuf {
-        self.dir.path().join("images")
+        self.image_root.clone()
     }
 
     pub fn start_agent(&mut self) {
