@@ -66,7 +66,7 @@ pub struct HostPathSource {
     #[schemars(length(min = 2, max = 4096))]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("source.hostPath.path must be absolute"))]
     #[x_kube(validation = Rule::new("!self.split('/').exists(s, s == '..')").message("source.hostPath.path must not contain '..'"))]
-    #[x_kube(validation = Rule::new("!self.matches('[\\\\x00-\\\\x1f\\\\x7f]')").message("source.hostPath.path must not contain control characters"))]
+    #[x_kube(validation = Rule::new("!self.matches('[\\\\x00-\\\\x1f\\\\x7f-\\\\x9f]')").message("source.hostPath.path must not contain control characters"))]
     pub path: String,
 }
 

@@ -204,7 +204,7 @@ pub struct Boot {
     pub initrd: Option<ImageRef>,
     /// Kernel command line (printable characters only, at most 2048).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("!self.matches('[\\\\x00-\\\\x1f\\\\x7f]')").message("boot.cmdline must not contain control characters"))]
+    #[x_kube(validation = Rule::new("!self.matches('[\\\\x00-\\\\x1f\\\\x7f-\\\\x9f]')").message("boot.cmdline must not contain control characters"))]
     #[schemars(length(max = 2048))]
     pub cmdline: Option<String>,
 }
