@@ -1,0 +1,263 @@
+//! Least privilege with real tokens: a ServiceAccount token bound to an agent Pod on node
+//! A (issued by the control plane; the Pod needs no kubelet) lets the agent write only
+//! A's VMs, A's Hypervisor and A's Lease. The chart's RBAC and ValidatingAdmissionPolicy
+//! are installed from the chart itself.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+use serde_json::json;
+use vmlet::api::{Hypervisor, VirtualMachine};
+
+fn tool(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".cache/bin")
+        .join(name)
+}
+
+fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = Command::new(tool(cmd))
+        .args(args)
+        .env("KUBECONFIG", common::kubeconfig_path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn client_with_token(token: &str) -> kube::Client {
+    let kc = Kubeconfig::read_from(common::kubeconfig_path()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.auth_info = AuthInfo {
+        token: Some(token.to_string().into()),
+        ..Default::default()
+    };
+    kube::Client::try_from(config).unwrap()
+}
+
+fn denied<T: std::fmt::Debug>(res: Result<T, kube::Error>, text: &str) -> Result<(), String> {
+    match res {
+        Err(kube::Error::Api(s)) if s.message.contains(text) => Ok(()),
+        other => Err(format!("expected a refusal saying {text:?}, got {other:?}")),
+    }
+}
+
+/// The policy takes effect a moment after it is created: retry a refusal for a while.
+async fn eventually_denied<T, F, Fut>(text: &str, mut f: F)
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut last = String::new();
+    for _ in 0..50 {
+        match denied(f().await, text) {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_token_writes_only_its_own_node() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "noderestrict").await;
+    let release = format!("nr{}", std::process::id());
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/vmlet");
+    let rendered = run(
+        "helm",
+        &[
+            "template",
+            &release,
+            chart.to_str().unwrap(),
+            "-n",
+            &ns,
+            "--kube-version",
+            "v1.37.2",
+            "--show-only",
+            "templates/serviceaccounts.yaml",
+            "--show-only",
+            "templates/rbac-agent.yaml",
+            "--show-only",
+            "templates/node-restriction.yaml",
+        ],
+        None,
+    );
+    run("kubectl", &["apply", "-f", "-"], Some(&rendered));
+
+    let (node_a, node_b) = (format!("{release}-a"), format!("{release}-b"));
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for (node, pod) in [(&node_a, "agent-a"), (&node_b, "agent-b")] {
+        let n: Node = serde_json::from_value(json!({"metadata": {"name": node}})).unwrap();
+        nodes.create(&PostParams::default(), &n).await.unwrap();
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": pod},
+            "spec": {"nodeName": node, "serviceAccountName": format!("{release}-agent"),
+                     "containers": [{"name": "agent", "image": "vmlet:test"}]}
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &p).await.unwrap();
+    }
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    for (vm, node) in [("vm-a", &node_a), ("vm-b", &node_b)] {
+        let v = VirtualMachine::new(
+            vm,
+            serde_json::from_value(json!({"memory": "64Mi"})).unwrap(),
+        );
+        vms.create(&PostParams::default(), &v).await.unwrap();
+        let bind = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": node}});
+        vms.patch_status(
+            vm,
+            &PatchParams::apply("vmlet-controller"),
+            &Patch::Apply(&bind),
+        )
+        .await
+        .unwrap();
+    }
+
+    let sa = format!("{release}-agent");
+    let token = run(
+        "kubectl",
+        &[
+            "create",
+            "token",
+            &sa,
+            "-n",
+            &ns,
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            "agent-a",
+        ],
+        None,
+    );
+    let agent = client_with_token(token.trim()).await;
+    let a_vms: Api<VirtualMachine> = Api::namespaced(agent.clone(), &ns);
+    let a_hvs: Api<Hypervisor> = Api::all(agent.clone());
+    let a_leases: Api<Lease> = Api::namespaced(agent.clone(), "kube-node-lease");
+    let pp = PatchParams::apply("vmlet-agent").force();
+    let phase = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"phase": "Running"}});
+    let hv = |name: &str| json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor", "metadata": {"name": name}, "spec": {}});
+    let lease = |name: &str| json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name}, "spec": {"holderIdentity": "x"}});
+
+    // Refused: B's VM, rebinding A's VM, B's Hypervisor and Lease.
+    let rebind = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": node_b}});
+    let lease_b = format!("vmlet-{node_b}");
+    eventually_denied("may only update VirtualMachines bound to its node", || {
+        let (api, pp, body) = (a_vms.clone(), pp.clone(), phase.clone());
+        async move { api.patch_status("vm-b", &pp, &Patch::Apply(body)).await }
+    })
+    .await;
+    eventually_denied("may not rebind", || {
+        let (api, pp, body) = (a_vms.clone(), pp.clone(), rebind.clone());
+        async move { api.patch_status("vm-a", &pp, &Patch::Apply(body)).await }
+    })
+    .await;
+    eventually_denied("may only write its own Hypervisor", || {
+        let (api, pp, body, name) = (a_hvs.clone(), pp.clone(), hv(&node_b), node_b.clone());
+        async move { api.patch(&name, &pp, &Patch::Apply(body)).await }
+    })
+    .await;
+    eventually_denied("may only write its own heartbeat Lease", || {
+        let (api, pp, body, name) = (
+            a_leases.clone(),
+            pp.clone(),
+            lease(&lease_b),
+            lease_b.clone(),
+        );
+        async move { api.patch(&name, &pp, &Patch::Apply(body)).await }
+    })
+    .await;
+    // RBAC: an agent never creates VMs.
+    let new_vm = VirtualMachine::new(
+        "sneaky",
+        serde_json::from_value(json!({"memory": "64Mi"})).unwrap(),
+    );
+    denied(
+        a_vms.create(&PostParams::default(), &new_vm).await,
+        "forbidden",
+    )
+    .unwrap();
+
+    // Allowed: its own VM, Hypervisor and Lease.
+    a_vms
+        .patch_status("vm-a", &pp, &Patch::Apply(&phase))
+        .await
+        .expect("own VM");
+    a_hvs
+        .patch(&node_a, &pp, &Patch::Apply(&hv(&node_a)))
+        .await
+        .expect("own Hypervisor");
+    a_leases
+        .patch(
+            &format!("vmlet-{node_a}"),
+            &pp,
+            &Patch::Apply(&lease(&format!("vmlet-{node_a}"))),
+        )
+        .await
+        .expect("own Lease");
+
+    // A token of the same ServiceAccount not bound to a Pod carries no node: refused.
+    let loose = run("kubectl", &["create", "token", &sa, "-n", &ns], None);
+    let loose_vms: Api<VirtualMachine> =
+        Api::namespaced(client_with_token(loose.trim()).await, &ns);
+    denied(
+        loose_vms
+            .patch_status("vm-a", &pp, &Patch::Apply(&phase))
+            .await,
+        "token bound to a Pod",
+    )
+    .unwrap();
+
+    // Clean up what is not namespaced.
+    for n in [&node_a, &node_b] {
+        let _ = nodes.delete(n, &DeleteParams::default()).await;
+        let _ = Api::<Hypervisor>::all(client.clone())
+            .delete(n, &DeleteParams::default())
+            .await;
+        let _ = Api::<Lease>::namespaced(client.clone(), "kube-node-lease")
+            .delete(&format!("vmlet-{n}"), &DeleteParams::default())
+            .await;
+    }
+    let cluster_scoped: String = rendered
+        .split("\n---")
+        .filter(|d| {
+            d.contains("kind: ValidatingAdmissionPolicy") || d.contains("kind: ClusterRole")
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    run(
+        "kubectl",
+        &["delete", "--ignore-not-found", "-f", "-"],
+        Some(&cluster_scoped),
+    );
+    common::delete_namespace(&client, &ns).await;
+}
