@@ -23,6 +23,8 @@ fn controller_args(identity: &str, lease_namespace: &str) -> vmlet::controller::
         identity: Some(identity.into()),
         lease_duration_seconds: 10,
         heartbeat_grace_seconds: 5,
+        fence_after_seconds: 15,
+        loss_margin_seconds: 10,
         kubeconfig: Some(common::kubeconfig_path()),
     }
 }
@@ -59,7 +61,11 @@ async fn placement_and_leader_failover() {
         Node::new("sched-c").await,
     ];
     for (n, zone) in nodes.iter().zip(["a", "a", "b"]) {
-        n.register(&[("topology.kubernetes.io/zone", zone)]).await;
+        n.register(&[
+            ("topology.kubernetes.io/zone", zone),
+            ("vmlet.dev/test-run", &ns),
+        ])
+        .await;
     }
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let hvs: Api<Hypervisor> = Api::all(client.clone());
@@ -90,14 +96,15 @@ async fn placement_and_leader_failover() {
         &api,
         "zone-b",
         json!({}),
-        json!({"memory": "64Mi", "nodeSelector": {"topology.kubernetes.io/zone": "b"}}),
+        json!({"memory": "64Mi", "nodeSelector": {"topology.kubernetes.io/zone": "b", "vmlet.dev/test-run": ns}}),
     )
     .await;
     assert_eq!(node_of(&api, "zone-b").await, names[2]);
 
     // Required anti-affinity keeps the pair apart, and within this test's hypervisors.
     let anti = json!([{"labelSelector": {"matchLabels": {"app": "db"}}, "topologyKey": "kubernetes.io/hostname"}]);
-    let sel = json!({"topology.kubernetes.io/zone": "a"});
+    // Every VM here selects this run's nodes: leftovers of other runs never interfere.
+    let sel = json!({"topology.kubernetes.io/zone": "a", "vmlet.dev/test-run": ns});
     for name in ["db-0", "db-1"] {
         create(
             &api,
@@ -120,12 +127,19 @@ async fn placement_and_leader_failover() {
 
     // A burst against one hypervisor never over-allocates it: exactly as many VMs as fit
     // are bound (the assume cache counts placements the cache has not seen yet).
-    let hv = hvs.get(&names[2]).await.unwrap().status.unwrap();
-    let free =
-        vmlet::api::quantity::parse_bytes(&hv.allocatable.unwrap().memory).unwrap() - (64 << 20);
-    let fit = (free / (64 << 20)) as usize;
+    // The zone-b VM already holds 1 vCPU and 64Mi there; each burst VM asks the same.
+    let allocatable = hvs
+        .get(&names[2])
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .allocatable
+        .unwrap();
+    let mem_free = vmlet::api::quantity::parse_bytes(&allocatable.memory).unwrap() - (64 << 20);
+    let fit = ((mem_free / (64 << 20)) as usize).min((allocatable.cpu - 1) as usize);
     let burst = fit + 10;
-    let zone_b = json!({"topology.kubernetes.io/zone": "b"});
+    let zone_b = json!({"topology.kubernetes.io/zone": "b", "vmlet.dev/test-run": ns});
     let creates = (0..burst).map(|i| {
         let api = api.clone();
         let zone_b = zone_b.clone();
@@ -168,6 +182,21 @@ async fn placement_and_leader_failover() {
     })
     .await
     .expect("burst never settled");
+    if settled != fit {
+        let vms = api
+            .list(&kube::api::ListParams::default().labels("burst=yes"))
+            .await
+            .unwrap()
+            .items;
+        let why: std::collections::BTreeSet<String> = vms
+            .iter()
+            .filter_map(|v| {
+                conditions::find(&v.status.as_ref()?.conditions, "Scheduled")
+                    .map(|c| c.message.clone())
+            })
+            .collect();
+        eprintln!("burst outcome: {why:#?}");
+    }
     assert_eq!(
         settled, fit,
         "{burst} VMs of 64Mi on a node with room for {fit}"
@@ -181,7 +210,13 @@ async fn placement_and_leader_failover() {
         .await;
 
     // Nothing in the cluster has 3 TiB free: refused, with the reason counted.
-    create(&api, "huge", json!({}), json!({"memory": "3Ti"})).await;
+    create(
+        &api,
+        "huge",
+        json!({}),
+        json!({"memory": "3Ti", "nodeSelector": {"vmlet.dev/test-run": ns}}),
+    )
+    .await;
     for (name, text) in [
         ("huge", "insufficient memory"),
         ("db-2", "anti-affinity conflict"),

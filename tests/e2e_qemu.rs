@@ -97,6 +97,9 @@ async fn tiny_guest_boots_to_userspace_and_is_cleaned_up() {
         metrics_addr: "127.0.0.1:19464".into(),
         advertise_address: None,
         orphan_grace_seconds: 30,
+        lease_duration_seconds: 15,
+        heartbeat_seconds: 5,
+        fence_after_seconds: 15,
         kubeconfig: Some(common::kubeconfig_path()),
     };
     let agent = tokio::spawn(vmlet::agent::run_with(

@@ -103,6 +103,8 @@ async fn examples_run_and_reapplying_changes_nothing() {
             identity: Some("examples".into()),
             lease_duration_seconds: 10,
             heartbeat_grace_seconds: 5,
+            fence_after_seconds: 15,
+            loss_margin_seconds: 10,
             kubeconfig: Some(common::kubeconfig_path()),
         },
         std::future::pending(),

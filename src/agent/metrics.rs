@@ -30,6 +30,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     status_writes: Counter,
     orphans_removed: Counter,
+    fencings: Counter,
 }
 
 impl Default for Metrics {
@@ -40,6 +41,7 @@ impl Default for Metrics {
             errors: Family::default(),
             status_writes: Counter::default(),
             orphans_removed: Counter::default(),
+            fencings: Counter::default(),
         }
     }
 }
@@ -68,6 +70,10 @@ impl Metrics {
     pub fn orphan_removed(&self) {
         self.orphans_removed.inc();
     }
+
+    pub fn fenced(&self) {
+        self.fencings.inc();
+    }
 }
 
 /// Encodes the counters above plus per-VM libvirt stats taken now.
@@ -94,6 +100,11 @@ async fn render(ctx: &Context) -> String {
         "orphaned_domains_removed",
         "Domains removed because their VM was gone",
         m.orphans_removed.clone(),
+    );
+    reg.register(
+        "fencings",
+        "Times the agent fenced itself (destroyed its domains)",
+        m.fencings.clone(),
     );
     let vms = Gauge::<i64>::default();
     vms.set(ctx.vms.state().len() as i64);

@@ -64,6 +64,17 @@ pub struct Args {
     /// Seconds a domain with vmlet metadata but no VM is kept before it is removed.
     #[arg(long, default_value = "30")]
     pub orphan_grace_seconds: u64,
+    /// Duration of the heartbeat Lease, in seconds.
+    #[arg(long, default_value = "15")]
+    pub lease_duration_seconds: u64,
+    /// Seconds between heartbeat renewals.
+    #[arg(long, default_value = "5")]
+    pub heartbeat_seconds: u64,
+    /// Self-fencing: after this many seconds without a successful renewal the agent
+    /// destroys its domains (it may be cut off, and the controller will restart them
+    /// elsewhere). 0 disables fencing.
+    #[arg(long, default_value = "15")]
+    pub fence_after_seconds: u64,
     /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
     #[arg(long, env = "VMLET_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -79,6 +90,8 @@ pub struct Context {
     pub vms: kube::runtime::reflector::Store<VirtualMachine>,
     pub classes: kube::runtime::reflector::Store<VirtualMachineClass>,
     pub runtime: tokio::sync::Mutex<std::collections::HashMap<String, reconcile::VmRuntime>>,
+    /// Set while the agent has fenced itself: no domain is started until a renewal works.
+    pub fenced: std::sync::atomic::AtomicBool,
     pub metrics: metrics::Metrics,
     pub args: Args,
     /// Where `kubectl vm console` reaches this agent.
@@ -164,6 +177,7 @@ pub async fn run_with(
         vms: vms.clone(),
         classes: classes.clone(),
         runtime: Default::default(),
+        fenced: Default::default(),
         metrics: metrics::Metrics::default(),
         args: args.clone(),
         agent_url,
@@ -223,6 +237,7 @@ pub async fn run_with(
     tokio::select! {
         _ = controller => {},
         _ = report::hypervisor_loop(ctx.clone()) => {},
+        _ = report::heartbeat_loop(ctx.clone()) => {},
         _ = reconcile::orphan_loop(ctx.clone()) => {},
         _ = metrics::serve(listener, ctx.clone()) => {},
     }

@@ -173,6 +173,17 @@ async fn resolve_images(
     Ok(out)
 }
 
+/// A fresh read (not the cache): the VM still exists with this uid and is bound here.
+async fn still_bound_here(vm: &VirtualMachine, ctx: &Context) -> Result<bool, Error> {
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    Ok(api.get_opt(&vm.name_any()).await?.is_some_and(|fresh| {
+        fresh.metadata.uid == vm.metadata.uid
+            && fresh.metadata.deletion_timestamp.is_none()
+            && fresh.status.and_then(|s| s.node_name).as_deref() == Some(ctx.node.as_str())
+    }))
+}
+
 /// Whether the VM should be running now, given its strategy and what happened so far.
 fn want_running(vm: &VirtualMachine, domain: Option<&DomainInfo>, rt: &VmRuntime) -> bool {
     let status = vm.status.clone().unwrap_or_default();
@@ -201,6 +212,10 @@ fn want_running(vm: &VirtualMachine, domain: Option<&DomainInfo>, rt: &VmRuntime
 }
 
 async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
+    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+        // Cut off: the VM may already run elsewhere. Touch nothing until the lease renews.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let uid = vm.uid().unwrap_or_default();
     let class = match &vm.spec.class_ref {
         Some(r) => match ctx
@@ -231,6 +246,10 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
 
     let mut existing = ctx.lv.lookup(&uid).await?;
     let mut runtimes = ctx.runtime.lock().await;
+    // Fencing takes the same lock: no start can slip in between its check and its destroys.
+    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let rt = runtimes.entry(uid.clone()).or_default();
     let mut want = want_running(vm, existing.as_ref(), rt);
     let defined_hash = existing
@@ -298,6 +317,13 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
                     &vm.name_any(),
                 )
                 .await?;
+                // The cache may be stale (a watch that just came back after a cut): ask
+                // the API server whether the VM is still ours before running it.
+                if !still_bound_here(vm, ctx).await? {
+                    tracing::warn!(vm = %vm.name_any(), "not starting: no longer bound to this node");
+                    return Ok(Action::await_change());
+                }
+                tracing::info!(vm = %vm.name_any(), uid, "starting domain");
                 ctx.lv.start(&uid).await?;
                 restarted = vm
                     .status

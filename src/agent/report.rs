@@ -19,8 +19,6 @@ use crate::api::{Hypervisor, HypervisorStatus};
 
 /// Where agents keep their heartbeat Leases (the namespace kubelets use for theirs).
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
-pub const LEASE_DURATION_SECONDS: i32 = 15;
-const HEARTBEAT: Duration = Duration::from_secs(5);
 
 pub fn lease_name(node: &str) -> String {
     format!("vmlet-{node}")
@@ -136,7 +134,7 @@ async fn heartbeat(ctx: &Context) -> anyhow::Result<()> {
         "metadata": {"name": name},
         "spec": LeaseSpec {
             holder_identity: Some(ctx.node.clone()),
-            lease_duration_seconds: Some(LEASE_DURATION_SECONDS),
+            lease_duration_seconds: Some(ctx.args.lease_duration_seconds as i32),
             renew_time: Some(MicroTime(Timestamp::now())),
             ..Default::default()
         },
@@ -150,22 +148,76 @@ async fn heartbeat(ctx: &Context) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the Hypervisor status every other heartbeat (it changes slowly and is only
+/// written when it changed).
 pub async fn hypervisor_loop(ctx: Arc<Context>) {
     let _ = ctx.vms.wait_until_ready().await;
-    let mut tick = 0u64;
     loop {
-        if let Err(e) = heartbeat(&ctx).await {
-            tracing::warn!(error = %e, "lease renewal failed");
-        }
-        // The inventory changes slowly; every other heartbeat is often enough.
-        if tick.is_multiple_of(2)
-            && let Err(e) = report(&ctx).await
-        {
+        if let Err(e) = report(&ctx).await {
             tracing::warn!(error = %e, "hypervisor report failed");
         }
-        tick += 1;
-        tokio::time::sleep(HEARTBEAT).await;
+        tokio::time::sleep(Duration::from_secs(2 * ctx.args.heartbeat_seconds.max(1))).await;
     }
+}
+
+/// Renews the Lease, and fences: once `fence_after` passes without a successful renewal,
+/// every domain this agent owns is destroyed, and none is started until a renewal works
+/// again. A renewal attempt may hang (an unreachable API server); the watchdog does not
+/// wait for it.
+pub async fn heartbeat_loop(ctx: Arc<Context>) {
+    let period = Duration::from_secs(ctx.args.heartbeat_seconds.max(1));
+    let fence_after = Duration::from_secs(ctx.args.fence_after_seconds);
+    let last_ok = std::sync::Mutex::new(std::time::Instant::now());
+    let renew = async {
+        loop {
+            match tokio::time::timeout(period, heartbeat(&ctx)).await {
+                Ok(Ok(())) => {
+                    *last_ok.lock().expect("not poisoned") = std::time::Instant::now();
+                    if ctx.fenced.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        tracing::warn!("lease renewed again: fencing lifted");
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+                Err(_) => tracing::warn!("lease renewal timed out"),
+            }
+            tokio::time::sleep(period).await;
+        }
+    };
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let silent = last_ok.lock().expect("not poisoned").elapsed();
+            if fence_after.is_zero()
+                || silent < fence_after
+                || ctx.fenced.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                continue;
+            }
+            tracing::error!(
+                silent_s = silent.as_secs_f64(),
+                "no lease renewal: fencing, destroying this node's domains"
+            );
+            fence(&ctx).await;
+        }
+    };
+    tokio::join!(renew, watchdog);
+}
+
+async fn fence(ctx: &Context) {
+    // Under the reconcile lock: a reconcile either started its domain before (and it is
+    // destroyed here) or sees the flag after (and starts nothing).
+    let _guard = ctx.runtime.lock().await;
+    ctx.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+    let Ok(domains) = ctx.lv.list().await else {
+        return;
+    };
+    for d in domains {
+        let ours = d.owner.as_ref().is_some_and(|o| o.node == ctx.node);
+        if ours && let Err(e) = ctx.lv.destroy(&d.uuid).await {
+            tracing::error!(domain = %d.name, error = %e, "fencing could not destroy a domain");
+        }
+    }
+    ctx.metrics.fenced();
 }
 
 #[cfg(test)]

@@ -69,7 +69,24 @@ async fn set_scheduled(
         vm.metadata.generation,
         Time(Timestamp::now()),
     );
-    let mut status = json!({"conditions": [cond]});
+    let mut conds = vec![cond];
+    // A VM moved off a lost node: the new binding makes its node healthy again.
+    if ok && conditions::find(&old.conditions, "NodeHealthy").is_some_and(|c| c.status == "False") {
+        let healthy = format!(
+            "moved to a healthy node ({message_node})",
+            message_node = extra["nodeName"].as_str().unwrap_or("?")
+        );
+        conds.push(conditions::new(
+            &old.conditions,
+            "NodeHealthy",
+            true,
+            "Rescheduled",
+            healthy,
+            vm.metadata.generation,
+            Time(Timestamp::now()),
+        ));
+    }
+    let mut status = json!({"conditions": conds});
     if let serde_json::Value::Object(m) = extra {
         status.as_object_mut().expect("object").extend(m);
     }

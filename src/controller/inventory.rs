@@ -27,6 +27,15 @@ pub struct Assumed {
 /// How long an assumption may stay unconfirmed before it is dropped.
 pub const ASSUME_TTL: Duration = Duration::from_secs(60);
 
+/// How long ago a heartbeat Lease was renewed, and the duration it promised; None when it
+/// was never renewed.
+pub fn silence(lease: &Lease, now: Timestamp) -> Option<(Duration, Duration)> {
+    let spec = lease.spec.as_ref()?;
+    let renewed = spec.renew_time.as_ref()?.0;
+    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(0) as u64);
+    Some((now.duration_since(renewed).unsigned_abs(), duration))
+}
+
 pub struct Caches {
     pub vms: Store<VirtualMachine>,
     pub classes: Store<VirtualMachineClass>,
@@ -129,14 +138,9 @@ impl Caches {
                     .and_then(|l| l.get(HYPERVISOR_LABEL))
                     .map(String::as_str)
                     == Some("true");
-                let fresh = lease.and_then(|l| l.spec.clone()).is_some_and(|s| {
-                    let duration =
-                        Duration::from_secs(s.lease_duration_seconds.unwrap_or(15).max(0) as u64);
-                    s.renew_time.is_some_and(|t| {
-                        let age = now.duration_since(t.0).unsigned_abs();
-                        age <= duration + lease_grace
-                    })
-                });
+                let fresh = lease
+                    .and_then(|l| silence(&l, now))
+                    .is_some_and(|(age, duration)| age <= duration + lease_grace);
                 let ineligible = if !labelled {
                     Some(Reason::NotHypervisor)
                 } else if node

@@ -34,6 +34,7 @@ pub struct Metrics {
     latency: Family<ResultLabel, Histogram>,
     errors: Family<KindLabel, Counter>,
     leader: Gauge,
+    evictions: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -45,6 +46,7 @@ impl Default for Metrics {
             }),
             errors: Family::default(),
             leader: Gauge::default(),
+            evictions: Family::default(),
         }
     }
 }
@@ -62,6 +64,15 @@ impl Metrics {
         self.errors
             .get_or_create(&KindLabel {
                 kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn evicted(&self, moved: bool) {
+        let result = if moved { "moved" } else { "marked-unknown" };
+        self.evictions
+            .get_or_create(&ResultLabel {
+                result: result.into(),
             })
             .inc();
     }

@@ -4,6 +4,7 @@
 mod bind;
 pub mod inventory;
 mod metrics;
+mod nodeloss;
 pub mod scheduler;
 pub mod selector;
 
@@ -55,6 +56,13 @@ pub struct Args {
     /// node stops taking new VMs.
     #[arg(long, default_value = "5")]
     pub heartbeat_grace_seconds: u64,
+    /// The agents' --fence-after-seconds: a node is lost, and its VMs move, once its
+    /// heartbeat has been silent for lease duration + this + --loss-margin-seconds.
+    #[arg(long, default_value = "15")]
+    pub fence_after_seconds: u64,
+    /// Extra wait before a silent node counts as lost (clock skew, fencing time).
+    #[arg(long, default_value = "10")]
+    pub loss_margin_seconds: u64,
     /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
     #[arg(long, env = "VMLET_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -130,7 +138,12 @@ pub async fn run_until(
             }
         };
         tokio::select! {
-            res = controller(ctx, writers) => res,
+            res = controller(ctx.clone(), writers) => res,
+            _ = nodeloss::node_loss_loop(
+                ctx,
+                Duration::from_secs(args.fence_after_seconds),
+                Duration::from_secs(args.loss_margin_seconds),
+            ) => Ok(()),
             _ = lost => {
                 metrics.set_leader(false);
                 anyhow::bail!("lost leadership of lease {}/vmlet-controller", args.lease_namespace)

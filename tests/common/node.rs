@@ -1,4 +1,5 @@
-//! An in-process agent on its own `test:///default` connection: a simulated hypervisor.
+//! An in-process agent on its own instance of libvirt's test driver: a simulated
+//! hypervisor with 8 CPUs and 8 GiB.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -14,6 +15,8 @@ pub struct Node {
     pub lv: Libvirt,
     pub dir: tempfile::TempDir,
     image_root: PathBuf,
+    /// The agent's arguments; change them before `start_agent` to run it differently.
+    pub args: vmlet::agent::Args,
     agent: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -24,20 +27,57 @@ impl Node {
 
     /// A node whose agent confines hostPath images to `root` (default: a temporary dir).
     pub async fn with_image_root(prefix: &str, root: Option<PathBuf>) -> Self {
+        Self::build(prefix, root, |_| {}).await
+    }
+
+    /// A node whose agent runs with `customize` applied to its arguments.
+    pub async fn build(
+        prefix: &str,
+        root: Option<PathBuf>,
+        customize: impl FnOnce(&mut vmlet::agent::Args),
+    ) -> Self {
         vmlet::telemetry::init();
         let name = format!(
             "{prefix}-{}",
             std::process::id() as u64 * 1000 + rand_u16() as u64
         );
-        let lv = Libvirt::open("test:///default").await.expect("test driver");
+        // test:///default is one shared instance per process; a node file gives each
+        // simulated node a driver instance (and domains) of its own.
         let dir = tempfile::tempdir().unwrap();
+        let node_xml = dir.path().join("node.xml");
+        std::fs::write(
+            &node_xml,
+            "<node><cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets>\
+             <cores>8</cores><threads>1</threads><active>8</active><total>8</total></cpu>\
+             <memory>8388608</memory></node>",
+        )
+        .unwrap();
+        let uri = format!("test://{}", node_xml.display());
+        let lv = Libvirt::open(&uri).await.expect("test driver");
         let image_root = root.unwrap_or_else(|| dir.path().join("images"));
         std::fs::create_dir_all(&image_root).unwrap();
+        let mut args = vmlet::agent::Args {
+            node: name.clone(),
+            libvirt_uri: uri,
+            state_dir: dir.path().join("state"),
+            image_root: image_root.clone(),
+            accel: vmlet::agent::accel::AccelChoice::Tcg,
+            reserved_memory: "0".into(),
+            metrics_addr: "127.0.0.1:0".into(),
+            advertise_address: None,
+            orphan_grace_seconds: 2,
+            lease_duration_seconds: 15,
+            heartbeat_seconds: 5,
+            fence_after_seconds: 15,
+            kubeconfig: Some(super::kubeconfig_path()),
+        };
+        customize(&mut args);
         let mut n = Node {
             name,
             lv,
             dir,
             image_root,
+            args,
             agent: None,
         };
         n.start_agent();
@@ -53,18 +93,7 @@ impl Node {
     }
 
     pub fn start_agent(&mut self) {
-        let args = vmlet::agent::Args {
-            node: self.name.clone(),
-            libvirt_uri: "test:///default".into(),
-            state_dir: self.state_dir(),
-            image_root: self.image_root(),
-            accel: vmlet::agent::accel::AccelChoice::Tcg,
-            reserved_memory: "0".into(),
-            metrics_addr: "127.0.0.1:0".into(),
-            advertise_address: None,
-            orphan_grace_seconds: 2,
-            kubeconfig: Some(super::kubeconfig_path()),
-        };
+        let args = self.args.clone();
         let lv = self.lv.clone();
         self.agent = Some(tokio::spawn(vmlet::agent::run_with(
             args,

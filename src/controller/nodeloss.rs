@@ -1,0 +1,111 @@
+//! Node loss: a hypervisor whose heartbeat has been silent for longer than
+//! lease duration + the agents' fence delay + a margin has, by then, destroyed its domains
+//! (agents fence themselves when they cannot renew), so its VMs can run elsewhere without
+//! ever running twice. docs/reliability.md has the timing argument.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, ResourceExt};
+use serde_json::json;
+
+use super::inventory::silence;
+use super::{Context, FIELD_MANAGER};
+use crate::api::vm::{Phase, RunStrategy};
+use crate::api::{VirtualMachine, conditions};
+
+/// Nodes whose heartbeat has been silent longer than duration + `fence_after` + `margin`.
+pub fn lost_nodes(ctx: &Context, fence_after: Duration, margin: Duration) -> HashSet<String> {
+    let now = Timestamp::now();
+    ctx.caches
+        .leases
+        .state()
+        .iter()
+        .filter_map(|l| {
+            let node = l
+                .metadata
+                .name
+                .as_deref()?
+                .strip_prefix("vmlet-")?
+                .to_string();
+            let (age, duration) = silence(l, now)?;
+            (age > duration + fence_after + margin).then_some(node)
+        })
+        .collect()
+}
+
+/// Marks the VM Unknown on its lost node and, when its run strategy wants it running,
+/// unbinds it so that the scheduler places it elsewhere.
+async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, kube::Error> {
+    let old = vm.status.clone().unwrap_or_default();
+    let moves = matches!(
+        vm.spec.run_strategy.unwrap_or_default(),
+        RunStrategy::Always | RunStrategy::RerunOnFailure
+    );
+    let message = format!("node {node} stopped renewing its heartbeat; its domains are fenced");
+    let already = old.phase == Some(Phase::Unknown)
+        && conditions::find(&old.conditions, "NodeHealthy").is_some_and(|c| c.status == "False");
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    if !already {
+        let cond = conditions::new(
+            &old.conditions,
+            "NodeHealthy",
+            false,
+            "NodeLost",
+            message,
+            vm.metadata.generation,
+            Time(Timestamp::now()),
+        );
+        let patch = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine",
+                           "status": {"phase": "Unknown", "conditions": [cond]}});
+        api.patch_status(
+            &vm.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    if !moves {
+        return Ok(false);
+    }
+    // Unbind with optimistic concurrency; the scheduler then picks a healthy node.
+    let unbind = json!({"metadata": {"resourceVersion": vm.resource_version()}, "status": {"nodeName": null}});
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    api.patch_status(&vm.name_any(), &pp, &Patch::Merge(&unbind))
+        .await?;
+    Ok(true)
+}
+
+pub async fn node_loss_loop(ctx: Arc<Context>, fence_after: Duration, margin: Duration) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let lost = lost_nodes(&ctx, fence_after, margin);
+        if lost.is_empty() {
+            continue;
+        }
+        for vm in ctx.caches.vms.state() {
+            let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) else {
+                continue;
+            };
+            if !lost.contains(&node) || vm.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            match evict(&ctx, &vm, &node).await {
+                Ok(moved) => {
+                    ctx.metrics.evicted(moved);
+                    tracing::warn!(vm = %format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any()), %node, moved, "node lost");
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm.name_any(), error = %e, "node-loss eviction failed")
+                }
+            }
+        }
+    }
+}

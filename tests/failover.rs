@@ -1,0 +1,252 @@
+//! Node loss with self-fencing. Agent A reaches the API server through a proxy the test
+//! breaks while A's VM runs: A fences itself (destroys its domain), the controller
+//! declares A lost only after that, and the VM runs on B. Sampled every 50 ms: never two
+//! running domains for one uid. When the proxy heals, A removes its stale definition.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams};
+use serde_json::json;
+use vmlet::agent::libvirt::RunState;
+use vmlet::api::VirtualMachine;
+
+use common::node::*;
+
+/// A TCP proxy to the API server that can be cut (open connections dropped, new ones
+/// refused) and healed.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (c, k) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let target = target.clone();
+                let h = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                k.lock().unwrap().push(h);
+            }
+        });
+        Proxy { port, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A kubeconfig like the admin one, but through the proxy.
+fn proxied_kubeconfig(dir: &std::path::Path, port: u16) -> (std::path::PathBuf, String) {
+    let text = std::fs::read_to_string(common::kubeconfig_path()).unwrap();
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .unwrap()
+        .to_string();
+    let target = server.trim_start_matches("https://").to_string();
+    let path = dir.join("agent-a.kubeconfig");
+    std::fs::write(
+        &path,
+        text.replace(&server, &format!("https://127.0.0.1:{port}")),
+    )
+    .unwrap();
+    (path, target)
+}
+
+fn fast(a: &mut vmlet::agent::Args) {
+    a.lease_duration_seconds = 4;
+    a.heartbeat_seconds = 1;
+    a.fence_after_seconds = 4;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_node_fences_before_its_vm_moves() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "failover").await;
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    let dir = tempfile::tempdir().unwrap();
+
+    // Start the proxy on a placeholder target first to learn its port.
+    let text = std::fs::read_to_string(common::kubeconfig_path()).unwrap();
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .unwrap()
+        .to_string();
+    let proxy = Proxy::start(server.trim_start_matches("https://").to_string()).await;
+    let (kubeconfig, _) = proxied_kubeconfig(dir.path(), proxy.port);
+
+    let a = Node::build("fo-a", None, |args| {
+        fast(args);
+        args.kubeconfig = Some(kubeconfig.clone());
+    })
+    .await;
+    let b = Node::build("fo-b", None, fast).await;
+    a.register(&[("vmlet.dev/failover-test", &ns)]).await;
+
+    let controller = tokio::spawn(vmlet::controller::run_until(
+        vmlet::controller::Args {
+            strategy: vmlet::controller::scheduler::Strategy::Spread,
+            cpu_weight: 1.0,
+            memory_weight: 1.0,
+            metrics_addr: "127.0.0.1:0".into(),
+            lease_namespace: ns.clone(),
+            identity: Some("failover".into()),
+            lease_duration_seconds: 10,
+            heartbeat_grace_seconds: 2,
+            fence_after_seconds: 4,
+            loss_margin_seconds: 3,
+            kubeconfig: Some(common::kubeconfig_path()),
+        },
+        std::future::pending(),
+    ));
+
+    // The VM lands on A (B is not a hypervisor yet), then B joins.
+    let spec = json!({"memory": "32Mi", "runStrategy": "Always", "nodeSelector": {"vmlet.dev/failover-test": ns}});
+    let vm = VirtualMachine::new("ha", serde_json::from_value(spec).unwrap());
+    let uid = api
+        .create(&Default::default(), &vm)
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let on_a = wait_phase(&api, "ha", "Running", 30).await;
+    assert_eq!(
+        on_a.status.unwrap().node_name.as_deref(),
+        Some(a.name.as_str())
+    );
+    b.register(&[("vmlet.dev/failover-test", &ns)]).await;
+
+    // Watch both nodes' domains and the binding every 50 ms.
+    let both_running = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (lv_a, lv_b) = (a.lv.clone(), b.lv.clone());
+    let sampler = {
+        let (both, stop, uid, api, b_name) = (
+            both_running.clone(),
+            stop.clone(),
+            uid.clone(),
+            api.clone(),
+            b.name.clone(),
+        );
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let (mut fenced_at, mut moved_at) = (None, None);
+            while !stop.load(Ordering::SeqCst) {
+                let ra = matches!(
+                    lv_a.lookup(&uid).await.ok().flatten().map(|d| d.state),
+                    Some(RunState::Running)
+                );
+                let rb = matches!(
+                    lv_b.lookup(&uid).await.ok().flatten().map(|d| d.state),
+                    Some(RunState::Running)
+                );
+                if ra && rb {
+                    both.store(true, Ordering::SeqCst);
+                }
+                if !ra && fenced_at.is_none() {
+                    fenced_at = Some(t0.elapsed());
+                }
+                let node = api.get("ha").await.ok().and_then(|v| v.status?.node_name);
+                if node.as_deref() == Some(b_name.as_str()) && moved_at.is_none() {
+                    moved_at = Some(t0.elapsed());
+                    assert!(!ra, "bound to B while A's domain still runs");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (fenced_at, moved_at)
+        })
+    };
+
+    let t_cut = Instant::now();
+    proxy.cut();
+    let on_b = common::wait_for(Duration::from_secs(60), || async {
+        let v = api.get("ha").await.ok()?;
+        let s = v.status?;
+        (s.node_name.as_deref() == Some(b.name.as_str())
+            && s.phase == Some(vmlet::api::vm::Phase::Running))
+        .then_some(())
+    })
+    .await;
+    let running_on_b = t_cut.elapsed();
+    assert!(
+        on_b.is_some(),
+        "the VM never ran on B: {:?}",
+        api.get("ha").await.unwrap().status
+    );
+    assert_eq!(b.domains_for(&uid).await, 1);
+
+    // A comes back with a stale cache for a moment: it must not start its copy, and it
+    // removes the stale definition. The sampler keeps watching throughout.
+    proxy.heal();
+    let cleaned = common::wait_for(Duration::from_secs(30), || async {
+        (a.domains_for(&uid).await == 0).then_some(())
+    })
+    .await;
+    assert!(cleaned.is_some(), "A kept its stale domain");
+    stop.store(true, Ordering::SeqCst);
+    let (fenced_at, moved_at) = sampler
+        .await
+        .expect("sampler: bound to B while A still ran");
+    assert!(
+        !both_running.load(Ordering::SeqCst),
+        "two running domains for one uid"
+    );
+    let (fenced_at, moved_at) = (
+        fenced_at.expect("A never fenced"),
+        moved_at.expect("never rebound"),
+    );
+    assert!(
+        fenced_at < moved_at,
+        "moved at {moved_at:?} before A fenced at {fenced_at:?}"
+    );
+    println!(
+        "cut -> A fenced {:.1} s, -> rebound to B {:.1} s, -> Running on B {:.1} s",
+        fenced_at.as_secs_f64(),
+        moved_at.as_secs_f64(),
+        running_on_b.as_secs_f64()
+    );
+
+    // No finalizer stuck: the VM deletes cleanly from B.
+    api.delete("ha", &DeleteParams::default()).await.unwrap();
+    let gone = common::wait_for(Duration::from_secs(30), || async {
+        api.get_opt("ha").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "finalizer stuck");
+    assert_eq!(b.domains_for(&uid).await, 0);
+    controller.abort();
+    common::delete_namespace(&client, &ns).await;
+    a.forget().await;
+    b.forget().await;
+}
