@@ -73,55 +73,15 @@ fn virsh(args: &[&str]) -> std::process::Output {
 // Multi-threaded: the test blocks on kubectl while the in-process agent serves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_guest_boots_to_userspace_and_is_cleaned_up() {
-    let client = common::client().await;
-    common::ensure_crds(&client).await;
-    let lv = Libvirt::open("qemu:///system")
-        .await
-        .expect("libvirtd (hack/libvirt.sh up)");
-    let (kernel, initrd) = guest_files();
-    let (kurl, ksha) = serve_file(&kernel).await;
-    let (iurl, isha) = serve_file(&initrd).await;
-
-    let ns = common::namespace(&client, "e2e").await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(dir.path().join("images")).unwrap();
-    let node = format!("e2e-{}", std::process::id());
-    let args = vmlet::agent::Args {
-        node: node.clone(),
-        libvirt_uri: "qemu:///system".into(),
-        state_dir: state.clone(),
-        image_root: dir.path().join("images"),
-        accel: vmlet::agent::accel::AccelChoice::Auto,
-        reserved_memory: "0".into(),
-        metrics_addr: "127.0.0.1:19464".into(),
-        advertise_address: None,
-        orphan_grace_seconds: 30,
-        lease_duration_seconds: 15,
-        heartbeat_seconds: 5,
-        fence_after_seconds: 15,
-        kubeconfig: Some(common::kubeconfig_path()),
-    };
-    let agent = tokio::spawn(vmlet::agent::run_with(
-        args,
-        lv.clone(),
-        std::future::pending(),
-    ));
-
-    let images: Api<VirtualMachineImage> = Api::namespaced(client.clone(), &ns);
-    for (name, fmt, url, sha) in [
-        ("tiny-kernel", "kernel", &kurl, &ksha),
-        ("tiny-initrd", "initrd", &iurl, &isha),
-    ] {
-        let spec = json!({"format": fmt, "source": {"http": {"url": url, "sha256": sha}}});
-        images
-            .create(
-                &PostParams::default(),
-                &VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap()),
-            )
-            .await
-            .unwrap();
-    }
+    let Setup {
+        client,
+        lv,
+        ns,
+        dir,
+        state,
+        node,
+        agent,
+    } = setup("e2e", "127.0.0.1:19464").await;
     let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
     let spec = json!({
         "runStrategy": "Once",
@@ -290,6 +250,172 @@ fn strip_disks(xml: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// One node on the real libvirtd: an in-process agent, and the tiny guest's kernel and
+/// initramfs served over HTTP as sha256-checked VirtualMachineImages in a fresh namespace.
+struct Setup {
+    client: kube::Client,
+    lv: Libvirt,
+    ns: String,
+    dir: tempfile::TempDir,
+    state: PathBuf,
+    node: String,
+    agent: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let lv = Libvirt::open("qemu:///system")
+        .await
+        .expect("libvirtd (hack/libvirt.sh up)");
+    let (kernel, initrd) = guest_files();
+    let (kurl, ksha) = serve_file(&kernel).await;
+    let (iurl, isha) = serve_file(&initrd).await;
+    let ns = common::namespace(&client, prefix).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(dir.path().join("images")).unwrap();
+    let node = format!("{prefix}-{}", std::process::id());
+    let args = vmlet::agent::Args {
+        node: node.clone(),
+        libvirt_uri: "qemu:///system".into(),
+        state_dir: state.clone(),
+        image_root: dir.path().join("images"),
+        accel: vmlet::agent::accel::AccelChoice::Auto,
+        reserved_memory: "0".into(),
+        metrics_addr: metrics_addr.into(),
+        advertise_address: None,
+        orphan_grace_seconds: 30,
+        lease_duration_seconds: 15,
+        heartbeat_seconds: 5,
+        fence_after_seconds: 15,
+        kubeconfig: Some(common::kubeconfig_path()),
+    };
+    let agent = tokio::spawn(vmlet::agent::run_with(
+        args,
+        lv.clone(),
+        std::future::pending(),
+    ));
+    let images: Api<VirtualMachineImage> = Api::namespaced(client.clone(), &ns);
+    for (name, fmt, url, sha) in [
+        ("tiny-kernel", "kernel", &kurl, &ksha),
+        ("tiny-initrd", "initrd", &iurl, &isha),
+    ] {
+        let spec = json!({"format": fmt, "source": {"http": {"url": url, "sha256": sha}}});
+        let img = VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap());
+        images.create(&PostParams::default(), &img).await.unwrap();
+    }
+    Setup {
+        client,
+        lv,
+        ns,
+        dir,
+        state,
+        node,
+        agent,
+    }
+}
+
+async fn bind(api: &Api<VirtualMachine>, name: &str, node: &str) {
+    let patch = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": node}});
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::apply("vmlet-test-scheduler"),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await
+    .unwrap();
+}
+
+/// QEMU killed under a Running VM with runStrategy Always: restarted, each time after a
+/// longer backoff (1 s, then 2 s), visible as CrashLoopBackOff and in restartCount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_qemu_is_restarted_with_backoff() {
+    let Setup {
+        client,
+        ns,
+        state,
+        node,
+        agent,
+        ..
+    } = setup("e2e-kill", "127.0.0.1:0").await;
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    let spec = json!({
+        "runStrategy": "Always",
+        "memory": "128Mi",
+        "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"}, "cmdline": "console=ttyS0 panic=-1"},
+    });
+    let vm = api
+        .create(
+            &PostParams::default(),
+            &VirtualMachine::new("crashy", serde_json::from_value(spec).unwrap()),
+        )
+        .await
+        .unwrap();
+    let uid = vm.metadata.uid.unwrap();
+    let _guard = DomainGuard(vec![uid.clone()]);
+    bind(&api, "crashy", &node).await;
+    let console = state.join("vms").join(&uid).join("console.log");
+    let domain = format!("vmlet_{ns}_crashy");
+    for (restarts_seen, min_backoff) in [(0, Duration::from_secs(1)), (1, Duration::from_secs(2))] {
+        let round = restarts_seen + 1;
+        let running = common::wait_for(Duration::from_secs(60), || async {
+            let s = api.get("crashy").await.ok()?.status?;
+            (s.phase == Some(vmlet::api::vm::Phase::Running)
+                && s.restart_count.unwrap_or(0) >= restarts_seen)
+                .then_some(())
+        })
+        .await;
+        assert!(running.is_some(), "round {round}: not Running");
+        assert!(wait_console(&console, "vmlet-guest-up", 60).await);
+        let pid: i32 = std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let killed = Instant::now();
+        assert!(
+            Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let backoff = common::wait_for(Duration::from_secs(10), || async {
+            let s = api.get("crashy").await.ok()?.status?;
+            let c = vmlet::api::conditions::find(&s.conditions, "Ready")?.clone();
+            (c.reason == "CrashLoopBackOff").then_some(c.message)
+        })
+        .await;
+        assert!(backoff.is_some(), "round {round}: no CrashLoopBackOff");
+        let message = backoff.clone().unwrap();
+        assert!(
+            message.contains(&format!("({round} in a row)")),
+            "round {round}: {message}"
+        );
+        let restarted = common::wait_for(Duration::from_secs(60), || async {
+            let s = api.get("crashy").await.ok()?.status?;
+            (s.restart_count.unwrap_or(0) > restarts_seen).then(|| killed.elapsed())
+        })
+        .await
+        .expect("not restarted");
+        println!(
+            "round {round}: QEMU killed -> restarted after {:.1} s ({})",
+            restarted.as_secs_f64(),
+            backoff.unwrap()
+        );
+        assert!(
+            restarted >= min_backoff,
+            "round {round}: restarted after {restarted:?}, backoff {min_backoff:?}"
+        );
+    }
+    common::delete_vms_and_namespace(&client, &ns).await;
+    agent.abort();
+    let _ = Api::<vmlet::api::Hypervisor>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await;
 }
 
 /// Removes the test's domains from the shared libvirtd even when the test fails.

@@ -62,7 +62,13 @@ pub struct VmRuntime {
     pub next_restart: Option<Instant>,
     /// Failures in a row, for the exponential backoff.
     pub failures: u32,
+    /// When this agent last started the domain.
+    pub started_at: Option<Instant>,
 }
+
+/// A domain that has run this long since its last start is healthy again: the next
+/// failure's backoff starts over from 1 s.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// Restart delay after `failures` failures in a row: 1 s doubling up to 5 minutes.
 pub fn backoff(failures: u32) -> Duration {
@@ -332,6 +338,7 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
                     .is_some();
                 started_now = true;
                 rt.next_restart = None;
+                rt.started_at = Some(Instant::now());
                 rt.stopped_by_us = false;
                 rt.shutdown_since = None;
                 existing = ctx.lv.lookup(&uid).await?;
@@ -359,12 +366,16 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
             Some(_) => requeue = Duration::from_secs(1),
         }
     } else if want && running {
-        // Healthy and running: the restart that follows any later failure starts from 1 s.
-        if rt.failures > 0 && matches!(state, Some(RunState::Running)) {
+        let stable = rt.started_at.is_none_or(|t| t.elapsed() >= STABLE_AFTER);
+        if rt.failures > 0 && stable && matches!(state, Some(RunState::Running)) {
             rt.failures = 0;
+        } else if rt.failures > 0 && !stable {
+            // Come back when it has proven stable.
+            requeue = requeue.min(STABLE_AFTER);
         }
     }
     let stopped_by_us = rt.stopped_by_us;
+    let rt_failures = rt.failures;
     drop(runtimes);
 
     let final_state = existing.as_ref().map(|d| d.state);
@@ -390,6 +401,7 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
         stopped_by_us,
         restart_required,
         backing_off,
+        failures: rt_failures,
         restarted,
         started_now,
         addresses,

@@ -44,6 +44,8 @@ pub struct Observed {
     pub stopped_by_us: bool,
     pub restart_required: bool,
     pub backing_off: Option<Duration>,
+    /// Failures in a row (for the backoff message).
+    pub failures: u32,
     pub restarted: bool,
     pub started_now: bool,
     pub addresses: Vec<(String, String)>,
@@ -129,8 +131,9 @@ fn desired(
         (None, Phase::Failed, _) if o.backing_off.is_some() => (
             "CrashLoopBackOff".into(),
             format!(
-                "the domain stopped unexpectedly; restarting in {} s",
-                o.backing_off.unwrap_or_default().as_secs().max(1)
+                "the domain stopped unexpectedly ({} in a row); restarting in {:.1} s",
+                o.failures,
+                o.backing_off.unwrap_or_default().as_secs_f64()
             ),
         ),
         (None, Phase::Failed, _) => ("Failed".into(), "the domain stopped unexpectedly".into()),
