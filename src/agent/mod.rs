@@ -72,8 +72,9 @@ pub struct Args {
     pub heartbeat_seconds: u64,
     /// Self-fencing: after this many seconds without a successful renewal the agent
     /// destroys its domains (it may be cut off, and the controller will restart them
-    /// elsewhere). 0 disables fencing.
-    #[arg(long, default_value = "15")]
+    /// elsewhere). Longer than API server outages you want VMs to ride out. 0 disables
+    /// fencing.
+    #[arg(long, default_value = "60")]
     pub fence_after_seconds: u64,
     /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
     #[arg(long, env = "VMLET_KUBECONFIG")]

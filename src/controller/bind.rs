@@ -87,15 +87,22 @@ async fn set_scheduled(
         ));
     }
     let mut status = json!({"conditions": conds});
+    // Server-side apply drops fields a manager stops sending: a binding this controller
+    // made must be sent again, or the write would unbind the VM.
+    if let Some(node) = &old.node_name {
+        status["nodeName"] = json!(node);
+    }
     if let serde_json::Value::Object(m) = extra {
         status.as_object_mut().expect("object").extend(m);
     }
-    let mut patch =
-        json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": status});
-    if status_binds(&patch) {
-        // Optimistic concurrency: the bind fails if the VM changed since we read it.
-        patch["metadata"] = json!({"resourceVersion": vm.resource_version()});
-    }
+    // Optimistic concurrency on every write: one decided on a stale view fails with 409
+    // and is retried on fresh data.
+    let patch = json!({
+        "apiVersion": "vmlet.dev/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"resourceVersion": vm.resource_version()},
+        "status": status,
+    });
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
     api.patch_status(
@@ -107,16 +114,16 @@ async fn set_scheduled(
     Ok(())
 }
 
-fn status_binds(patch: &serde_json::Value) -> bool {
-    patch["status"].get("nodeName").is_some()
-}
-
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     if vm.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     if let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) {
-        // Bound (by us, or by someone else): make sure the condition says so.
+        // Bound (by us, or by someone else): the cache has caught up with any assumption,
+        // and the condition should say so.
+        if let Some(uid) = vm.uid() {
+            ctx.assumed.lock().await.remove(&uid);
+        }
         set_scheduled(
             &vm,
             &ctx,
@@ -162,6 +169,11 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     };
     let started = Instant::now();
     let uid = vm.uid().unwrap_or_default();
+    if ctx.assumed.lock().await.contains_key(&uid) {
+        // A binding of this VM is in flight (or done, and the cache has not caught up):
+        // deciding again would count the VM twice.
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
     let req = request(&vm, requests);
     let decision = {
         let mut assumed = ctx.assumed.lock().await;

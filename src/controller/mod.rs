@@ -58,7 +58,7 @@ pub struct Args {
     pub heartbeat_grace_seconds: u64,
     /// The agents' --fence-after-seconds: a node is lost, and its VMs move, once its
     /// heartbeat has been silent for lease duration + this + --loss-margin-seconds.
-    #[arg(long, default_value = "15")]
+    #[arg(long, default_value = "60")]
     pub fence_after_seconds: u64,
     /// Extra wait before a silent node counts as lost (clock skew, fencing time).
     #[arg(long, default_value = "10")]
@@ -115,7 +115,9 @@ pub async fn run_until(
         .with_identity(&identity)
         .with_duration(args.lease_duration_seconds)
         .with_grace(2)
-        .with_field_manager(FIELD_MANAGER)
+        // One field manager per replica: server-side apply conflicts between them are what
+        // keeps two replicas from both taking the lease.
+        .with_field_manager(format!("{FIELD_MANAGER}-{identity}"))
         .build()
         .await?;
     let (mut leader, lease_task) = manager.watch().await;

@@ -50,6 +50,7 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
         && conditions::find(&old.conditions, "NodeHealthy").is_some_and(|c| c.status == "False");
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let mut resource_version = vm.resource_version();
     if !already {
         let cond = conditions::new(
             &old.conditions,
@@ -60,20 +61,25 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
             vm.metadata.generation,
             Time(Timestamp::now()),
         );
+        // nodeName is sent again: an apply that left it out would drop the binding.
         let patch = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine",
-                           "status": {"phase": "Unknown", "conditions": [cond]}});
-        api.patch_status(
-            &vm.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+                           "metadata": {"resourceVersion": vm.resource_version()},
+                           "status": {"phase": "Unknown", "nodeName": node, "conditions": [cond]}});
+        let marked = api
+            .patch_status(
+                &vm.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        resource_version = marked.resource_version();
     }
     if !moves {
         return Ok(false);
     }
     // Unbind with optimistic concurrency; the scheduler then picks a healthy node.
-    let unbind = json!({"metadata": {"resourceVersion": vm.resource_version()}, "status": {"nodeName": null}});
+    let unbind =
+        json!({"metadata": {"resourceVersion": resource_version}, "status": {"nodeName": null}});
     let pp = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
@@ -83,11 +89,47 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
     Ok(true)
 }
 
+/// Above this share of silent hypervisors the problem is more likely the control plane
+/// (or this controller's view of it) than the nodes: nothing is moved, as the Kubernetes
+/// node lifecycle controller does in "full disruption" (its unhealthy-zone threshold).
+const MASS_SILENCE: f64 = 0.55;
+
 pub async fn node_loss_loop(ctx: Arc<Context>, fence_after: Duration, margin: Duration) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let lost = lost_nodes(&ctx, fence_after, margin);
         if lost.is_empty() {
+            continue;
+        }
+        // Hypervisors: labelled Nodes whose agent has a heartbeat Lease.
+        let total = ctx
+            .caches
+            .nodes
+            .state()
+            .iter()
+            .filter(|n| {
+                n.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(crate::api::HYPERVISOR_LABEL))
+                    .map(String::as_str)
+                    == Some("true")
+            })
+            .filter_map(|n| n.metadata.name.clone())
+            .filter(|n| {
+                ctx.caches
+                    .leases
+                    .state()
+                    .iter()
+                    .any(|l| l.metadata.name.as_deref() == Some(&format!("vmlet-{n}")))
+            })
+            .count();
+        if total > 2 && lost.len() as f64 > MASS_SILENCE * total as f64 {
+            tracing::error!(
+                lost = lost.len(),
+                total,
+                "most hypervisors are silent: not moving VMs (control-plane trouble?)"
+            );
             continue;
         }
         for vm in ctx.caches.vms.state() {
