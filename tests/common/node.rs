@@ -68,7 +68,7 @@ impl Node {
             orphan_grace_seconds: 2,
             lease_duration_seconds: 15,
             heartbeat_seconds: 5,
-            fence_after_seconds: 15,
+            fence_after_seconds: 60,
             kubeconfig: Some(super::kubeconfig_path()),
         };
         customize(&mut args);
