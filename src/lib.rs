@@ -7,5 +7,6 @@ pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod http;
+pub mod kubeconfig;
 pub mod kubectl;
 pub mod telemetry;

@@ -45,17 +45,8 @@ async fn agent_and_controller_survive_a_30s_apiserver_outage() {
     node.register(&[("vmlet.dev/test-run", &ns)]).await;
     let controller = tokio::spawn(vmlet::controller::run_until(
         vmlet::controller::Args {
-            strategy: vmlet::controller::scheduler::Strategy::Spread,
-            cpu_weight: 1.0,
-            memory_weight: 1.0,
-            metrics_addr: "127.0.0.1:0".into(),
-            lease_namespace: ns.clone(),
-            identity: Some("outage".into()),
-            lease_duration_seconds: 10,
             heartbeat_grace_seconds: 2,
-            fence_after_seconds: 60,
-            loss_margin_seconds: 10,
-            kubeconfig: Some(common::kubeconfig_path()),
+            ..common::controller_args("outage", &ns)
         },
         std::future::pending(),
     ));

@@ -13,22 +13,6 @@ use vmlet::api::{Hypervisor, VirtualMachine, conditions};
 
 use common::node::*;
 
-fn controller_args(identity: &str, lease_namespace: &str) -> vmlet::controller::Args {
-    vmlet::controller::Args {
-        strategy: vmlet::controller::scheduler::Strategy::Spread,
-        cpu_weight: 1.0,
-        memory_weight: 1.0,
-        metrics_addr: "127.0.0.1:0".into(),
-        lease_namespace: lease_namespace.into(),
-        identity: Some(identity.into()),
-        lease_duration_seconds: 10,
-        heartbeat_grace_seconds: 5,
-        fence_after_seconds: 15,
-        loss_margin_seconds: 10,
-        kubeconfig: Some(common::kubeconfig_path()),
-    }
-}
-
 async fn node_of(api: &Api<VirtualMachine>, name: &str) -> String {
     let vm = wait_phase(api, name, "Running", 60).await;
     vm.status.unwrap().node_name.unwrap()
@@ -79,11 +63,11 @@ async fn placement_and_leader_failover() {
     }
 
     let c1 = tokio::spawn(vmlet::controller::run_until(
-        controller_args("replica-1", &ns),
+        common::controller_args("replica-1", &ns),
         std::future::pending(),
     ));
     let c2 = tokio::spawn(vmlet::controller::run_until(
-        controller_args("replica-2", &ns),
+        common::controller_args("replica-2", &ns),
         std::future::pending(),
     ));
     let mut replicas = [

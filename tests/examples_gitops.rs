@@ -94,19 +94,7 @@ async fn examples_run_and_reapplying_changes_nothing() {
     b.register(&[("topology.kubernetes.io/zone", "zone-b")])
         .await;
     let controller = tokio::spawn(vmlet::controller::run_until(
-        vmlet::controller::Args {
-            strategy: vmlet::controller::scheduler::Strategy::Spread,
-            cpu_weight: 1.0,
-            memory_weight: 1.0,
-            metrics_addr: "127.0.0.1:0".into(),
-            lease_namespace: ns.clone(),
-            identity: Some("examples".into()),
-            lease_duration_seconds: 10,
-            heartbeat_grace_seconds: 5,
-            fence_after_seconds: 15,
-            loss_margin_seconds: 10,
-            kubeconfig: Some(common::kubeconfig_path()),
-        },
+        common::controller_args("examples", &ns),
         std::future::pending(),
     ));
 

@@ -115,17 +115,10 @@ async fn cut_off_node_fences_before_its_vm_moves() {
 
     let controller = tokio::spawn(vmlet::controller::run_until(
         vmlet::controller::Args {
-            strategy: vmlet::controller::scheduler::Strategy::Spread,
-            cpu_weight: 1.0,
-            memory_weight: 1.0,
-            metrics_addr: "127.0.0.1:0".into(),
-            lease_namespace: ns.clone(),
-            identity: Some("failover".into()),
-            lease_duration_seconds: 10,
             heartbeat_grace_seconds: 2,
             fence_after_seconds: 4,
             loss_margin_seconds: 3,
-            kubeconfig: Some(common::kubeconfig_path()),
+            ..common::controller_args("failover", &ns)
         },
         std::future::pending(),
     ));

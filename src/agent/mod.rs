@@ -99,17 +99,6 @@ pub struct Context {
     pub agent_url: Option<String>,
 }
 
-pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::infer().await?,
-    };
-    Ok(Client::try_from(config)?)
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let lv = libvirt::Libvirt::open(&args.libvirt_uri).await?;
     run_with(args, lv, shutdown_signal()).await
@@ -122,7 +111,7 @@ pub async fn run_with(
     lv: libvirt::Libvirt,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    let client = client(args.kubeconfig.as_ref()).await?;
+    let client = crate::kubeconfig::client(args.kubeconfig.as_ref()).await?;
     std::fs::create_dir_all(&args.state_dir)?;
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
     let bound = listener.local_addr()?;
