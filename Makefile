@@ -46,6 +46,10 @@ demo: cluster-up libvirt-up
 demo-down:
 	hack/demo.sh down
 
+## bench: benchmarks; writes docs/benchmarks.md
+bench:
+	hack/bench.sh
+
 clean:
 	hack/cluster.sh down || true
 	rm -rf .cache/cluster target
