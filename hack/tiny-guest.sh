@@ -8,6 +8,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${1:-$ROOT/.cache/guest}
 CACHE=${VMLET_GUEST_CACHE:-$HOME/.cache/vmlet/guest}
 mkdir -p "$OUT" "$CACHE"
+# Concurrent callers (parallel tests) take turns; the cache is filled once.
+exec 9>"$CACHE/.lock"
+flock 9
 
 if [[ ! -f "$CACHE/vmlinuz" ]]; then
   work=$(mktemp -d)
@@ -23,7 +26,10 @@ if [[ ! -f "$CACHE/vmlinuz" ]]; then
   mv "$CACHE/vmlinuz.tmp" "$CACHE/vmlinuz"
 fi
 
-if [[ ! -f "$CACHE/initrd.gz" || "$0" -nt "$CACHE/initrd.gz" ]]; then
+# Rebuilt when this script (which holds the init program) changes, by content: a fresh
+# clone's new file times must not force a rebuild.
+stamp=$(sha256sum "$0" | cut -c1-16)
+if [[ ! -f "$CACHE/initrd.gz" || "$(cat "$CACHE/initrd.stamp" 2>/dev/null)" != "$stamp" ]]; then
   busybox=$(command -v busybox || echo /bin/busybox)
   [[ -x $busybox ]] || { echo "busybox-static is not installed: run hack/deps.sh" >&2; exit 1; }
   work=$(mktemp -d)
@@ -48,6 +54,11 @@ INIT
   (cd "$work" && find . | cpio -o -H newc 2>/dev/null | gzip -9 > "$CACHE/initrd.gz.tmp")
   rm -rf "$work"
   mv "$CACHE/initrd.gz.tmp" "$CACHE/initrd.gz"
+  echo "$stamp" > "$CACHE/initrd.stamp"
 fi
-cp -f "$CACHE/vmlinuz" "$CACHE/initrd.gz" "$OUT/"
+for f in vmlinuz initrd.gz; do
+  if ! cmp -s "$CACHE/$f" "$OUT/$f"; then
+    cp "$CACHE/$f" "$OUT/$f.tmp.$$" && mv "$OUT/$f.tmp.$$" "$OUT/$f"
+  fi
+done
 echo "$OUT"

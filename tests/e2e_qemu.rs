@@ -18,6 +18,9 @@ use vmlet::agent::libvirt::{Libvirt, RunState};
 use vmlet::api::{VirtualMachine, VirtualMachineImage};
 
 fn guest_files() -> (PathBuf, PathBuf) {
+    // Built once per test process, whatever runs in parallel.
+    static BUILT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = root.join(".cache/guest");
     let status = Command::new(root.join("hack/tiny-guest.sh"))
