@@ -37,7 +37,7 @@ lint:
 
 ## test: the whole suite, against the real local control plane and libvirt
 test: cluster-up libvirt-up lint
-	$(CARGO) test --all-targets -- --test-threads=4
+	$(CARGO) test --lib --bins --tests -- --test-threads=4
 
 ## demo: control plane + agent on local libvirt, boots the tiny guest and shows it Running
 demo: cluster-up libvirt-up

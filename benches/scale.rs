@@ -106,6 +106,39 @@ async fn main() -> anyhow::Result<()> {
             std::future::pending(),
         )));
     }
+    // The floor, measured before any vmlet component runs: the API writes one VM needs
+    // (create, bind, status), sequentially, by a bare client.
+    let mut floor = Vec::new();
+    for i in 0..20 {
+        let name = format!("floor-{i}");
+        let t = Instant::now();
+        let vm = VirtualMachine::new(&name, serde_json::from_value(json!({"memory": "512Mi"}))?);
+        let floor_api: Api<VirtualMachine> = Api::namespaced(client.clone(), &run);
+        floor_api.create(&PostParams::default(), &vm).await?;
+        let bind = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": "nowhere"}});
+        floor_api
+            .patch_status(
+                &name,
+                &PatchParams::apply("floor-scheduler"),
+                &Patch::Apply(&bind),
+            )
+            .await?;
+        let st = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"phase": "Running"}});
+        floor_api
+            .patch_status(
+                &name,
+                &PatchParams::apply("floor-agent"),
+                &Patch::Apply(&st),
+            )
+            .await?;
+        floor.push(t.elapsed().as_secs_f64());
+    }
+    floor.sort_by(f64::total_cmp);
+    let floor_api: Api<VirtualMachine> = Api::namespaced(client.clone(), &run);
+    floor_api
+        .delete_collection(&DeleteParams::default(), &Default::default())
+        .await?;
+
     let controller_args = vmlet::controller::Args {
         strategy: vmlet::controller::scheduler::Strategy::Spread,
         cpu_weight: 1.0,
@@ -236,34 +269,6 @@ async fn main() -> anyhow::Result<()> {
     }
     sched.sort_by(f64::total_cmp);
     run_lat.sort_by(f64::total_cmp);
-
-    // The floor: create, bind, status, sequentially, by a bare client.
-    let mut floor = Vec::new();
-    for i in 0..20 {
-        let name = format!("floor-{i}");
-        let t = Instant::now();
-        let vm = VirtualMachine::new(&name, serde_json::from_value(json!({"memory": "512Mi"}))?);
-        let floor_api: Api<VirtualMachine> = Api::namespaced(client.clone(), &run);
-        floor_api.create(&PostParams::default(), &vm).await?;
-        let bind = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": "nowhere"}});
-        floor_api
-            .patch_status(
-                &name,
-                &PatchParams::apply("floor-scheduler"),
-                &Patch::Apply(&bind),
-            )
-            .await?;
-        let st = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"phase": "Running"}});
-        floor_api
-            .patch_status(
-                &name,
-                &PatchParams::apply("floor-agent"),
-                &Patch::Apply(&st),
-            )
-            .await?;
-        floor.push(t.elapsed().as_secs_f64());
-    }
-    floor.sort_by(f64::total_cmp);
 
     println!("## Scale: {nodes} simulated hypervisors, a burst of {vms} VMs\n");
     println!(
