@@ -6,6 +6,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 OUT=docs/benchmarks.md
 scheduler=$(cargo bench -q --bench scheduler 2>/dev/null)
+# Scale needs the local control plane (make bench starts it).
+scale=$(VMLET_BENCH_NODES=${VMLET_BENCH_NODES:-100} VMLET_BENCH_VMS=${VMLET_BENCH_VMS:-1000} \
+  RUST_LOG=error cargo bench -q --bench scale 2>/dev/null)
 {
   echo "# Benchmarks"
   echo
@@ -20,6 +23,9 @@ scheduler=$(cargo bench -q --bench scheduler 2>/dev/null)
   echo "## Commands"
   echo
   echo "- \`cargo bench --bench scheduler\` (release build, pure scheduler code, fixed seeds)"
+  echo "- \`cargo bench --bench scale\` against \`hack/cluster.sh up\` (release build; VMLET_BENCH_NODES, VMLET_BENCH_VMS)"
+  echo
+  echo "$scale"
   echo
   echo "$scheduler"
 } > "$OUT"
