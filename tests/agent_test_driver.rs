@@ -224,18 +224,6 @@ async fn a_vm_bound_elsewhere_is_not_touched() {
     node.forget().await;
 }
 
-/// Serves `body` at http://127.0.0.1:PORT/ for the image tests.
-async fn serve_bytes(body: Vec<u8>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let body = vmlet::http::Bytes::from(body);
-    tokio::spawn(vmlet::http::serve(listener, move |_| {
-        let body = body.clone();
-        async move { Some(("application/octet-stream", body)) }
-    }));
-    format!("http://{addr}/image")
-}
-
 #[tokio::test]
 async fn bad_images_keep_the_vm_off_and_say_why() {
     let client = common::client().await;
@@ -245,7 +233,7 @@ async fn bad_images_keep_the_vm_off_and_say_why() {
     let images: Api<VirtualMachineImage> = Api::namespaced(client.clone(), &ns);
     let node = Node::new("bad").await;
 
-    let url = serve_bytes(b"not the kernel you are looking for".to_vec()).await;
+    let url = common::serve_bytes(b"not the kernel you are looking for".to_vec(), "image").await;
     let secret = node.dir.path().join("secret");
     std::fs::write(&secret, "host secret").unwrap();
     std::os::unix::fs::symlink(&secret, node.image_root().join("escape")).unwrap();

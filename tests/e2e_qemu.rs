@@ -7,13 +7,14 @@
 
 mod common;
 
+use common::{DomainGuard, serve_file, virsh};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use vmlet::agent::libvirt::{Libvirt, RunState};
 use vmlet::api::{VirtualMachine, VirtualMachineImage};
 
@@ -31,25 +32,6 @@ fn guest_files() -> (PathBuf, PathBuf) {
     (out.join("vmlinuz"), out.join("initrd.gz"))
 }
 
-async fn serve_file(path: &Path) -> (String, String) {
-    let bytes = std::fs::read(path).unwrap();
-    let sha = hex::encode(Sha256::digest(&bytes));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let body = vmlet::http::Bytes::from(bytes);
-    tokio::spawn(vmlet::http::serve(listener, move |_| {
-        let body = body.clone();
-        async move { Some(("application/octet-stream", body)) }
-    }));
-    (
-        format!(
-            "http://{addr}/{}",
-            path.file_name().unwrap().to_string_lossy()
-        ),
-        sha,
-    )
-}
-
 fn console_has(path: &Path, needle: &str) -> bool {
     std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).contains(needle))
@@ -62,15 +44,6 @@ async fn wait_console(path: &Path, needle: &str, secs: u64) -> bool {
     })
     .await
     .is_some()
-}
-
-fn virsh(args: &[&str]) -> std::process::Output {
-    Command::new("virsh")
-        .arg("-c")
-        .arg("qemu:///system")
-        .args(args)
-        .output()
-        .expect("virsh")
 }
 
 // Multi-threaded: the test blocks on kubectl while the in-process agent serves it.
@@ -419,18 +392,6 @@ async fn killed_qemu_is_restarted_with_backoff() {
     let _ = Api::<vmlet::api::Hypervisor>::all(client.clone())
         .delete(&node, &DeleteParams::default())
         .await;
-}
-
-/// Removes the test's domains from the shared libvirtd even when the test fails.
-struct DomainGuard(Vec<String>);
-
-impl Drop for DomainGuard {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            let _ = virsh(&["destroy", d]);
-            let _ = virsh(&["undefine", d]);
-        }
-    }
 }
 
 fn kubectl(args: &[&str]) -> std::process::Output {

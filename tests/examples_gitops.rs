@@ -28,17 +28,6 @@ fn kubectl(args: &[&str]) -> std::process::Output {
         .expect("kubectl (hack/cluster.sh build)")
 }
 
-async fn serve_bytes(body: Vec<u8>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let body = vmlet::http::Bytes::from(body);
-    tokio::spawn(vmlet::http::serve(listener, move |_| {
-        let body = body.clone();
-        async move { Some(("application/octet-stream", body)) }
-    }));
-    format!("http://{addr}/debian-12.qcow2")
-}
-
 /// The examples as one manifest. The cloud-init example names a cloud image by URL and
 /// checksum; here it is served from 127.0.0.1 (a small qcow2 made for the test), the one
 /// change made to the files.
@@ -53,7 +42,7 @@ async fn manifests(dir: &Path) -> String {
     assert!(out.status.success());
     let bytes = std::fs::read(&qcow).unwrap();
     let sha = hex::encode(Sha256::digest(&bytes));
-    let url = serve_bytes(bytes).await;
+    let url = common::serve_bytes(bytes, "debian-12.qcow2").await;
     let mut files: Vec<_> =
         std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"))
             .unwrap()

@@ -5,6 +5,10 @@
 
 mod common;
 
+fn virsh(args: &[&str]) -> String {
+    String::from_utf8_lossy(&common::virsh(args).stdout).into_owned()
+}
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +16,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use vmlet::api::{VirtualMachine, VirtualMachineImage};
 
 /// Children killed (SIGKILL) when dropped, whatever happens to the test.
@@ -43,29 +46,6 @@ fn vmlet(args: &[&str], log: &Path) -> Proc {
     )
 }
 
-fn virsh(args: &[&str]) -> String {
-    let out = Command::new("virsh")
-        .arg("-c")
-        .arg("qemu:///system")
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn serve(path: &Path) -> (String, String) {
-    let bytes = std::fs::read(path).unwrap();
-    let sha = hex::encode(Sha256::digest(&bytes));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let body = vmlet::http::Bytes::from(bytes);
-    tokio::spawn(vmlet::http::serve(listener, move |_| {
-        let body = body.clone();
-        async move { Some(("application/octet-stream", body)) }
-    }));
-    (format!("http://{addr}/f"), sha)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_agent_and_leader_recover() {
     let client = common::client().await;
@@ -82,7 +62,7 @@ async fn sigkilled_agent_and_leader_recover() {
     );
     let images: Api<VirtualMachineImage> = Api::namespaced(client.clone(), &ns);
     for (name, fmt, file) in [("k", "kernel", "vmlinuz"), ("i", "initrd", "initrd.gz")] {
-        let (url, sha) = serve(&dir.path().join("guest").join(file)).await;
+        let (url, sha) = common::serve_file(&dir.path().join("guest").join(file)).await;
         let spec = json!({"format": fmt, "source": {"http": {"url": url, "sha256": sha}}});
         images
             .create(
@@ -159,7 +139,7 @@ async fn sigkilled_agent_and_leader_recover() {
         .unwrap();
     let uid = vm.metadata.uid.unwrap();
     let domain = format!("vmlet_{ns}_first");
-    let _guard = Guard(vec![uid.clone()]);
+    let _guard = common::DomainGuard(vec![uid.clone()]);
 
     // SIGKILL the agent the moment the domain is defined, before it reports anything.
     let defined = common::wait_for(Duration::from_secs(60), || async {
@@ -260,15 +240,4 @@ async fn sigkilled_agent_and_leader_recover() {
     let _ = Api::<vmlet::api::Hypervisor>::all(client.clone())
         .delete(&node, &DeleteParams::default())
         .await;
-}
-
-struct Guard(Vec<String>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            virsh(&["destroy", d]);
-            virsh(&["undefine", d]);
-        }
-    }
 }

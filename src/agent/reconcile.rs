@@ -284,9 +284,11 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
     let mut started_now = false;
     let mut backing_off = None;
 
-    if existing.is_none() || (!running && defined_hash.as_deref() != Some(hash.as_str())) {
-        // New, or stopped with an outdated definition: (re)define; files first, so that a
-        // defined domain never points at a disk that does not exist.
+    // The VM's files: prepared before a (re)definition, so that a defined domain never
+    // points at a disk that does not exist, and before every start, so that the seed
+    // follows the spec at every boot; at most once per reconcile.
+    let mut prepared = false;
+    let prepare = || async {
         let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, &images)
             .map_err(|e| Error::Finalizer(e.to_string()))?;
         disks::prepare(
@@ -296,6 +298,12 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
             &vm.name_any(),
         )
         .await?;
+        Ok::<(), Error>(())
+    };
+    if existing.is_none() || (!running && defined_hash.as_deref() != Some(hash.as_str())) {
+        // New, or stopped with an outdated definition: (re)define.
+        prepare().await?;
+        prepared = true;
         ctx.lv.define(xml).await?;
         existing = ctx.lv.lookup(&uid).await?;
     }
@@ -313,16 +321,9 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
                 requeue = at - Instant::now();
             }
             _ => {
-                // The seed follows the spec at every boot.
-                let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, &images)
-                    .map_err(|e| Error::Finalizer(e.to_string()))?;
-                disks::prepare(
-                    &render::vm_dir(&ctx.facts.state_dir, &uid),
-                    &files,
-                    &uid,
-                    &vm.name_any(),
-                )
-                .await?;
+                if !prepared {
+                    prepare().await?;
+                }
                 // The cache may be stale (a watch that just came back after a cut): ask
                 // the API server whether the VM is still ours before running it.
                 if !still_bound_here(vm, ctx).await? {

@@ -164,3 +164,47 @@ pub fn controller_args(identity: &str, lease_namespace: &str) -> vmlet::controll
         kubeconfig: Some(kubeconfig_path()),
     }
 }
+
+/// Serves `body` over HTTP on 127.0.0.1 (any path) for as long as the test runs; returns
+/// the URL ending in `name`.
+pub async fn serve_bytes(body: Vec<u8>, name: &str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = vmlet::http::Bytes::from(body);
+    tokio::spawn(vmlet::http::serve(listener, move |_| {
+        let body = body.clone();
+        async move { Some(("application/octet-stream", body)) }
+    }));
+    format!("http://{addr}/{name}")
+}
+
+/// Serves a file; returns its URL and sha256.
+pub async fn serve_file(path: &std::path::Path) -> (String, String) {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap();
+    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    (serve_bytes(bytes, &name).await, sha)
+}
+
+/// `virsh -c qemu:///system ARGS`.
+pub fn virsh(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("virsh")
+        .arg("-c")
+        .arg("qemu:///system")
+        .args(args)
+        .output()
+        .expect("virsh")
+}
+
+/// Removes the named domains from the shared libvirtd even when the test fails.
+pub struct DomainGuard(pub Vec<String>);
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&["undefine", d]);
+        }
+    }
+}
