@@ -9,4 +9,5 @@ pub mod controller;
 pub mod http;
 pub mod kubeconfig;
 pub mod kubectl;
+pub mod shutdown;
 pub mod telemetry;

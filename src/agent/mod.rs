@@ -101,7 +101,7 @@ pub struct Context {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let lv = libvirt::Libvirt::open(&args.libvirt_uri).await?;
-    run_with(args, lv, shutdown_signal()).await
+    run_with(args, lv, crate::shutdown::signal()).await
 }
 
 /// Runs the agent on an open libvirt connection until `shutdown` completes. Dropping the
@@ -249,15 +249,6 @@ fn tokio_stream_from<T: Clone + Send + 'static>(
             }
         }
     })
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
 }
 
 /// OVMF, as Debian and Fedora install it.

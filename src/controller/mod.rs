@@ -81,7 +81,7 @@ pub struct Context {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    run_until(args, shutdown_signal()).await
+    run_until(args, crate::shutdown::signal()).await
 }
 
 /// Serves /healthz at once, waits to become leader, then schedules until `shutdown`
@@ -296,13 +296,4 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
         .for_each(|_| futures::future::ready(()))
         .await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
 }
