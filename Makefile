@@ -47,7 +47,7 @@ demo-down:
 	hack/demo.sh down
 
 ## bench: benchmarks; writes docs/benchmarks.md
-bench: cluster-up
+bench: cluster-up libvirt-up
 	hack/bench.sh
 
 clean:

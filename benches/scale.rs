@@ -19,44 +19,136 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use vmlet::api::VirtualMachine;
 
+mod common;
+
 /// When a VM was first seen Scheduled, and Running.
 type Seen = (Option<Instant>, Option<Instant>);
 
-fn kubeconfig() -> PathBuf {
-    std::env::var_os("KUBECONFIG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/cluster/kubeconfig")
+/// Latencies (sorted) and instants (seconds after the run's start) of one run's VMs.
+struct Lat {
+    scheduled: Vec<f64>,
+    running: Vec<f64>,
+    created_at: Vec<f64>,
+    running_at: Vec<f64>,
+}
+
+impl Lat {
+    fn collect(
+        applied: &Mutex<HashMap<String, Instant>>,
+        seen: &Mutex<HashMap<String, Seen>>,
+        prefix: &str,
+        t0: Instant,
+    ) -> Lat {
+        let applied = applied.lock().unwrap();
+        let seen = seen.lock().unwrap();
+        let mut l = Lat {
+            scheduled: vec![],
+            running: vec![],
+            created_at: vec![],
+            running_at: vec![],
+        };
+        for (name, a) in applied.iter().filter(|(n, _)| n.starts_with(prefix)) {
+            l.created_at.push(a.duration_since(t0).as_secs_f64());
+            let Some((s, r)) = seen.get(name) else {
+                continue;
+            };
+            if let Some(s) = s {
+                l.scheduled.push(s.duration_since(*a).as_secs_f64());
+            }
+            if let Some(r) = r {
+                l.running.push(r.duration_since(*a).as_secs_f64());
+                l.running_at.push(r.duration_since(t0).as_secs_f64());
+            }
+        }
+        l.scheduled.sort_by(f64::total_cmp);
+        l.running.sort_by(f64::total_cmp);
+        l
+    }
+}
+
+async fn create(
+    api: &Api<VirtualMachine>,
+    applied: &Mutex<HashMap<String, Instant>>,
+    name: String,
+) {
+    let vm = VirtualMachine::new(
+        &name,
+        serde_json::from_value(json!({"memory": "512Mi", "cpu": {"cores": 1}})).unwrap(),
+    );
+    applied.lock().unwrap().insert(name, Instant::now());
+    api.create(&PostParams::default(), &vm)
+        .await
+        .expect("create");
+}
+
+/// Waits until `n` VMs named `prefix*` are Running (10 minutes at most); the time since t0.
+async fn wait_running(
+    seen: &Mutex<HashMap<String, Seen>>,
+    prefix: &str,
+    n: usize,
+    t0: Instant,
+) -> Duration {
+    loop {
+        let running = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, (_, r))| k.starts_with(prefix) && r.is_some())
+            .count();
+        if running >= n {
+            return t0.elapsed();
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            eprintln!("only {running}/{n} {prefix}* Running after 600 s");
+            return t0.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The three writes one VM needs (create, bind, status) by a bare client, for `n` VMs
+/// with 32 in flight: each VM's latency (sorted) and VMs per second.
+async fn floor_burst(api: &Api<VirtualMachine>, n: usize) -> anyhow::Result<(Vec<f64>, f64)> {
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let t0 = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(32, |i| {
+            let (api, lat) = (api.clone(), lat.clone());
+            async move {
+                let name = format!("floorb-{i:05}");
+                let t = Instant::now();
+                let vm = VirtualMachine::new(
+                    &name,
+                    serde_json::from_value(json!({"memory": "512Mi"})).unwrap(),
+                );
+                api.create(&PostParams::default(), &vm).await.expect("create");
+                for (manager, status) in [
+                    ("floor-scheduler", json!({"nodeName": "nowhere"})),
+                    ("floor-agent", json!({"phase": "Running"})),
+                ] {
+                    let p = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": status});
+                    api.patch_status(&name, &PatchParams::apply(manager), &Patch::Apply(&p))
+                        .await
+                        .expect("status");
+                }
+                lat.lock().unwrap().push(t.elapsed().as_secs_f64());
+            }
         })
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+        .await;
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    let mut lat = std::mem::take(&mut *lat.lock().unwrap());
+    lat.sort_by(f64::total_cmp);
+    Ok((lat, rate))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let nodes = env_usize("VMLET_BENCH_NODES", 100);
-    let vms = env_usize("VMLET_BENCH_VMS", 1000);
-    let kc = kubeconfig();
+    let nodes = common::env_usize("VMLET_BENCH_NODES", 100);
+    let vms = common::env_usize("VMLET_BENCH_VMS", 1000);
+    let rate = common::env_usize("VMLET_BENCH_RATE", 50);
+    let kc = common::kubeconfig();
     let client = vmlet::kubeconfig::client(Some(&kc)).await?;
-    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-        Api::all(client.clone());
-    for (_, crd) in vmlet::api::crds() {
-        crds.patch(
-            &crd.metadata.name.clone().unwrap(),
-            &PatchParams::apply("vmlet-bench").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-    }
+    common::install_crds(&client).await?;
     let run = format!("bench{}", std::process::id());
     let ns_api: Api<Namespace> = Api::all(client.clone());
     ns_api
@@ -94,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
             reserved_memory: "0".into(),
             metrics_addr: "127.0.0.1:0".into(),
             advertise_address: None,
+            migration_uri: None,
             orphan_grace_seconds: 30,
             lease_duration_seconds: 15,
             heartbeat_seconds: 5,
@@ -135,9 +228,13 @@ async fn main() -> anyhow::Result<()> {
     }
     floor.sort_by(f64::total_cmp);
     let floor_api: Api<VirtualMachine> = Api::namespaced(client.clone(), &run);
+    let floor_burst = floor_burst(&floor_api, vms).await?;
     floor_api
         .delete_collection(&DeleteParams::default(), &Default::default())
         .await?;
+    while !floor_api.list(&Default::default()).await?.items.is_empty() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let controller_args = vmlet::controller::Args {
         strategy: vmlet::controller::scheduler::Strategy::Spread,
@@ -150,6 +247,8 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_grace_seconds: 5,
         fence_after_seconds: 60,
         loss_margin_seconds: 10,
+        max_migrations_per_node: 2,
+        max_migrations: 5,
         kubeconfig: Some(kc.clone()),
     };
     let controller = tokio::spawn(vmlet::controller::run_until(
@@ -213,103 +312,140 @@ async fn main() -> anyhow::Result<()> {
             }
         })
     };
+    let applied: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
 
     // The burst: every create issued at once (32 in flight).
-    let applied: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let before = common::request_counts(&client).await?;
     let t0 = Instant::now();
     futures::stream::iter(0..vms)
-        .for_each_concurrent(32, |i| {
-            let (api, applied) = (api.clone(), applied.clone());
+        .for_each_concurrent(32, |i| create(&api, &applied, format!("burst-{i:05}")))
+        .await;
+    let created = t0.elapsed();
+    let total = wait_running(&seen, "burst-", vms, t0).await;
+    let requests = common::delta(&before, &common::request_counts(&client).await?);
+    let burst = Lat::collect(&applied, &seen, "burst-", t0);
+
+    // The steady run: creates at a fixed rate, each at its slot whatever the others do.
+    let steady_n = vms;
+    let t1 = Instant::now();
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    futures::stream::iter(0..steady_n)
+        .for_each_concurrent(None, |i| {
+            let (api, applied) = (&api, &applied);
             async move {
-                let name = format!("vm-{i:05}");
-                let vm = VirtualMachine::new(
-                    &name,
-                    serde_json::from_value(json!({"memory": "512Mi", "cpu": {"cores": 1}}))
-                        .unwrap(),
-                );
-                applied.lock().unwrap().insert(name, Instant::now());
-                api.create(&PostParams::default(), &vm)
-                    .await
-                    .expect("create");
+                tokio::time::sleep_until((t1 + period * i as u32).into()).await;
+                create(api, applied, format!("steady-{i:05}")).await
             }
         })
         .await;
-    let created = t0.elapsed();
-    loop {
-        let running = seen
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|(_, r)| r.is_some())
-            .count();
-        if running == vms {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(600) {
-            eprintln!("only {running}/{vms} Running after 600 s");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let total = t0.elapsed();
+    let steady_total = wait_running(&seen, "steady-", steady_n, t1).await;
+    let steady = Lat::collect(&applied, &seen, "steady-", t1);
     watch.abort();
 
-    let (mut sched, mut run_lat) = (Vec::new(), Vec::new());
-    {
-        let applied = applied.lock().unwrap();
-        for (name, (s, r)) in seen.lock().unwrap().iter() {
-            let Some(a) = applied.get(name) else { continue };
-            if let Some(s) = s {
-                sched.push(s.duration_since(*a).as_secs_f64());
-            }
-            if let Some(r) = r {
-                run_lat.push(r.duration_since(*a).as_secs_f64());
-            }
-        }
-    }
-    sched.sort_by(f64::total_cmp);
-    run_lat.sort_by(f64::total_cmp);
-
-    println!("## Scale: {nodes} simulated hypervisors, a burst of {vms} VMs\n");
     println!(
-        "Agents and controller are tasks in one process (test-driver nodes of 16 CPUs and 64 GiB); each VM asks 1 vCPU and 512Mi. Creates issued 32 at a time; all {vms} created in {:.1} s.\n",
+        "## Scale: {nodes} simulated hypervisors, {vms} VMs in a burst, {steady_n} at {rate} VMs/s\n"
+    );
+    println!(
+        "Agents and controller are tasks in one process (test-driver nodes of 16 CPUs and 64 GiB, \
+         so 64 vCPUs allocatable each); each VM asks 1 vCPU and 512Mi. Times come from a watch \
+         on the namespace, in the same process.\n"
+    );
+    println!("### Burst\n");
+    println!(
+        "All {vms} creates issued at once, 32 in flight; all created after {:.1} s.\n",
         created.as_secs_f64()
     );
     println!("| measure | p50 | p95 | p99 |\n|---|---|---|---|");
-    if !sched.is_empty() {
-        println!(
-            "| apply -> Scheduled | {:.2} s | {:.2} s | {:.2} s |",
-            percentile(&sched, 0.5),
-            percentile(&sched, 0.95),
-            percentile(&sched, 0.99)
-        );
-    }
-    if !run_lat.is_empty() {
-        println!(
-            "| apply -> Running | {:.2} s | {:.2} s | {:.2} s |",
-            percentile(&run_lat, 0.5),
-            percentile(&run_lat, 0.95),
-            percentile(&run_lat, 0.99)
-        );
-    }
+    println!("{}", common::row("apply -> Scheduled", &burst.scheduled));
+    println!("{}", common::row("apply -> Running", &burst.running));
     println!(
-        "| floor: create + bind + status, sequential, bare client | {:.3} s | {:.3} s | {:.3} s |",
-        percentile(&floor, 0.5),
-        percentile(&floor, 0.95),
-        percentile(&floor, 0.99)
+        "{}",
+        common::row(
+            "floor, sequential: create + bind + status by a bare client",
+            &floor
+        )
+    );
+    println!(
+        "{}",
+        common::row(
+            "floor, burst: the same three writes for each of {vms} VMs, 32 in flight",
+            &floor_burst.0
+        )
+        .replace("{vms}", &vms.to_string())
     );
     println!();
     println!(
-        "Throughput: {} VMs Running in {:.1} s = {:.1} VMs/s. apply -> Running p50 is {:.1}x the floor's p50.\n",
-        run_lat.len(),
+        "Throughput: {} VMs Running {:.1} s after the first create = {:.1} VMs/s (the bare \
+         client's burst floor: {:.1} VMs/s). apply -> Running p50 is {:.1}x the sequential \
+         floor and {:.2}x the burst floor.\n",
+        burst.running.len(),
         total.as_secs_f64(),
-        run_lat.len() as f64 / total.as_secs_f64(),
-        if run_lat.is_empty() {
-            0.0
-        } else {
-            percentile(&run_lat, 0.5) / percentile(&floor, 0.5)
-        }
+        burst.running.len() as f64 / total.as_secs_f64(),
+        floor_burst.1,
+        common::percentile(&burst.running, 0.5) / common::percentile(&floor, 0.5),
+        common::percentile(&burst.running, 0.5) / common::percentile(&floor_burst.0, 0.5),
     );
+    let per_vm = |k: &str| requests.get(k).copied().unwrap_or(0.0) / vms as f64;
+    let all: f64 = requests.values().sum();
+    println!(
+        "API requests during the burst (apiserver_request_total, watches excluded), per VM: \
+         {:.2} in all, of which VM creates {:.2}, VM patches (finalizer) {:.2}, VM status \
+         writes (bind, agent) {:.2}, VM GETs {:.2}, Event writes {:.2}; the rest is heartbeats \
+         and Hypervisor reports \
+         of {nodes} nodes over {:.0} s.\n",
+        all / vms as f64,
+        per_vm("virtualmachines POST"),
+        per_vm("virtualmachines PATCH"),
+        per_vm("virtualmachines/status PATCH") + per_vm("virtualmachines/status APPLY"),
+        per_vm("virtualmachines GET"),
+        per_vm("events POST") + per_vm("events PATCH"),
+        total.as_secs_f64(),
+    );
+    println!("| request | count |\n|---|---|");
+    for (k, v) in &requests {
+        println!("| {k} | {v:.0} |");
+    }
+    println!();
+    println!("### Steady rate\n");
+    println!(
+        "{steady_n} creates at {rate} VMs/s (one every {:.0} ms, on schedule whatever the \
+         earlier ones do), {vms} burst VMs still running.\n",
+        period.as_secs_f64() * 1000.0
+    );
+    println!("| measure | p50 | p95 | p99 |\n|---|---|---|---|");
+    println!("{}", common::row("apply -> Scheduled", &steady.scheduled));
+    println!("{}", common::row("apply -> Running", &steady.running));
+    println!();
+    println!(
+        "Sustained: {} VMs Running {:.1} s after the first create = {:.1} VMs/s (offered {rate}).\n",
+        steady.running.len(),
+        steady_total.as_secs_f64(),
+        steady.running.len() as f64 / steady_total.as_secs_f64(),
+    );
+    let plots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/bench");
+    common::plot(
+        &plots.join("burst-latency-cdf.png"),
+        &format!("Burst of {vms} VMs on {nodes} hypervisors: latency CDF"),
+        "seconds after apply",
+        "fraction of VMs",
+        &[
+            ("apply -> Scheduled", common::cdf(&burst.scheduled)),
+            ("apply -> Running", common::cdf(&burst.running)),
+            ("floor (bare client, burst)", common::cdf(&floor_burst.0)),
+        ],
+    )?;
+    common::plot(
+        &plots.join("steady-throughput.png"),
+        &format!("{steady_n} VMs offered at {rate} VMs/s: throughput"),
+        "seconds since the first create",
+        "VMs per second (1 s bins)",
+        &[
+            ("created", common::rate(&steady.created_at, 1.0)),
+            ("Running", common::rate(&steady.running_at, 1.0)),
+        ],
+    )?;
+    println!("![burst latency CDF](bench/burst-latency-cdf.png)\n");
+    println!("![steady throughput](bench/steady-throughput.png)\n");
 
     // Clean up: the agents still run, so finalizers complete.
     let _ = api

@@ -263,6 +263,7 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
         reserved_memory: "0".into(),
         metrics_addr: metrics_addr.into(),
         advertise_address: None,
+        migration_uri: None,
         orphan_grace_seconds: 30,
         lease_duration_seconds: 15,
         heartbeat_seconds: 5,

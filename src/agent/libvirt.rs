@@ -285,6 +285,76 @@ impl Libvirt {
         .await
     }
 
+    /// The running domain's XML in the form a migration destination takes.
+    pub async fn migratable_xml(&self, uuid: &str) -> Result<String> {
+        let uuid = uuid.to_string();
+        self.call(move |c| {
+            let d = c.lookup_domain_by_uuid_string(&uuid)?;
+            Ok(d.xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE | sys::VIR_DOMAIN_XML_SECURE)?)
+        })
+        .await
+    }
+
+    /// Live-migrates a running domain, peer to peer: this libvirtd connects to the one at
+    /// `dest_uri` and sends memory (and, incrementally over the backing images the target
+    /// already has, the local disks) over `data_uri`. The destination defines it from
+    /// `dest_xml`. The source's definition stays (shut off) until [`Self::undefine`], so
+    /// that its completed-job statistics can be read. Blocks a pool thread until done.
+    pub async fn migrate(
+        &self,
+        uuid: &str,
+        dest_uri: &str,
+        data_uri: &str,
+        dest_xml: String,
+    ) -> Result<()> {
+        let (uuid, dest_uri, data_uri) =
+            (uuid.to_string(), dest_uri.to_string(), data_uri.to_string());
+        self.call(move |c| {
+            let d = c.lookup_domain_by_uuid_string(&uuid)?;
+            let flags = sys::VIR_MIGRATE_LIVE
+                | sys::VIR_MIGRATE_PEER2PEER
+                | sys::VIR_MIGRATE_PERSIST_DEST
+                | sys::VIR_MIGRATE_NON_SHARED_INC;
+            d.migrate_to_uri2(
+                Some(&dest_uri),
+                Some(&data_uri),
+                Some(&dest_xml),
+                flags,
+                None,
+                0,
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Statistics of the domain's last completed job: (downtime in ms, bytes sent).
+    pub async fn completed_job(&self, uuid: &str) -> Result<(Option<u64>, Option<u64>)> {
+        let uuid = uuid.to_string();
+        self.call(move |c| {
+            let d = c.lookup_domain_by_uuid_string(&uuid)?;
+            let s = d.job_stats(sys::VIR_DOMAIN_JOB_STATS_COMPLETED)?;
+            let bytes = s.data_processed.or(s.mem_processed);
+            Ok((s.downtime, bytes))
+        })
+        .await
+    }
+
+    /// Aborts the domain's running job (a migration): the domain keeps running here.
+    pub async fn abort_job(&self, uuid: &str) -> Result<()> {
+        let uuid = uuid.to_string();
+        self.call(move |c| {
+            let d = c.lookup_domain_by_uuid_string(&uuid)?;
+            // SAFETY: a valid domain pointer for the duration of the call.
+            let rc = unsafe { sys::virDomainAbortJob(d.as_ptr()) };
+            if rc < 0 {
+                return Err(virt::error::Error::last_error().into());
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// (MAC, IP) pairs libvirt can tell, from its DHCP leases; empty when it cannot.
     pub async fn addresses(&self, uuid: &str) -> Result<Vec<(String, String)>> {
         let uuid = uuid.to_string();

@@ -31,6 +31,9 @@ pub struct Metrics {
     status_writes: Counter,
     orphans_removed: Counter,
     fencings: Counter,
+    migrations: Family<ErrorLabels, Counter>,
+    migration_seconds: Histogram,
+    migration_downtime_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -42,6 +45,9 @@ impl Default for Metrics {
             status_writes: Counter::default(),
             orphans_removed: Counter::default(),
             fencings: Counter::default(),
+            migrations: Family::default(),
+            migration_seconds: Histogram::new(exponential_buckets(0.25, 2.0, 12)),
+            migration_downtime_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
         }
     }
 }
@@ -69,6 +75,23 @@ impl Metrics {
 
     pub fn orphan_removed(&self) {
         self.orphans_removed.inc();
+    }
+
+    /// A migration from this node: "started", "succeeded" or "failed".
+    pub fn migration(&self, what: &str) {
+        self.migrations
+            .get_or_create(&ErrorLabels {
+                kind: what.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn migration_done(&self, ok: bool, took: Duration, downtime_s: Option<f64>) {
+        self.migration(if ok { "succeeded" } else { "failed" });
+        self.migration_seconds.observe(took.as_secs_f64());
+        if let Some(d) = downtime_s {
+            self.migration_downtime_seconds.observe(d);
+        }
     }
 
     pub fn fenced(&self) {
@@ -105,6 +128,21 @@ async fn render(ctx: &Context) -> String {
         "fencings",
         "Times the agent fenced itself (destroyed its domains)",
         m.fencings.clone(),
+    );
+    reg.register(
+        "migrations",
+        "Outbound live migrations by event (kind: started, succeeded, failed)",
+        m.migrations.clone(),
+    );
+    reg.register(
+        "migration_duration_seconds",
+        "Time an outbound live migration took, start to switch-over or failure",
+        m.migration_seconds.clone(),
+    );
+    reg.register(
+        "migration_downtime_seconds",
+        "Guest pause at the switch-over of a live migration, as libvirt reports it",
+        m.migration_downtime_seconds.clone(),
     );
     let vms = Gauge::<i64>::default();
     vms.set(ctx.vms.state().len() as i64);

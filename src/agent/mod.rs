@@ -8,6 +8,7 @@ pub mod domain;
 pub mod images;
 pub mod libvirt;
 mod metrics;
+pub mod migration;
 mod reconcile;
 pub mod render;
 mod report;
@@ -61,6 +62,11 @@ pub struct Args {
     /// /metrics binds when that is a specific one.
     #[arg(long, env = "POD_IP")]
     pub advertise_address: Option<String>,
+    /// The libvirt URI other nodes' libvirt uses to reach this node's for live migration,
+    /// e.g. qemu+tcp://10.0.0.5/system. Its host also carries the migration data. Unset:
+    /// VMs cannot migrate to this node.
+    #[arg(long, env = "VMLET_MIGRATION_URI")]
+    pub migration_uri: Option<String>,
     /// Seconds a domain with vmlet metadata but no VM is kept before it is removed.
     #[arg(long, default_value = "30")]
     pub orphan_grace_seconds: u64,
@@ -81,6 +87,41 @@ pub struct Args {
     pub kubeconfig: Option<PathBuf>,
 }
 
+impl Context {
+    /// Remembers a VM as a write returned it.
+    pub fn wrote(&self, vm: VirtualMachine) {
+        if let Some(uid) = vm.metadata.uid.clone() {
+            self.newest
+                .lock()
+                .expect("not poisoned")
+                .insert(uid, Arc::new(vm));
+        }
+    }
+
+    /// The cached VM, or the copy our last write returned when the cache has not caught
+    /// up with it yet (resource versions compare as integers since Kubernetes 1.35).
+    pub fn freshest(&self, cached: Arc<VirtualMachine>) -> Arc<VirtualMachine> {
+        let Some(uid) = cached.metadata.uid.as_deref() else {
+            return cached;
+        };
+        let rv = |vm: &VirtualMachine| {
+            vm.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let mut newest = self.newest.lock().expect("not poisoned");
+        match newest.get(uid) {
+            Some(mine) if rv(mine).zip(rv(&cached)).is_some_and(|(m, c)| m > c) => mine.clone(),
+            Some(_) => {
+                newest.remove(uid);
+                cached
+            }
+            None => cached,
+        }
+    }
+}
+
 pub struct Context {
     pub client: Client,
     pub node: String,
@@ -90,7 +131,16 @@ pub struct Context {
     pub recorder: Recorder,
     pub vms: kube::runtime::reflector::Store<VirtualMachine>,
     pub classes: kube::runtime::reflector::Store<VirtualMachineClass>,
-    pub runtime: tokio::sync::Mutex<std::collections::HashMap<String, reconcile::VmRuntime>>,
+    /// The newest copy of each VM this agent has written (a write's response), for the
+    /// moment the cache still shows an older one: acting on that would repeat the write.
+    pub newest: std::sync::Mutex<std::collections::HashMap<String, Arc<VirtualMachine>>>,
+    /// Live migrations this node is sending now.
+    pub migrations: migration::InFlight,
+    /// Never held across an await: a reconcile takes its VM's entry out and puts it back.
+    pub runtime: std::sync::Mutex<std::collections::HashMap<String, reconcile::VmRuntime>>,
+    /// Reconciles that may start a domain hold it shared; fencing holds it exclusively, so
+    /// no start slips in between fencing's flag and its destroys.
+    pub fence_gate: tokio::sync::RwLock<()>,
     /// Set while the agent has fenced itself: no domain is started until a renewal works.
     pub fenced: std::sync::atomic::AtomicBool,
     pub metrics: metrics::Metrics,
@@ -167,6 +217,9 @@ pub async fn run_with(
         vms: vms.clone(),
         classes: classes.clone(),
         runtime: Default::default(),
+        fence_gate: Default::default(),
+        newest: Default::default(),
+        migrations: Default::default(),
         fenced: Default::default(),
         metrics: metrics::Metrics::default(),
         args: args.clone(),
@@ -223,9 +276,16 @@ pub async fn run_with(
                 tracing::debug!(error = %e, "reconcile failed");
             }
         });
+    let migrations = Controller::new(
+        Api::<crate::api::VirtualMachineMigration>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .run(migration::reconcile, migration::error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
     // Not spawned: when this future is dropped, the loops stop with it.
     tokio::select! {
         _ = controller => {},
+        _ = migrations => {},
         _ = report::hypervisor_loop(ctx.clone()) => {},
         _ = report::heartbeat_loop(ctx.clone()) => {},
         _ = reconcile::orphan_loop(ctx.clone()) => {},

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, ResourceExt};
+use kube::api::{Api, Patch, PatchParams, ResourceExt};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use serde_json::json;
 
 use super::libvirt::{DomainInfo, LibvirtError, RunState};
 use super::render::{self, LocalImage};
@@ -29,8 +29,8 @@ pub enum Error {
     Libvirt(#[from] LibvirtError),
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(String),
+    #[error("files: {0}")]
+    Files(String),
     #[error("disks: {0}")]
     Disks(#[from] disks::DiskError),
     #[error("rendering XML: {0}")]
@@ -43,7 +43,7 @@ impl Error {
         match self {
             Error::Libvirt(_) => "libvirt",
             Error::Kube(_) => "kube",
-            Error::Finalizer(_) => "finalizer",
+            Error::Files(_) => "files",
             Error::Disks(_) => "disks",
             Error::Xml(_) => "xml",
         }
@@ -66,6 +66,53 @@ pub struct VmRuntime {
     pub started_at: Option<Instant>,
 }
 
+/// A VM's runtime record, taken out of the map for one reconcile (reconciles of one VM
+/// never overlap) and put back when dropped, on early returns too.
+struct Taken<'a> {
+    map: &'a std::sync::Mutex<std::collections::HashMap<String, VmRuntime>>,
+    uid: String,
+    rt: VmRuntime,
+}
+
+impl<'a> Taken<'a> {
+    fn new(
+        map: &'a std::sync::Mutex<std::collections::HashMap<String, VmRuntime>>,
+        uid: &str,
+    ) -> Self {
+        let rt = map
+            .lock()
+            .expect("not poisoned")
+            .remove(uid)
+            .unwrap_or_default();
+        Taken {
+            map,
+            uid: uid.to_string(),
+            rt,
+        }
+    }
+}
+
+impl std::ops::Deref for Taken<'_> {
+    type Target = VmRuntime;
+    fn deref(&self) -> &VmRuntime {
+        &self.rt
+    }
+}
+
+impl std::ops::DerefMut for Taken<'_> {
+    fn deref_mut(&mut self) -> &mut VmRuntime {
+        &mut self.rt
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.map.lock() {
+            map.insert(std::mem::take(&mut self.uid), std::mem::take(&mut self.rt));
+        }
+    }
+}
+
 /// A domain that has run this long since its last start is healthy again: the next
 /// failure's backoff starts over from 1 s.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
@@ -76,6 +123,7 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let vm = ctx.freshest(vm);
     let ns = vm.namespace().unwrap_or_default();
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     let bound_here =
@@ -84,29 +132,85 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         return Ok(Action::await_change());
     }
     let started = Instant::now();
-    let res = finalizer(&api, DOMAIN_FINALIZER, vm, |event| async {
-        match event {
-            Finalizer::Apply(vm) => apply(&vm, &ctx).await,
-            Finalizer::Cleanup(vm) => cleanup(&vm, &ctx).await,
-        }
-    })
-    .await;
+    let res = finalize_then(&api, &vm, &ctx).await;
     ctx.metrics
         .reconciled(started.elapsed(), res.as_ref().err().map(|_| "reconcile"));
-    match res {
-        // Two reconciles raced to the end of a deletion: the object is already gone.
-        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
-            if s.code == 404 =>
-        {
+    res
+}
+
+/// Whether the object was just read from the API server (not the cache).
+#[derive(Clone, Copy, PartialEq)]
+enum Freshness {
+    Cached,
+    Fresh,
+}
+
+/// The finalizer protocol, by hand rather than kube's helper: adding the finalizer is
+/// one JSON patch that also tests the uid and the binding, so its answer is a fresh read
+/// that proves the VM is ours, and the first start needs no further GET or watch round.
+async fn finalize_then(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let ours = vm.finalizers().iter().any(|f| f == DOMAIN_FINALIZER);
+    if vm.metadata.deletion_timestamp.is_some() {
+        if !ours {
             return Ok(Action::await_change());
         }
-        other => other,
+        cleanup(vm, ctx).await?;
+        let at = vm.finalizers().iter().position(|f| f == DOMAIN_FINALIZER);
+        let patch = json!([
+            {"op": "test", "path": format!("/metadata/finalizers/{}", at.unwrap_or(0)), "value": DOMAIN_FINALIZER},
+            {"op": "remove", "path": format!("/metadata/finalizers/{}", at.unwrap_or(0))},
+        ]);
+        return match json_patch(api, vm, patch).await {
+            Ok(_) => Ok(Action::await_change()),
+            // Already gone, or the list moved under us: the next event retries.
+            Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => {
+                Ok(Action::await_change())
+            }
+            Err(e) => Err(e.into()),
+        };
     }
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    })
+    if ours {
+        return apply(vm, ctx, Freshness::Cached).await;
+    }
+    let mut ops = vec![
+        json!({"op": "test", "path": "/metadata/uid", "value": vm.metadata.uid}),
+        json!({"op": "test", "path": "/status/nodeName", "value": ctx.node}),
+    ];
+    if vm.finalizers().is_empty() {
+        ops.push(json!({"op": "test", "path": "/metadata/finalizers", "value": null}));
+        ops.push(json!({"op": "add", "path": "/metadata/finalizers", "value": [DOMAIN_FINALIZER]}));
+    } else {
+        // The API server does not deduplicate finalizers: fail if the list changed.
+        ops.push(json!({"op": "test", "path": "/metadata/finalizers", "value": vm.finalizers()}));
+        ops.push(json!({"op": "add", "path": "/metadata/finalizers/-", "value": DOMAIN_FINALIZER}));
+    }
+    match json_patch(api, vm, serde_json::Value::Array(ops)).await {
+        Ok(fresh) => {
+            ctx.wrote(fresh.clone());
+            apply(&fresh, ctx, Freshness::Fresh).await
+        }
+        // Gone, rebound, or changed since the cache saw it: its next event brings the news.
+        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => Ok(Action::await_change()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn json_patch(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    ops: serde_json::Value,
+) -> Result<VirtualMachine, kube::Error> {
+    let patch: json_patch::Patch = serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
+    api.patch(
+        &vm.name_any(),
+        &PatchParams::default(),
+        &Patch::Json::<()>(patch),
+    )
+    .await
 }
 
 pub fn error_policy(vm: Arc<VirtualMachine>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -116,7 +220,7 @@ pub fn error_policy(vm: Arc<VirtualMachine>, err: &Error, ctx: Arc<Context>) -> 
 }
 
 /// The local files of every image the VM names, or why one is unusable.
-async fn resolve_images(
+pub(super) async fn resolve_images(
     vm: &VirtualMachine,
     ctx: &Context,
 ) -> Result<BTreeMap<String, LocalImage>, Problem> {
@@ -217,12 +321,16 @@ fn want_running(vm: &VirtualMachine, domain: Option<&DomainInfo>, rt: &VmRuntime
     }
 }
 
-async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
+async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Action, Error> {
     if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
         // Cut off: the VM may already run elsewhere. Touch nothing until the lease renews.
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
     let uid = vm.uid().unwrap_or_default();
+    if ctx.migrations.holds_vm(&uid) {
+        // Being copied to another node: the domain is libvirt's to move, not ours to touch.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let class = match &vm.spec.class_ref {
         Some(r) => match ctx
             .classes
@@ -251,13 +359,12 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
     let (xml, hash) = render::finish(domain)?;
 
     let mut existing = ctx.lv.lookup(&uid).await?;
-    let mut runtimes = ctx.runtime.lock().await;
-    // Fencing takes the same lock: no start can slip in between its check and its destroys.
+    let gate = ctx.fence_gate.read().await;
     if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
-    let rt = runtimes.entry(uid.clone()).or_default();
-    let mut want = want_running(vm, existing.as_ref(), rt);
+    let mut rt = Taken::new(&ctx.runtime, &uid);
+    let mut want = want_running(vm, existing.as_ref(), &rt);
     let defined_hash = existing
         .as_ref()
         .and_then(|d| d.owner.as_ref())
@@ -290,7 +397,7 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
     let mut prepared = false;
     let prepare = || async {
         let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, &images)
-            .map_err(|e| Error::Finalizer(e.to_string()))?;
+            .map_err(|e| Error::Files(e.to_string()))?;
         disks::prepare(
             &render::vm_dir(&ctx.facts.state_dir, &uid),
             &files,
@@ -326,7 +433,7 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
                 }
                 // The cache may be stale (a watch that just came back after a cut): ask
                 // the API server whether the VM is still ours before running it.
-                if !still_bound_here(vm, ctx).await? {
+                if read == Freshness::Cached && !still_bound_here(vm, ctx).await? {
                     tracing::warn!(vm = %vm.name_any(), "not starting: no longer bound to this node");
                     return Ok(Action::await_change());
                 }
@@ -377,7 +484,8 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
     }
     let stopped_by_us = rt.stopped_by_us;
     let rt_failures = rt.failures;
-    drop(runtimes);
+    drop(rt);
+    drop(gate);
 
     let final_state = existing.as_ref().map(|d| d.state);
     let now_running = matches!(
@@ -446,7 +554,7 @@ async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
         if running {
             ctx.runtime
                 .lock()
-                .await
+                .expect("not poisoned")
                 .entry(uid.clone())
                 .or_default()
                 .stopped_by_us = true;
@@ -467,7 +575,8 @@ async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
         ctx.lv.undefine(&uid).await?;
     }
     disks::remove(&render::vm_dir(&ctx.facts.state_dir, &uid)).await?;
-    ctx.runtime.lock().await.remove(&uid);
+    ctx.runtime.lock().expect("not poisoned").remove(&uid);
+    ctx.newest.lock().expect("not poisoned").remove(&uid);
     tracing::info!(vm = %vm.name_any(), uid, "domain and disks removed");
     Ok(Action::await_change())
 }

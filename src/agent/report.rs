@@ -97,6 +97,9 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
         hypervisor_version: Some(info.hypervisor_version),
         uefi: Some(ctx.facts.uefi),
         agent_url: ctx.agent_url.clone(),
+        migration_uri: ctx.args.migration_uri.clone(),
+        state_dir: Some(ctx.facts.state_dir.display().to_string()),
+        image_root: Some(ctx.args.image_root.display().to_string()),
         vms: Some(count),
         conditions: vec![conditions::new(
             &old.conditions,
@@ -206,7 +209,7 @@ pub async fn heartbeat_loop(ctx: Arc<Context>) {
 async fn fence(ctx: &Context) {
     // Under the reconcile lock: a reconcile either started its domain before (and it is
     // destroyed here) or sees the flag after (and starts nothing).
-    let _guard = ctx.runtime.lock().await;
+    let _gate = ctx.fence_gate.write().await;
     ctx.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
     let Ok(domains) = ctx.lv.list().await else {
         return;

@@ -261,12 +261,14 @@ pub async fn write(
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
     let patch =
         json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": new});
-    api.patch_status(
-        &vm.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let written = api
+        .patch_status(
+            &vm.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.wrote(written);
     ctx.metrics.status_written();
     if old.phase != Some(new.phase) || problem.is_some() && old.phase.is_none() {
         let ready = new.conditions.first();
@@ -282,9 +284,14 @@ pub async fn write(
             secondary: None,
         };
         let reference = vm.object_ref(&());
-        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
-            tracing::debug!(error = %e, "event not recorded");
-        }
+        // Off the reconcile's path: an Event is news for people, and must not delay the
+        // next VM's start when the API server is busy.
+        let recorder = ctx.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::debug!(error = %e, "event not recorded");
+            }
+        });
     }
     Ok(())
 }

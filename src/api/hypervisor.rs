@@ -76,6 +76,20 @@ pub struct HypervisorStatus {
     /// Where the agent serves /console, /metrics and /healthz, e.g. http://10.0.0.5:9464.
     #[serde(default, rename = "agentURL", skip_serializing_if = "Option::is_none")]
     pub agent_url: Option<String>,
+    /// Where other nodes' libvirt reaches this node's for live migration, e.g.
+    /// qemu+tcp://10.0.0.5/system; empty when the agent was not given one.
+    #[serde(
+        default,
+        rename = "migrationURI",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub migration_uri: Option<String>,
+    /// Where this node keeps VM files and images: a migration rewrites the VM's paths
+    /// from the source's to these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_root: Option<String>,
     /// VMs bound here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vms: Option<i32>,

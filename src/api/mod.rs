@@ -6,6 +6,7 @@ pub mod class;
 pub mod conditions;
 pub mod hypervisor;
 pub mod image;
+pub mod migration;
 pub mod quantity;
 mod schema;
 pub mod vm;
@@ -13,6 +14,10 @@ pub mod vm;
 pub use class::{VirtualMachineClass, VirtualMachineClassSpec};
 pub use hypervisor::{Hypervisor, HypervisorSpec, HypervisorStatus};
 pub use image::{VirtualMachineImage, VirtualMachineImageSpec, VirtualMachineImageStatus};
+pub use migration::{
+    MigrationPhase, VirtualMachineMigration, VirtualMachineMigrationSpec,
+    VirtualMachineMigrationStatus,
+};
 pub use vm::{VirtualMachine, VirtualMachineSpec, VirtualMachineStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -21,6 +26,9 @@ use kube::CustomResourceExt;
 pub const GROUP: &str = "vmlet.dev";
 /// The finalizer the node agent holds until a VM's domain and disks are gone.
 pub const DOMAIN_FINALIZER: &str = "vmlet.dev/domain";
+/// The finalizer the controller puts on a migration it schedules, so that deleting it
+/// mid-copy reaches the source agent, which aborts the copy and then removes it.
+pub const MIGRATION_FINALIZER: &str = "vmlet.dev/migration";
 /// The label that marks a Node as a hypervisor.
 pub const HYPERVISOR_LABEL: &str = "vmlet.dev/hypervisor";
 
@@ -31,6 +39,10 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("virtualmachineclasses.yaml", VirtualMachineClass::crd()),
         ("virtualmachineimages.yaml", VirtualMachineImage::crd()),
         ("hypervisors.yaml", Hypervisor::crd()),
+        (
+            "virtualmachinemigrations.yaml",
+            VirtualMachineMigration::crd(),
+        ),
     ]
 }
 

@@ -10,7 +10,7 @@ use kube::runtime::controller::Action;
 use serde_json::json;
 
 use super::inventory::Assumed;
-use super::scheduler::{self, Request};
+use super::scheduler::{self, Placed, Request};
 use super::{Context, FIELD_MANAGER};
 use crate::api::{VirtualMachine, conditions};
 
@@ -32,7 +32,7 @@ impl Error {
 /// Unschedulable VMs get another try at least this often, besides every hypervisor change.
 const RETRY_UNSCHEDULABLE: Duration = Duration::from_secs(30);
 
-fn request(vm: &VirtualMachine, requests: (i64, u64)) -> Request {
+pub(super) fn request(vm: &VirtualMachine, requests: (i64, u64)) -> Request {
     Request {
         namespace: vm.namespace().unwrap_or_default(),
         labels: vm.labels().clone(),
@@ -122,7 +122,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         // Bound (by us, or by someone else): the cache has caught up with any assumption,
         // and the condition should say so.
         if let Some(uid) = vm.uid() {
-            ctx.assumed.lock().await.remove(&uid);
+            ctx.view.lock().await.assumed.remove(&uid);
         }
         set_scheduled(
             &vm,
@@ -169,26 +169,31 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     };
     let started = Instant::now();
     let uid = vm.uid().unwrap_or_default();
-    if ctx.assumed.lock().await.contains_key(&uid) {
+    if ctx.view.lock().await.assumed.contains_key(&uid) {
         // A binding of this VM is in flight (or done, and the cache has not caught up):
         // deciding again would count the VM twice.
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
     let req = request(&vm, requests);
     let decision = {
-        let mut assumed = ctx.assumed.lock().await;
-        let (candidates, placed) = ctx.caches.snapshot(&mut assumed, ctx.heartbeat_grace);
-        let decision = scheduler::schedule(&req, &candidates, &placed, ctx.strategy, ctx.weights);
+        let mut view = ctx.view.lock().await;
+        let epoch = ctx.epoch.load(std::sync::atomic::Ordering::SeqCst);
+        let (candidates, placed) = view.current(&ctx.caches, ctx.heartbeat_grace, epoch);
+        let decision = scheduler::schedule(&req, candidates, placed, ctx.strategy, ctx.weights);
         if let Ok(node) = &decision {
-            assumed.insert(
-                uid.clone(),
-                Assumed {
-                    node: node.clone(),
-                    cpu: req.cpu,
-                    memory: req.memory,
-                    at: Instant::now(),
-                },
-            );
+            let a = Assumed {
+                node: node.clone(),
+                cpu: req.cpu,
+                memory: req.memory,
+                at: Instant::now(),
+            };
+            let p = Placed {
+                namespace: req.namespace.clone(),
+                labels: req.labels.clone(),
+                node: node.clone(),
+                anti_affinity: req.anti_affinity.clone(),
+            };
+            view.assume(uid.clone(), a, p);
         }
         decision
     };
@@ -211,7 +216,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
                     Ok(Action::await_change())
                 }
                 Err(e) => {
-                    ctx.assumed.lock().await.remove(&uid);
+                    ctx.view.lock().await.forget(&uid);
                     ctx.metrics.attempt("error", started.elapsed());
                     Err(e)
                 }

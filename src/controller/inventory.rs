@@ -11,7 +11,10 @@ use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::scheduler::{Candidate, Placed, Reason};
 use crate::api::quantity::parse_bytes;
-use crate::api::{HYPERVISOR_LABEL, Hypervisor, VirtualMachine, VirtualMachineClass, conditions};
+use crate::api::{
+    HYPERVISOR_LABEL, Hypervisor, VirtualMachine, VirtualMachineClass, VirtualMachineMigration,
+    conditions,
+};
 
 /// A placement made but not yet visible in the VM cache: counted against its node until
 /// the cache shows the binding (or the entry expires), so that a burst of decisions
@@ -22,6 +25,72 @@ pub struct Assumed {
     pub cpu: i64,
     pub memory: u64,
     pub at: Instant,
+}
+
+/// How long a snapshot serves decisions before it is rebuilt from the caches. Decisions
+/// made with it are applied to it, so it never over-allocates; what it can miss for this
+/// long is capacity freed by deletions and a node cordoned meanwhile.
+pub const SNAPSHOT_TTL: Duration = Duration::from_millis(100);
+
+/// The scheduler's working view: the last snapshot with every decision since applied to
+/// it, and the placements not yet visible in the VM cache. Rebuilding the snapshot walks
+/// every VM, so a burst of decisions shares one instead of paying that walk per VM.
+#[derive(Default)]
+pub struct View {
+    pub assumed: HashMap<String, Assumed>,
+    snapshot: Option<Snapshot>,
+}
+
+struct Snapshot {
+    at: Instant,
+    epoch: u64,
+    candidates: Vec<Candidate>,
+    placed: Vec<Placed>,
+}
+
+impl View {
+    /// The candidates and placed VMs to decide with. `epoch` counts events that change
+    /// eligibility (a hypervisor changed, a heartbeat came back): a new one forces a rebuild.
+    pub fn current(
+        &mut self,
+        caches: &Caches,
+        lease_grace: Duration,
+        epoch: u64,
+    ) -> (&[Candidate], &[Placed]) {
+        let stale = self
+            .snapshot
+            .as_ref()
+            .is_none_or(|s| s.epoch != epoch || s.at.elapsed() >= SNAPSHOT_TTL);
+        if stale {
+            let (candidates, placed) = caches.snapshot(&mut self.assumed, lease_grace);
+            self.snapshot = Some(Snapshot {
+                at: Instant::now(),
+                epoch,
+                candidates,
+                placed,
+            });
+        }
+        let s = self.snapshot.as_ref().expect("just built");
+        (&s.candidates, &s.placed)
+    }
+
+    /// Records a decision, in the assumptions and in the snapshot.
+    pub fn assume(&mut self, uid: String, a: Assumed, placed: Placed) {
+        if let Some(s) = &mut self.snapshot {
+            if let Some(c) = s.candidates.iter_mut().find(|c| c.name == a.node) {
+                c.allocated_cpu += a.cpu;
+                c.allocated_memory += a.memory;
+            }
+            s.placed.push(placed);
+        }
+        self.assumed.insert(uid, a);
+    }
+
+    /// Forgets a decision whose binding failed; the snapshot still counts it, so it goes.
+    pub fn forget(&mut self, uid: &str) {
+        self.assumed.remove(uid);
+        self.snapshot = None;
+    }
 }
 
 /// How long an assumption may stay unconfirmed before it is dropped.
@@ -42,6 +111,7 @@ pub struct Caches {
     pub nodes: Store<Node>,
     pub hypervisors: Store<Hypervisor>,
     pub leases: Store<Lease>,
+    pub migrations: Store<VirtualMachineMigration>,
 }
 
 impl Caches {
@@ -94,6 +164,38 @@ impl Caches {
             });
         }
         assumed.retain(|_, a| a.at.elapsed() < ASSUME_TTL);
+        // A VM being migrated holds its place on the source and on the target until the
+        // migration ends.
+        for m in self.migrations.state() {
+            let Some(s) = m.status.as_ref() else { continue };
+            let (Some(phase), Some(target)) = (s.phase, s.target_node.clone()) else {
+                continue;
+            };
+            if !phase.active() {
+                continue;
+            }
+            let ns = m.metadata.namespace.clone().unwrap_or_default();
+            let Some(vm) = self.vms.get(&ObjectRef::new(&m.spec.vm_name).within(&ns)) else {
+                continue;
+            };
+            if vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(target.as_str()) {
+                continue;
+            }
+            if let Some((cpu, mem)) = self
+                .class_of(&vm)
+                .and_then(|c| vm.spec.requests(c.as_ref()))
+            {
+                let e = used.entry(target.clone()).or_default();
+                e.0 += cpu;
+                e.1 += mem;
+            }
+            placed.push(Placed {
+                namespace: ns,
+                labels: vm.metadata.labels.clone().unwrap_or_default(),
+                node: target,
+                anti_affinity: vm.spec.anti_affinity.clone(),
+            });
+        }
 
         let now = Timestamp::now();
         let nodes: BTreeMap<String, std::sync::Arc<Node>> = self

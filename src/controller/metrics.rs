@@ -35,6 +35,7 @@ pub struct Metrics {
     errors: Family<KindLabel, Counter>,
     leader: Gauge,
     evictions: Family<ResultLabel, Counter>,
+    migrations: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -47,6 +48,7 @@ impl Default for Metrics {
             errors: Family::default(),
             leader: Gauge::default(),
             evictions: Family::default(),
+            migrations: Family::default(),
         }
     }
 }
@@ -75,6 +77,20 @@ impl Metrics {
                 result: result.into(),
             })
             .inc();
+    }
+
+    pub fn migration_decision(&self, v: &super::migrate::Verdict, took: Duration) {
+        let result = match v {
+            super::migrate::Verdict::Go { .. } => "scheduled",
+            super::migrate::Verdict::Wait { reason, .. } => reason,
+            super::migrate::Verdict::Refuse { .. } => "refused",
+        };
+        self.migrations
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+        self.attempt("migration", took);
     }
 
     pub fn set_leader(&self, leader: bool) {
@@ -126,6 +142,32 @@ fn render(m: &Metrics, ctx: Option<&Context>) -> String {
         unschedulable,
     );
     reg.register("vms", "VMs by phase", by_phase);
+    reg.register(
+        "migration_decisions",
+        "Migration admission decisions by result (scheduled, refused, or why it waits)",
+        m.migrations.clone(),
+    );
+    let migrations = Family::<PhaseLabel, Gauge<i64>>::default();
+    if let Some(ctx) = ctx {
+        for mig in ctx.caches.migrations.state() {
+            let phase = mig
+                .status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .map(|p| p.as_str())
+                .unwrap_or("Pending");
+            migrations
+                .get_or_create(&PhaseLabel {
+                    phase: phase.to_string(),
+                })
+                .inc();
+        }
+    }
+    reg.register(
+        "migrations",
+        "VirtualMachineMigrations by phase",
+        migrations,
+    );
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
     out

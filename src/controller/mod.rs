@@ -4,6 +4,7 @@
 mod bind;
 pub mod inventory;
 mod metrics;
+mod migrate;
 mod nodeloss;
 pub mod scheduler;
 pub mod selector;
@@ -21,8 +22,8 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
-use crate::api::{Hypervisor, VirtualMachine, VirtualMachineClass};
-use inventory::{Assumed, Caches};
+use crate::api::{Hypervisor, VirtualMachine, VirtualMachineClass, VirtualMachineMigration};
+use inventory::{Caches, View};
 use scheduler::{Strategy, Weights};
 
 /// The field manager of everything the controller writes.
@@ -63,6 +64,12 @@ pub struct Args {
     /// Extra wait before a silent node counts as lost (clock skew, fencing time).
     #[arg(long, default_value = "10")]
     pub loss_margin_seconds: u64,
+    /// Migrations that may run at once from one node.
+    #[arg(long, default_value = "2")]
+    pub max_migrations_per_node: usize,
+    /// Migrations that may run at once in the cluster.
+    #[arg(long, default_value = "5")]
+    pub max_migrations: usize,
     /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
     #[arg(long, env = "VMLET_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -71,12 +78,16 @@ pub struct Args {
 pub struct Context {
     pub client: Client,
     pub caches: Caches,
-    /// Placements not yet visible in the VM cache. The lock is held from snapshot to
-    /// assumption, so concurrent reconciles never place against stale allocation.
-    pub assumed: tokio::sync::Mutex<HashMap<String, Assumed>>,
+    /// Placements not yet visible in the VM cache, and the snapshot decisions use. The
+    /// lock is held from snapshot to assumption, so concurrent reconciles never place
+    /// against stale allocation.
+    pub view: tokio::sync::Mutex<View>,
+    /// Bumped by every event that may make a hypervisor eligible or ineligible.
+    pub epoch: std::sync::atomic::AtomicU64,
     pub strategy: Strategy,
     pub weights: Weights,
     pub heartbeat_grace: Duration,
+    pub limits: migrate::Limits,
     pub metrics: metrics::Metrics,
 }
 
@@ -178,7 +189,7 @@ async fn start(
             + 'static,
     {
         let (store, writer) = reflector::store();
-        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        let stream = reflector::reflector(writer, slim(watcher(api, watcher::Config::default())))
             .default_backoff()
             .for_each(|_| futures::future::ready(()));
         (store, stream)
@@ -186,6 +197,8 @@ async fn start(
     let (vms, vm_writer) = reflector::store::<VirtualMachine>();
     let (classes, classes_run) = cache(Api::<VirtualMachineClass>::all(client.clone()));
     let (nodes, nodes_run) = cache(Api::<Node>::all(client.clone()));
+    let (migrations, migrations_run) = cache(Api::<VirtualMachineMigration>::all(client.clone()));
+    tokio::spawn(migrations_run);
     let (leases, lease_writer) = reflector::store::<Lease>();
     tokio::spawn(classes_run);
     tokio::spawn(nodes_run);
@@ -198,14 +211,20 @@ async fn start(
             nodes,
             hypervisors,
             leases,
+            migrations,
         },
-        assumed: Default::default(),
+        view: Default::default(),
+        epoch: Default::default(),
         strategy: args.strategy,
         weights: Weights {
             cpu: args.cpu_weight,
             memory: args.memory_weight,
         },
         heartbeat_grace: Duration::from_secs(args.heartbeat_grace_seconds),
+        limits: migrate::Limits {
+            per_node: args.max_migrations_per_node,
+            cluster: args.max_migrations,
+        },
         metrics,
     });
     ctx.caches.classes.wait_until_ready().await?;
@@ -216,6 +235,19 @@ async fn start(
         leases: lease_writer,
     };
     Ok((ctx, writers))
+}
+
+/// Drops what the caches never read and that makes up much of each object: the
+/// server-side apply bookkeeping (managedFields) and kubectl's last-applied annotation.
+pub fn slim<K: kube::Resource + Send + 'static>(
+    s: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send {
+    s.modify(|o| {
+        o.meta_mut().managed_fields = None;
+        if let Some(a) = o.meta_mut().annotations.as_mut() {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    })
 }
 
 /// Every VM still waiting for a place.
@@ -242,10 +274,10 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
     let client = ctx.client.clone();
     let vm_stream = reflector::reflector(
         vm_writer,
-        watcher(
+        slim(watcher(
             Api::<VirtualMachine>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )),
     )
     .default_backoff()
     .touched_objects();
@@ -287,13 +319,22 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
     let hv_changed = hv_stream.filter_map(|h| futures::future::ready(h.ok().map(|_| ())));
     let pending = {
         let vms = ctx.caches.vms.clone();
-        futures::stream::select(hv_changed, revived)
-            .flat_map(move |()| futures::stream::iter(pending_vms(&vms)))
+        let ctx = ctx.clone();
+        futures::stream::select(hv_changed, revived).flat_map(move |()| {
+            ctx.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            futures::stream::iter(pending_vms(&vms))
+        })
     };
-    Controller::for_stream(vm_stream, ctx.caches.vms.clone())
+    let placement = Controller::for_stream(vm_stream, ctx.caches.vms.clone())
         .reconcile_on(pending)
         .run(bind::reconcile, bind::error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .for_each(|_| futures::future::ready(()));
+    let migrations = Controller::new(
+        Api::<VirtualMachineMigration>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .run(migrate::reconcile, migrate::error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    tokio::join!(placement, migrations);
     Ok(())
 }

@@ -161,6 +161,8 @@ pub fn controller_args(identity: &str, lease_namespace: &str) -> vmlet::controll
         heartbeat_grace_seconds: 5,
         fence_after_seconds: 60,
         loss_margin_seconds: 10,
+        max_migrations_per_node: 2,
+        max_migrations: 5,
         kubeconfig: Some(kubeconfig_path()),
     }
 }

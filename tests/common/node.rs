@@ -65,6 +65,7 @@ impl Node {
             reserved_memory: "0".into(),
             metrics_addr: "127.0.0.1:0".into(),
             advertise_address: None,
+            migration_uri: None,
             orphan_grace_seconds: 2,
             lease_duration_seconds: 15,
             heartbeat_seconds: 5,

@@ -1,0 +1,442 @@
+//! VirtualMachineMigrations, the controller's half: admit a migration (the VM runs, no
+//! other migration of it is under way, the concurrency limits allow one more), choose its
+//! target with the scheduler (the source excluded, only nodes that can receive it), and
+//! hand it to the agents. The source agent copies the VM and finishes the migration.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, ResourceExt};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use serde_json::json;
+
+use super::inventory::Assumed;
+use super::scheduler::{self, Candidate, Placed};
+use super::{Context, FIELD_MANAGER};
+use crate::api::vm::Phase;
+use crate::api::{
+    MIGRATION_FINALIZER, MigrationPhase, VirtualMachine, VirtualMachineMigration,
+    VirtualMachineMigrationStatus,
+};
+
+/// A migration whose target has not said it is ready after this long fails.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// How many migrations may be under way at once (KubeVirt's defaults: 2 and 5).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_node: usize,
+    pub cluster: usize,
+}
+
+/// Why a migration cannot start now, or cannot happen at all.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    /// Start it: move from `source` to `target`.
+    Go { source: String, target: String },
+    /// Try again later.
+    Wait {
+        reason: &'static str,
+        message: String,
+    },
+    /// Never: the migration fails.
+    Refuse {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// The active migrations (Scheduling or Running) other than `me`, as (source, target).
+fn active<'a>(
+    all: &'a [Arc<VirtualMachineMigration>],
+    me: &VirtualMachineMigration,
+) -> impl Iterator<Item = (&'a str, &'a str)> {
+    let me = me.uid();
+    all.iter().filter(move |m| m.uid() != me).filter_map(|m| {
+        let s = m.status.as_ref()?;
+        s.phase.filter(|p| p.active())?;
+        Some((
+            s.source_node.as_deref().unwrap_or(""),
+            s.target_node.as_deref().unwrap_or(""),
+        ))
+    })
+}
+
+/// The admission and placement decision, pure: the VM, the other migrations in the
+/// cluster, the hypervisors and the placed VMs as the scheduler sees them.
+#[allow(clippy::too_many_arguments)]
+pub fn decide(
+    m: &VirtualMachineMigration,
+    vm: Option<&VirtualMachine>,
+    all: &[Arc<VirtualMachineMigration>],
+    request: Option<scheduler::Request>,
+    candidates: &[Candidate],
+    compatible: &dyn Fn(&str, &str) -> Result<(), String>,
+    placed: &[Placed],
+    limits: Limits,
+    ctx: (scheduler::Strategy, scheduler::Weights),
+) -> Verdict {
+    let Some(vm) = vm else {
+        return Verdict::Refuse {
+            reason: "VMNotFound",
+            message: format!("VirtualMachine {} does not exist", m.spec.vm_name),
+        };
+    };
+    let status = vm.status.clone().unwrap_or_default();
+    let Some(source) = status.node_name.clone() else {
+        return Verdict::Refuse {
+            reason: "NotRunning",
+            message: "the VM is not bound to a node".into(),
+        };
+    };
+    if status.phase != Some(Phase::Running) {
+        return Verdict::Refuse {
+            reason: "NotRunning",
+            message: format!(
+                "the VM is {}: only a running VM migrates live (a stopped one starts wherever it is scheduled next)",
+                status.phase.map(|p| p.as_str()).unwrap_or("not started")
+            ),
+        };
+    }
+    let ns = m.namespace();
+    let same_vm = all.iter().any(|o| {
+        o.uid() != m.uid()
+            && o.namespace() == ns
+            && o.spec.vm_name == m.spec.vm_name
+            && o.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(|p| p.active())
+    });
+    if same_vm {
+        return Verdict::Wait {
+            reason: "AlreadyMigrating",
+            message: "another migration of this VM is under way".into(),
+        };
+    }
+    let others: Vec<_> = active(all, m).collect();
+    let from_source = others.iter().filter(|(s, _)| *s == source).count();
+    if from_source >= limits.per_node {
+        return Verdict::Wait {
+            reason: "Throttled",
+            message: format!(
+                "{from_source} migrations from {source} under way (limit {} per node)",
+                limits.per_node
+            ),
+        };
+    }
+    if others.len() >= limits.cluster {
+        return Verdict::Wait {
+            reason: "Throttled",
+            message: format!(
+                "{} migrations under way (limit {} in the cluster)",
+                others.len(),
+                limits.cluster
+            ),
+        };
+    }
+    let Some(mut req) = request else {
+        return Verdict::Refuse {
+            reason: "InvalidSpec",
+            message: "the VM's size is unknown".into(),
+        };
+    };
+    // The VM itself is placed on the source: it must not count against its own
+    // anti-affinity on the target.
+    let placed: Vec<Placed> = placed
+        .iter()
+        .filter(|p| !(p.node == source && p.labels == req.labels && p.namespace == req.namespace))
+        .cloned()
+        .collect();
+    let mut refused = Vec::new();
+    let eligible: Vec<Candidate> = candidates
+        .iter()
+        .filter(|c| c.name != source)
+        .filter(|c| m.spec.target_node.as_ref().is_none_or(|t| *t == c.name))
+        .filter(|c| match compatible(&source, &c.name) {
+            Ok(()) => true,
+            Err(why) => {
+                refused.push(format!("{}: {why}", c.name));
+                false
+            }
+        })
+        .cloned()
+        .collect();
+    if let Some(t) = &m.spec.target_node {
+        if *t == source {
+            return Verdict::Refuse {
+                reason: "SameNode",
+                message: format!("the VM already runs on {t}"),
+            };
+        }
+        if !candidates.iter().any(|c| c.name == *t) {
+            return Verdict::Refuse {
+                reason: "NoTarget",
+                message: format!("node {t} is not a hypervisor"),
+            };
+        }
+    }
+    req.node_selector = vm.spec.node_selector.clone();
+    match scheduler::schedule(&req, &eligible, &placed, ctx.0, ctx.1) {
+        Ok(target) => Verdict::Go { source, target },
+        Err(why) => {
+            let mut message = format!("no node can take the VM: {why}");
+            if !refused.is_empty() {
+                message.push_str(&format!("; incompatible: {}", refused.join(", ")));
+            }
+            // Capacity and cordons change; a target that cannot receive VMs at all
+            // (another accelerator, no migration endpoint) will not.
+            if eligible.is_empty() && !refused.is_empty() {
+                Verdict::Refuse {
+                    reason: "IncompatibleTarget",
+                    message,
+                }
+            } else {
+                Verdict::Wait {
+                    reason: "NoTarget",
+                    message,
+                }
+            }
+        }
+    }
+}
+
+async fn write_status(
+    m: &VirtualMachineMigration,
+    ctx: &Context,
+    status: VirtualMachineMigrationStatus,
+) -> Result<(), Error> {
+    if m.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<VirtualMachineMigration> =
+        Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": "vmlet.dev/v1alpha1",
+        "kind": "VirtualMachineMigration",
+        "metadata": {"resourceVersion": m.resource_version()},
+        "status": status,
+    });
+    api.patch_status(
+        &m.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn remove_finalizer(m: &VirtualMachineMigration, ctx: &Context) -> Result<(), Error> {
+    let Some(at) = m.finalizers().iter().position(|f| f == MIGRATION_FINALIZER) else {
+        return Ok(());
+    };
+    let api: Api<VirtualMachineMigration> =
+        Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+    let ops: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{at}"), "value": MIGRATION_FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{at}")},
+    ]))
+    .expect("a valid patch");
+    match api
+        .patch(
+            &m.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(ops),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn reconcile(
+    m: Arc<VirtualMachineMigration>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let old = m.status.clone().unwrap_or_default();
+    let phase = old.phase.unwrap_or(MigrationPhase::Pending);
+    if m.metadata.deletion_timestamp.is_some() {
+        // Mid-copy the source agent aborts the copy and lets go; otherwise nothing runs.
+        if phase != MigrationPhase::Running {
+            remove_finalizer(&m, &ctx).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    let now = Time(Timestamp::now());
+    let fail = |reason: &str, message: String| VirtualMachineMigrationStatus {
+        phase: Some(MigrationPhase::Failed),
+        reason: Some(reason.to_string()),
+        message: Some(message),
+        completion_time: Some(now.clone()),
+        ..old.clone()
+    };
+    match phase {
+        MigrationPhase::Succeeded | MigrationPhase::Failed => {
+            remove_finalizer(&m, &ctx).await?;
+            return Ok(Action::await_change());
+        }
+        MigrationPhase::Running => return Ok(Action::await_change()),
+        MigrationPhase::Scheduling => {
+            let since = m
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
+                .unwrap_or_default();
+            let ready = crate::api::conditions::is_true(&old.conditions, "TargetReady");
+            if !ready && since > PREPARE_TIMEOUT {
+                let msg = format!(
+                    "the target did not prepare the VM within {} s",
+                    PREPARE_TIMEOUT.as_secs()
+                );
+                write_status(&m, &ctx, fail("TargetTimeout", msg)).await?;
+                return Ok(Action::await_change());
+            }
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        MigrationPhase::Pending => {}
+    }
+    if !m.finalizers().iter().any(|f| f == MIGRATION_FINALIZER) {
+        let api: Api<VirtualMachineMigration> =
+            Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+        let ops: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": m.resource_version()},
+            {"op": "add", "path": if m.finalizers().is_empty() { "/metadata/finalizers" } else { "/metadata/finalizers/-" },
+             "value": if m.finalizers().is_empty() { json!([MIGRATION_FINALIZER]) } else { json!(MIGRATION_FINALIZER) }},
+        ]))
+        .expect("a valid patch");
+        api.patch(
+            &m.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(ops),
+        )
+        .await?;
+        // Its own event brings the object back with the finalizer.
+        return Ok(Action::await_change());
+    }
+
+    let ns = m.namespace().unwrap_or_default();
+    let vm = ctx
+        .caches
+        .vms
+        .get(&ObjectRef::new(&m.spec.vm_name).within(&ns));
+    let class = vm.as_ref().and_then(|vm| ctx.caches.class_of(vm));
+    let request = vm.as_ref().and_then(|vm| {
+        let class = class.clone()?;
+        vm.spec
+            .requests(class.as_ref())
+            .map(|r| super::bind::request(vm, r))
+    });
+    let all = ctx.caches.migrations.state();
+    let hv = |name: &str| {
+        ctx.caches
+            .hypervisors
+            .get(&ObjectRef::new(name))
+            .and_then(|h| h.status.clone())
+            .unwrap_or_default()
+    };
+    let compatible = |source: &str, target: &str| {
+        let (s, t) = (hv(source), hv(target));
+        if t.migration_uri.is_none() {
+            return Err("no migration endpoint (agent --migration-uri)".to_string());
+        }
+        if s.accel != t.accel {
+            return Err(format!(
+                "accelerator {} here, {} on the source",
+                t.accel.unwrap_or_default(),
+                s.accel.unwrap_or_default()
+            ));
+        }
+        Ok(())
+    };
+    let started = Instant::now();
+    let verdict = {
+        let mut view = ctx.view.lock().await;
+        let epoch = ctx.epoch.load(std::sync::atomic::Ordering::SeqCst);
+        let (candidates, placed) = view.current(&ctx.caches, ctx.heartbeat_grace, epoch);
+        let v = decide(
+            &m,
+            vm.as_deref(),
+            &all,
+            request.clone(),
+            candidates,
+            &compatible,
+            placed,
+            ctx.limits,
+            (ctx.strategy, ctx.weights),
+        );
+        if let (Verdict::Go { target, .. }, Some(req)) = (&v, &request) {
+            // Until the cache shows the migration Scheduling, count the VM on its target.
+            view.assume(
+                format!("migration/{}", m.uid().unwrap_or_default()),
+                Assumed {
+                    node: target.clone(),
+                    cpu: req.cpu,
+                    memory: req.memory,
+                    at: Instant::now(),
+                },
+                Placed {
+                    namespace: req.namespace.clone(),
+                    labels: req.labels.clone(),
+                    node: target.clone(),
+                    anti_affinity: req.anti_affinity.clone(),
+                },
+            );
+        }
+        v
+    };
+    ctx.metrics.migration_decision(&verdict, started.elapsed());
+    match verdict {
+        Verdict::Go { source, target } => {
+            let status = VirtualMachineMigrationStatus {
+                phase: Some(MigrationPhase::Scheduling),
+                reason: Some("TargetChosen".into()),
+                message: Some(format!("moving from {source} to {target}")),
+                source_node: Some(source),
+                target_node: Some(target),
+                ..Default::default()
+            };
+            tracing::info!(migration = %m.name_any(), vm = %m.spec.vm_name, ?status.target_node, "migration scheduled");
+            write_status(&m, &ctx, status).await?;
+            Ok(Action::requeue(Duration::from_secs(30)))
+        }
+        Verdict::Wait { reason, message } => {
+            let status = VirtualMachineMigrationStatus {
+                phase: Some(MigrationPhase::Pending),
+                reason: Some(reason.into()),
+                message: Some(message),
+                ..Default::default()
+            };
+            write_status(&m, &ctx, status).await?;
+            Ok(Action::requeue(Duration::from_secs(2)))
+        }
+        Verdict::Refuse { reason, message } => {
+            // A refusal is final: make sure it is not the cache's lag speaking.
+            let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+            let fresh = api.get_opt(&m.spec.vm_name).await?;
+            let seen = vm.as_ref().and_then(|v| v.resource_version());
+            if fresh.as_ref().and_then(|v| v.resource_version()) != seen {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            write_status(&m, &ctx, fail(reason, message)).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+pub fn error_policy(m: Arc<VirtualMachineMigration>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error("migration");
+    tracing::warn!(migration = %m.name_any(), error = %err, "migration reconcile failed");
+    Action::requeue(Duration::from_secs(2))
+}
