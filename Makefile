@@ -4,7 +4,7 @@ export KUBECONFIG ?= $(CURDIR)/.cache/cluster/kubeconfig
 export PATH := $(CURDIR)/.cache/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: all deps build cluster-up cluster-down libvirt-up libvirt-down crds lint test test-unit demo demo-down bench clean
+.PHONY: all deps build cluster-up cluster-down libvirt-up libvirt-down hosts-up hosts-down crds lint test test-unit demo demo-down bench clean
 
 all: build
 
@@ -26,6 +26,13 @@ libvirt-up: deps
 libvirt-down:
 	hack/libvirt.sh down
 
+## hosts-up: two more libvirt hosts in network namespaces, for live migration tests
+hosts-up: deps
+	hack/hosts.sh up
+
+hosts-down:
+	hack/hosts.sh down
+
 ## crds: regenerate crds/ from the code
 crds:
 	VMLET_UPDATE_CRDS=1 $(CARGO) test --test crds
@@ -36,7 +43,7 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 ## test: the whole suite, against the real local control plane and libvirt
-test: cluster-up libvirt-up lint
+test: cluster-up libvirt-up hosts-up lint
 	$(CARGO) test --lib --bins --tests -- --test-threads=4
 
 ## demo: control plane + agent on local libvirt, boots the tiny guest and shows it Running

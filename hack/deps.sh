@@ -5,10 +5,12 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# qemu-utils is not named: the machine may carry a newer one from backports, and apt then
+# iproute2 and util-linux: hack/hosts.sh (ip netns, unshare); fonts-dejavu-core: the
+# benchmark plots' text. qemu-utils is not named: the machine may carry a newer one from backports, and apt then
 # reports held broken packages. qemu-system-x86 pulls in a compatible qemu-img.
 PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86
-      pkg-config openssl curl busybox-static cpio iproute2 genisoimage)
+      pkg-config openssl curl busybox-static cpio iproute2 util-linux genisoimage
+      fonts-dejavu-core)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -168,17 +168,18 @@ async fn an_agent_token_writes_only_its_own_node() {
     let hv = |name: &str| json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor", "metadata": {"name": name}, "spec": {}});
     let lease = |name: &str| json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name}, "spec": {"holderIdentity": "x"}});
 
-    // Refused: B's VM, rebinding A's VM, B's Hypervisor and Lease.
-    let rebind = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": node_b}});
+    // Refused: B's VM, taking B's VM, B's Hypervisor and Lease.
+    let take = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": node_a}});
     let lease_b = format!("vmlet-{node_b}");
     eventually_denied("may only update VirtualMachines bound to its node", || {
         let (api, pp, body) = (a_vms.clone(), pp.clone(), phase.clone());
         async move { api.patch_status("vm-b", &pp, &Patch::Apply(body)).await }
     })
     .await;
-    eventually_denied("may not rebind", || {
-        let (api, pp, body) = (a_vms.clone(), pp.clone(), rebind.clone());
-        async move { api.patch_status("vm-a", &pp, &Patch::Apply(body)).await }
+    eventually_denied("may only update VirtualMachines bound to its node", || {
+        let (api, body) = (a_vms.clone(), take.clone());
+        let pp = PatchParams::apply("vmlet-agent-migration").force();
+        async move { api.patch_status("vm-b", &pp, &Patch::Apply(body)).await }
     })
     .await;
     eventually_denied("may only write its own Hypervisor", || {
@@ -224,6 +225,12 @@ async fn an_agent_token_writes_only_its_own_node() {
         )
         .await
         .expect("own Lease");
+    // A live migration's source hands its VM to the target: giving away is allowed.
+    let give = json!({"status": {"nodeName": node_b}});
+    a_vms
+        .patch_status("vm-a", &PatchParams::default(), &Patch::Merge(&give))
+        .await
+        .expect("hand own VM to another node");
 
     // A token of the same ServiceAccount not bound to a Pod carries no node: refused.
     let loose = run("kubectl", &["create", "token", &sa, "-n", &ns], None);
@@ -231,7 +238,7 @@ async fn an_agent_token_writes_only_its_own_node() {
         Api::namespaced(client_with_token(loose.trim()).await, &ns);
     denied(
         loose_vms
-            .patch_status("vm-a", &pp, &Patch::Apply(&phase))
+            .patch_status("vm-b", &pp, &Patch::Apply(&phase))
             .await,
         "token bound to a Pod",
     )

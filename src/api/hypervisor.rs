@@ -88,6 +88,7 @@ pub struct HypervisorStatus {
     /// from the source's to these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<String>,
+    /// Where this node keeps downloaded VirtualMachineImages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_root: Option<String>,
     /// VMs bound here.

@@ -82,6 +82,7 @@ impl MigrationPhase {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineMigrationStatus {
+    /// Pending, Scheduling, Running, Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<MigrationPhase>,
     /// Why it is in this phase, CamelCase (e.g. Throttled, NoTarget, NotRunning, Aborted).
