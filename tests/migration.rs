@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
@@ -62,18 +63,29 @@ struct Host {
     uri: &'static str,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn running_guest_moves_between_two_libvirt_hosts() {
+/// Both tests drive the same two libvirt hosts: one at a time.
+static HOSTS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Two hypervisors (a Node, an agent on its own libvirtd and state directory each), a
+/// controller, the tiny guest's images in a fresh namespace.
+struct Lab {
+    client: kube::Client,
+    ns: String,
+    run: String,
+    hosts: Vec<Host>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn lab(prefix: &str) -> Lab {
     let client = common::client().await;
     common::ensure_crds(&client).await;
-    let ns = common::namespace(&client, "mig").await;
+    let ns = common::namespace(&client, prefix).await;
     let dir = tempfile::tempdir().unwrap();
-    let run = format!("mig-{}", std::process::id());
-
-    // Two hypervisors: a Node, an agent on its own libvirtd and state directory.
+    let run = format!("{prefix}-{}", std::process::id());
     let nodes: Api<Node> = Api::all(client.clone());
     let mut hosts = Vec::new();
-    let mut agents = Vec::new();
+    let mut tasks = Vec::new();
     for (i, uri) in HOSTS.iter().enumerate() {
         let lv = Libvirt::open(uri)
             .await
@@ -98,25 +110,23 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
             metrics_addr: "127.0.0.1:0".into(),
             advertise_address: None,
             migration_uri: Some(uri.to_string()),
-            orphan_grace_seconds: 30,
+            orphan_grace_seconds: 5,
             lease_duration_seconds: 15,
             heartbeat_seconds: 2,
             fence_after_seconds: 0,
             kubeconfig: Some(common::kubeconfig_path()),
         };
-        agents.push(tokio::spawn(vmlet::agent::run_with(
+        tasks.push(tokio::spawn(vmlet::agent::run_with(
             args,
             lv,
             std::future::pending(),
         )));
         hosts.push(Host { node, state, uri });
     }
-    let controller = tokio::spawn(vmlet::controller::run_until(
-        common::controller_args("migration-test", &ns),
+    tasks.push(tokio::spawn(vmlet::controller::run_until(
+        common::controller_args(&format!("{prefix}-test"), &ns),
         std::future::pending(),
-    ));
-
-    // The tiny guest, on whichever host the scheduler picks.
+    )));
     let (kernel, initrd) = guest_files();
     let (kurl, ksha) = common::serve_file(&kernel).await;
     let (iurl, isha) = common::serve_file(&initrd).await;
@@ -129,26 +139,94 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
         let img = VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap());
         images.create(&PostParams::default(), &img).await.unwrap();
     }
-    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
-    let spec = json!({
-        "runStrategy": "Always",
-        "memory": "128Mi",
-        "nodeSelector": {"vmlet.dev/migration-test": run},
-        "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"}, "cmdline": "console=ttyS0 panic=-1"},
-        "disks": [
-            {"name": "data", "blank": {"size": "64Mi"}},
-            {"name": "seed", "cloudInit": {"userData": "#cloud-config\n"}}
-        ],
-        "networks": [{"name": "default", "user": {}}]
-    });
-    let vm = api
-        .create(
-            &PostParams::default(),
-            &VirtualMachine::new("tiny", serde_json::from_value(spec).unwrap()),
-        )
+    Lab {
+        client,
+        ns,
+        run,
+        hosts,
+        tasks,
+        _dir: dir,
+    }
+}
+
+impl Lab {
+    fn vms(&self) -> Api<VirtualMachine> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// The tiny guest with a data disk, a seed and user networking, plus `extra` fields.
+    async fn create_vm(&self, name: &str, extra: serde_json::Value) -> String {
+        let mut spec = json!({
+            "runStrategy": "Always",
+            "memory": "128Mi",
+            "nodeSelector": {"vmlet.dev/migration-test": self.run},
+            "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"}, "cmdline": "console=ttyS0 panic=-1"},
+            "disks": [
+                {"name": "data", "blank": {"size": "64Mi"}},
+                {"name": "seed", "cloudInit": {"userData": "#cloud-config\n"}}
+            ],
+            "networks": [{"name": "default", "user": {}}]
+        });
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().cloned().unwrap_or_default());
+        let vm = self
+            .vms()
+            .create(
+                &PostParams::default(),
+                &VirtualMachine::new(name, serde_json::from_value(spec).unwrap()),
+            )
+            .await
+            .unwrap();
+        vm.metadata.uid.unwrap()
+    }
+
+    /// Waits until the VM runs; returns its node.
+    async fn running(&self, name: &str, on: Option<&str>) -> String {
+        let api = self.vms();
+        common::wait_for(Duration::from_secs(180), || async {
+            let st = api.get(name).await.ok()?.status?;
+            let node = st.node_name?;
+            (st.phase? == vmlet::api::vm::Phase::Running && on.is_none_or(|n| n == node))
+                .then_some(node)
+        })
         .await
-        .unwrap();
-    let uid = vm.metadata.uid.clone().unwrap();
+        .unwrap_or_else(|| panic!("{name} never ran (on {on:?})"))
+    }
+
+    async fn cordon(&self, node: &str, on: bool) {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        nodes
+            .patch(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"unschedulable": on}})),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn teardown(self) {
+        common::delete_vms_and_namespace(&self.client, &self.ns).await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let hv: Api<vmlet::api::Hypervisor> = Api::all(self.client.clone());
+        for h in &self.hosts {
+            let _ = nodes.delete(&h.node, &DeleteParams::default()).await;
+            let _ = hv.delete(&h.node, &DeleteParams::default()).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_guest_moves_between_two_libvirt_hosts() {
+    let _serial = HOSTS_LOCK.lock().await;
+    let lab = lab("mig").await;
+    let (client, ns, hosts) = (lab.client.clone(), lab.ns.clone(), &lab.hosts);
+    let api = lab.vms();
+    let uid = lab.create_vm("tiny", json!({})).await;
 
     // Every nodeName the VM ever shows, from a watch.
     let bindings: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -169,12 +247,7 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
         })
     };
 
-    let source = common::wait_for(Duration::from_secs(120), || async {
-        let st = api.get("tiny").await.ok()?.status?;
-        (st.phase? == vmlet::api::vm::Phase::Running).then_some(st.node_name?)
-    })
-    .await
-    .expect("the VM never ran");
+    let source = lab.running("tiny", None).await;
     let (src, dst) = if source == hosts[0].node {
         (&hosts[0], &hosts[1])
     } else {
@@ -316,14 +389,99 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
     .await
     .expect("migrations were not deleted");
     watch.abort();
-    common::delete_vms_and_namespace(&client, &ns).await;
-    controller.abort();
-    for a in agents {
-        a.abort();
+    lab.teardown().await;
+}
+
+/// `kubectl vm drain` on a node with three VMs: the default (LiveMigrate) moves live, the
+/// Shutdown one stops and starts on the other node, the None one stays; the node ends
+/// cordoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_moves_each_vm_as_its_eviction_strategy_says() {
+    let _serial = HOSTS_LOCK.lock().await;
+    let lab = lab("drain").await;
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    // Everything starts on h1.
+    lab.cordon(&h2.node, true).await;
+    let live = lab.create_vm("live", json!({})).await;
+    let cold = lab
+        .create_vm(
+            "cold",
+            json!({"evictionStrategy": "Shutdown", "terminationGracePeriodSeconds": 1}),
+        )
+        .await;
+    lab.create_vm("pinned", json!({"evictionStrategy": "None"}))
+        .await;
+    for name in ["live", "cold", "pinned"] {
+        lab.running(name, Some(&h1.node)).await;
     }
-    for h in &hosts {
-        let _ = nodes.delete(&h.node, &DeleteParams::default()).await;
-        let hv: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
-        let _ = hv.delete(&h.node, &DeleteParams::default()).await;
-    }
+    let live_console = |h: &Host| h.state.join("vms").join(&live).join("console.log");
+    common::wait_for(Duration::from_secs(60), || async {
+        last_uptime(&live_console(h1)).filter(|u| *u > 3.0)
+    })
+    .await
+    .expect("the live guest never reached userspace");
+    lab.cordon(&h2.node, false).await;
+
+    let plugin = env!("CARGO_BIN_EXE_kubectl-vm");
+    let t = Instant::now();
+    let out = tokio::process::Command::new(plugin)
+        .args(["drain", &h1.node, "--timeout", "240"])
+        .env("KUBECONFIG", common::kubeconfig_path())
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "drain failed: {stdout}\n{stderr}");
+    println!(
+        "drain took {:.1} s:\n{stderr}{stdout}",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(stdout.contains("drained"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{}/pinned: left on the node", lab.ns)),
+        "{stdout}"
+    );
+
+    // live: moved without a reboot; cold: booted again on h2; pinned: still on h1.
+    lab.running("live", Some(&h2.node)).await;
+    common::wait_for(Duration::from_secs(30), || async {
+        last_uptime(&live_console(h2)).filter(|u| *u > 3.0)
+    })
+    .await
+    .expect("the live guest's uptime did not continue on h2");
+    let h2_live = std::fs::read_to_string(live_console(h2)).unwrap_or_default();
+    assert!(
+        !h2_live.contains("vmlet-guest-up"),
+        "live rebooted: {h2_live}"
+    );
+    lab.running("cold", Some(&h2.node)).await;
+    let cold_console = h2.state.join("vms").join(&cold).join("console.log");
+    common::wait_for(Duration::from_secs(60), || async {
+        std::fs::read_to_string(&cold_console)
+            .ok()
+            .filter(|t| t.contains("vmlet-guest-up"))
+    })
+    .await
+    .expect("cold never booted on h2");
+    lab.running("pinned", Some(&h1.node)).await;
+    // Its eviction mark is dropped once it runs elsewhere.
+    common::wait_for(Duration::from_secs(20), || async {
+        let vm = lab.vms().get("cold").await.ok()?;
+        (!vm.annotations().contains_key(vmlet::api::EVICT_ANNOTATION)).then_some(())
+    })
+    .await
+    .expect("the eviction annotation stayed");
+    let node: Node = Api::all(lab.client.clone()).get(&h1.node).await.unwrap();
+    assert_eq!(node.spec.and_then(|s| s.unschedulable), Some(true));
+    // The old node keeps nothing of the VMs that left, once the orphan grace passed.
+    common::wait_for(Duration::from_secs(30), || async {
+        let all = virsh(h1.uri, &["list", "--all", "--uuid"]);
+        (!all.contains(&live) && !all.contains(&cold)).then_some(())
+    })
+    .await
+    .expect("h1 kept a domain of a VM that left");
+    lab.teardown().await;
 }

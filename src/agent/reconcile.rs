@@ -382,6 +382,10 @@ async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Ac
                 .as_ref()
                 .and_then(|s| s.last_restart_request.clone());
     let halted = vm.spec.run_strategy == Some(RunStrategy::Halted);
+    // Being drained off this node by shutting down: stop, and stay stopped here.
+    if vm.annotations().get(crate::api::EVICT_ANNOTATION) == Some(&ctx.node) {
+        want = false;
+    }
     if restart_pending && !halted {
         // Stop first if it runs; start once it is down, whatever the strategy says.
         want = !running;

@@ -29,6 +29,10 @@ pub const DOMAIN_FINALIZER: &str = "vmlet.dev/domain";
 /// The finalizer the controller puts on a migration it schedules, so that deleting it
 /// mid-copy reaches the source agent, which aborts the copy and then removes it.
 pub const MIGRATION_FINALIZER: &str = "vmlet.dev/migration";
+/// Set by `kubectl vm drain` to the node a VM must leave by shutting down (its
+/// evictionStrategy is Shutdown): that node's agent stops it, the controller then unbinds
+/// it, and it starts wherever it is scheduled next.
+pub const EVICT_ANNOTATION: &str = "vmlet.dev/evict";
 /// The label that marks a Node as a hypervisor.
 pub const HYPERVISOR_LABEL: &str = "vmlet.dev/hypervisor";
 

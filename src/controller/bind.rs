@@ -12,7 +12,8 @@ use serde_json::json;
 use super::inventory::Assumed;
 use super::scheduler::{self, Placed, Request};
 use super::{Context, FIELD_MANAGER};
-use crate::api::{VirtualMachine, conditions};
+use crate::api::vm::Phase;
+use crate::api::{EVICT_ANNOTATION, VirtualMachine, conditions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -114,6 +115,53 @@ async fn set_scheduled(
     Ok(())
 }
 
+/// Removes a drained VM's binding (with the version it was decided on as precondition),
+/// so that it is scheduled again, away from the cordoned node.
+async fn unbind(vm: &VirtualMachine, ctx: &Context, node: &str) -> Result<(), Error> {
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let cond = conditions::new(
+        &vm.status.clone().unwrap_or_default().conditions,
+        "Scheduled",
+        false,
+        "Evicted",
+        format!("shut down to leave {node} (drain); waiting for a new node"),
+        vm.metadata.generation,
+        Time(Timestamp::now()),
+    );
+    let patch = json!({
+        "metadata": {"resourceVersion": vm.resource_version()},
+        "status": {"nodeName": null, "phase": "Pending", "conditions": [cond]},
+    });
+    api.patch_status(
+        &vm.name_any(),
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        },
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    tracing::info!(vm = %vm.name_any(), %node, "evicted: unbound to start elsewhere");
+    Ok(())
+}
+
+async fn forget_eviction(vm: &VirtualMachine, ctx: &Context) -> Result<(), Error> {
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"annotations": {EVICT_ANNOTATION: null}}});
+    api.patch(
+        &vm.name_any(),
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        },
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     if vm.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -123,6 +171,19 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         // and the condition should say so.
         if let Some(uid) = vm.uid() {
             ctx.view.lock().await.assumed.remove(&uid);
+        }
+        match vm.annotations().get(EVICT_ANNOTATION) {
+            // Drained by shutting down, and down: free it to start elsewhere.
+            Some(from) if *from == node => {
+                let phase = vm.status.as_ref().and_then(|s| s.phase);
+                if matches!(phase, Some(Phase::Stopped | Phase::Failed) | None) {
+                    unbind(&vm, &ctx, &node).await?;
+                }
+                return Ok(Action::await_change());
+            }
+            // Moved: the annotation has done its work.
+            Some(_) => forget_eviction(&vm, &ctx).await?,
+            None => {}
         }
         set_scheduled(
             &vm,

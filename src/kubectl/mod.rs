@@ -1,4 +1,6 @@
-//! The `kubectl vm` plugin: start, stop, restart, console, nodes, completion.
+//! The `kubectl vm` plugin: start, stop, restart, console, nodes, drain, completion.
+
+mod drain;
 
 use std::io::Write;
 
@@ -53,6 +55,15 @@ enum Command {
     },
     /// A capacity table of the hypervisors.
     Nodes,
+    /// Cordon a node and move its VMs off it as each one's evictionStrategy says
+    /// (LiveMigrate, the default: live migration; Shutdown: stop here, start elsewhere;
+    /// None: left running there).
+    Drain {
+        node: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value = "600")]
+        timeout: u64,
+    },
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
 }
@@ -289,6 +300,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             token,
         } => return console(&s, &name, follow, token).await,
         Command::Nodes => nodes(&s).await?,
+        Command::Drain { node, timeout } => {
+            drain::drain(&s.client, &node, std::time::Duration::from_secs(timeout)).await?
+        }
         Command::Completion { .. } => unreachable!("handled above"),
     };
     println!("{out}");
