@@ -249,6 +249,10 @@ async fn main() -> anyhow::Result<()> {
         loss_margin_seconds: 10,
         max_migrations_per_node: 2,
         max_migrations: 5,
+        rebalance: vmlet::controller::rebalance::Mode::Off,
+        rebalance_threshold: 0.25,
+        rebalance_max_moves: 3,
+        rebalance_interval_seconds: 60,
         kubeconfig: Some(kc.clone()),
     };
     let controller = tokio::spawn(vmlet::controller::run_until(

@@ -36,6 +36,8 @@ pub struct Metrics {
     leader: Gauge,
     evictions: Family<ResultLabel, Counter>,
     migrations: Family<ResultLabel, Counter>,
+    imbalance: Gauge<f64, std::sync::atomic::AtomicU64>,
+    planned_moves: Gauge,
 }
 
 impl Default for Metrics {
@@ -49,6 +51,8 @@ impl Default for Metrics {
             leader: Gauge::default(),
             evictions: Family::default(),
             migrations: Family::default(),
+            imbalance: Gauge::default(),
+            planned_moves: Gauge::default(),
         }
     }
 }
@@ -91,6 +95,14 @@ impl Metrics {
             })
             .inc();
         self.attempt("migration", took);
+    }
+
+    pub fn set_imbalance(&self, cv: f64) {
+        self.imbalance.set(cv);
+    }
+
+    pub fn set_planned_moves(&self, n: usize) {
+        self.planned_moves.set(n as i64);
     }
 
     pub fn set_leader(&self, leader: bool) {
@@ -142,6 +154,16 @@ fn render(m: &Metrics, ctx: Option<&Context>) -> String {
         unschedulable,
     );
     reg.register("vms", "VMs by phase", by_phase);
+    reg.register(
+        "utilisation_imbalance",
+        "Coefficient of variation of hypervisor utilisation, as the rebalancer last saw it",
+        m.imbalance.clone(),
+    );
+    reg.register(
+        "rebalance_planned_moves",
+        "Migrations the rebalancer's last plan asked for (or would, in plan mode)",
+        m.planned_moves.clone(),
+    );
     reg.register(
         "migration_decisions",
         "Migration admission decisions by result (scheduled, refused, or why it waits)",

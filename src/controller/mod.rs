@@ -6,6 +6,7 @@ pub mod inventory;
 mod metrics;
 mod migrate;
 mod nodeloss;
+pub mod rebalance;
 pub mod scheduler;
 pub mod selector;
 
@@ -70,6 +71,18 @@ pub struct Args {
     /// Migrations that may run at once in the cluster.
     #[arg(long, default_value = "5")]
     pub max_migrations: usize,
+    /// The rebalancer: off, plan (log and export the moves it would make) or migrate.
+    #[arg(long, value_enum, default_value = "off")]
+    pub rebalance: rebalance::Mode,
+    /// Coefficient of variation of node utilisation above which the rebalancer plans.
+    #[arg(long, default_value = "0.25")]
+    pub rebalance_threshold: f64,
+    /// Most migrations one rebalance round asks for.
+    #[arg(long, default_value = "3")]
+    pub rebalance_max_moves: usize,
+    /// Seconds between rebalance rounds.
+    #[arg(long, default_value = "60")]
+    pub rebalance_interval_seconds: u64,
     /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
     #[arg(long, env = "VMLET_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -141,6 +154,12 @@ pub async fn run_until(
         };
         tokio::select! {
             res = controller(ctx.clone(), writers) => res,
+            _ = rebalance::rebalance_loop(ctx.clone(), rebalance::Settings {
+                mode: args.rebalance,
+                threshold: args.rebalance_threshold,
+                max_moves: args.rebalance_max_moves,
+                interval: Duration::from_secs(args.rebalance_interval_seconds.max(1)),
+            }) => Ok(()),
             _ = nodeloss::node_loss_loop(
                 ctx,
                 Duration::from_secs(args.fence_after_seconds),

@@ -163,6 +163,10 @@ pub fn controller_args(identity: &str, lease_namespace: &str) -> vmlet::controll
         loss_margin_seconds: 10,
         max_migrations_per_node: 2,
         max_migrations: 5,
+        rebalance: vmlet::controller::rebalance::Mode::Off,
+        rebalance_threshold: 0.25,
+        rebalance_max_moves: 3,
+        rebalance_interval_seconds: 60,
         kubeconfig: Some(kubeconfig_path()),
     }
 }
