@@ -229,23 +229,18 @@ async fn main() -> anyhow::Result<()> {
     }
     println!();
 
-    // Clean up while the agent runs, so finalizers complete.
-    let _ = api
-        .delete_collection(&DeleteParams::default(), &Default::default())
-        .await;
+    // Clean up while the agent runs, so finalizers complete: the namespace controller
+    // deletes the VMs (one delete-collection of 10,000 would time out).
+    let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let _ = ns.delete(&run, &DeleteParams::default()).await;
     let t = Instant::now();
-    while !api
-        .list(&ListParams::default().limit(1))
-        .await
-        .is_ok_and(|l| l.items.is_empty())
+    while ns.get_opt(&run).await.map_or(true, |n| n.is_some())
         && t.elapsed() < Duration::from_secs(600)
     {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     drop(agent);
     drop(controller);
-    let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    let _ = ns.delete(&run, &DeleteParams::default()).await;
     let _ = node_api.delete(&node, &DeleteParams::default()).await;
     let _ = hvs.delete(&node, &DeleteParams::default()).await;
     Ok(())

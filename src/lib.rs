@@ -11,3 +11,4 @@ pub mod kubeconfig;
 pub mod kubectl;
 pub mod shutdown;
 pub mod telemetry;
+pub mod watch;

@@ -23,7 +23,7 @@ use futures::StreamExt;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
 use crate::api::{VirtualMachine, VirtualMachineClass};
@@ -190,8 +190,11 @@ pub async fn run_with(
 
     let vm_api: Api<VirtualMachine> = Api::all(client.clone());
     let wc = watcher::Config::default().fields(&format!("status.nodeName={}", args.node));
-    let controller = Controller::new(vm_api, wc);
-    let vms = controller.store();
+    let (vms, vm_writer) = kube::runtime::reflector::store::<VirtualMachine>();
+    let vm_stream = kube::runtime::reflector(vm_writer, crate::watch::slim(watcher(vm_api, wc)))
+        .default_backoff()
+        .touched_objects();
+    let controller = Controller::for_stream(vm_stream, vms.clone());
     let (classes, class_writer) = kube::runtime::reflector::store::<VirtualMachineClass>();
     let class_stream = kube::runtime::reflector(
         class_writer,

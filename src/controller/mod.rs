@@ -23,6 +23,8 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
+use crate::watch::slim;
+
 use crate::api::{Hypervisor, VirtualMachine, VirtualMachineClass, VirtualMachineMigration};
 use inventory::{Caches, View};
 use scheduler::{Strategy, Weights};
@@ -254,19 +256,6 @@ async fn start(
         leases: lease_writer,
     };
     Ok((ctx, writers))
-}
-
-/// Drops what the caches never read and that makes up much of each object: the
-/// server-side apply bookkeeping (managedFields) and kubectl's last-applied annotation.
-pub fn slim<K: kube::Resource + Send + 'static>(
-    s: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
-) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send {
-    s.modify(|o| {
-        o.meta_mut().managed_fields = None;
-        if let Some(a) = o.meta_mut().annotations.as_mut() {
-            a.remove("kubectl.kubernetes.io/last-applied-configuration");
-        }
-    })
 }
 
 /// Every VM still waiting for a place.
