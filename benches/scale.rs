@@ -237,23 +237,11 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let controller_args = vmlet::controller::Args {
-        strategy: vmlet::controller::scheduler::Strategy::Spread,
-        cpu_weight: 1.0,
-        memory_weight: 1.0,
         metrics_addr: "127.0.0.1:0".into(),
         lease_namespace: run.clone(),
         identity: Some("bench".into()),
-        lease_duration_seconds: 10,
-        heartbeat_grace_seconds: 5,
-        fence_after_seconds: 60,
-        loss_margin_seconds: 10,
-        max_migrations_per_node: 2,
-        max_migrations: 5,
-        rebalance: vmlet::controller::rebalance::Mode::Off,
-        rebalance_threshold: 0.25,
-        rebalance_max_moves: 3,
-        rebalance_interval_seconds: 60,
         kubeconfig: Some(kc.clone()),
+        ..Default::default()
     };
     let controller = tokio::spawn(vmlet::controller::run_until(
         controller_args,

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod http;
 pub mod kubeconfig;
 pub mod kubectl;
+pub mod patch;
 pub mod shutdown;
 pub mod telemetry;
 pub mod watch;

@@ -118,12 +118,6 @@ async fn cut_off_node_fences_before_its_vm_moves() {
             heartbeat_grace_seconds: 2,
             fence_after_seconds: 4,
             loss_margin_seconds: 3,
-            max_migrations_per_node: 2,
-            max_migrations: 5,
-            rebalance: vmlet::controller::rebalance::Mode::Off,
-            rebalance_threshold: 0.25,
-            rebalance_max_moves: 3,
-            rebalance_interval_seconds: 60,
             ..common::controller_args("failover", &ns)
         },
         std::future::pending(),

@@ -160,27 +160,9 @@ async fn patch_status(
 }
 
 async fn release(m: &VirtualMachineMigration, ctx: &Context) -> Result<(), kube::Error> {
-    let Some(at) = m.finalizers().iter().position(|f| f == MIGRATION_FINALIZER) else {
-        return Ok(());
-    };
     let api: Api<VirtualMachineMigration> =
         Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
-    let ops: json_patch::Patch = serde_json::from_value(json!([
-        {"op": "test", "path": format!("/metadata/finalizers/{at}"), "value": MIGRATION_FINALIZER},
-        {"op": "remove", "path": format!("/metadata/finalizers/{at}")},
-    ]))
-    .expect("a valid patch");
-    match api
-        .patch(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Json::<()>(ops),
-        )
-        .await
-    {
-        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => Ok(()),
-        other => other.map(|_| ()),
-    }
+    crate::patch::remove_finalizer(&api, m, MIGRATION_FINALIZER).await
 }
 
 pub async fn reconcile(
@@ -376,10 +358,7 @@ async fn finish(
                 match api
                     .patch_status(
                         &vm.name_any(),
-                        &PatchParams {
-                            field_manager: Some(REBIND_MANAGER.into()),
-                            ..Default::default()
-                        },
+                        &crate::patch::by(REBIND_MANAGER),
                         &Patch::Merge(&patch),
                     )
                     .await

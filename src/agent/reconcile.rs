@@ -159,19 +159,8 @@ async fn finalize_then(
             return Ok(Action::await_change());
         }
         cleanup(vm, ctx).await?;
-        let at = vm.finalizers().iter().position(|f| f == DOMAIN_FINALIZER);
-        let patch = json!([
-            {"op": "test", "path": format!("/metadata/finalizers/{}", at.unwrap_or(0)), "value": DOMAIN_FINALIZER},
-            {"op": "remove", "path": format!("/metadata/finalizers/{}", at.unwrap_or(0))},
-        ]);
-        return match json_patch(api, vm, patch).await {
-            Ok(_) => Ok(Action::await_change()),
-            // Already gone, or the list moved under us: the next event retries.
-            Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => {
-                Ok(Action::await_change())
-            }
-            Err(e) => Err(e.into()),
-        };
+        crate::patch::remove_finalizer(api, vm, DOMAIN_FINALIZER).await?;
+        return Ok(Action::await_change());
     }
     if ours {
         return apply(vm, ctx, Freshness::Cached).await;

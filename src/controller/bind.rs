@@ -135,10 +135,7 @@ async fn unbind(vm: &VirtualMachine, ctx: &Context, node: &str) -> Result<(), Er
     });
     api.patch_status(
         &vm.name_any(),
-        &PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        },
+        &crate::patch::by(FIELD_MANAGER),
         &Patch::Merge(&patch),
     )
     .await?;
@@ -152,10 +149,7 @@ async fn forget_eviction(vm: &VirtualMachine, ctx: &Context) -> Result<(), Error
     let patch = json!({"metadata": {"annotations": {EVICT_ANNOTATION: null}}});
     api.patch(
         &vm.name_any(),
-        &PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        },
+        &crate::patch::by(FIELD_MANAGER),
         &Patch::Merge(&patch),
     )
     .await?;

@@ -236,28 +236,9 @@ async fn write_status(
 }
 
 async fn remove_finalizer(m: &VirtualMachineMigration, ctx: &Context) -> Result<(), Error> {
-    let Some(at) = m.finalizers().iter().position(|f| f == MIGRATION_FINALIZER) else {
-        return Ok(());
-    };
     let api: Api<VirtualMachineMigration> =
         Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
-    let ops: json_patch::Patch = serde_json::from_value(json!([
-        {"op": "test", "path": format!("/metadata/finalizers/{at}"), "value": MIGRATION_FINALIZER},
-        {"op": "remove", "path": format!("/metadata/finalizers/{at}")},
-    ]))
-    .expect("a valid patch");
-    match api
-        .patch(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Json::<()>(ops),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    Ok(crate::patch::remove_finalizer(&api, m, MIGRATION_FINALIZER).await?)
 }
 
 pub async fn reconcile(

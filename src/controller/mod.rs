@@ -90,6 +90,16 @@ pub struct Args {
     pub kubeconfig: Option<PathBuf>,
 }
 
+impl Default for Args {
+    /// What the command line gives when no flag is set.
+    fn default() -> Self {
+        use clap::{Args as _, FromArgMatches};
+        let cmd = Self::augment_args(clap::Command::new("controller"));
+        Self::from_arg_matches(&cmd.get_matches_from(["controller"]))
+            .expect("the flags' defaults parse")
+    }
+}
+
 pub struct Context {
     pub client: Client,
     pub caches: Caches,

@@ -92,12 +92,8 @@ pub fn plan(
             .collect();
         let by_u = |i: &usize| utilisation(&nodes[*i], w);
         let (Some(&h), Some(&l)) = (
-            eligible
-                .iter()
-                .max_by(|a, b| by_u(a).total_cmp(&by_u(b))),
-            eligible
-                .iter()
-                .min_by(|a, b| by_u(a).total_cmp(&by_u(b))),
+            eligible.iter().max_by(|a, b| by_u(a).total_cmp(&by_u(b))),
+            eligible.iter().min_by(|a, b| by_u(a).total_cmp(&by_u(b))),
         ) else {
             break;
         };
@@ -105,7 +101,11 @@ pub fn plan(
             break;
         }
         let mut best: Option<(usize, f64)> = None;
-        for (vi, vm) in vms.iter().enumerate().filter(|(_, v)| v.node == nodes[h].name) {
+        for (vi, vm) in vms
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.node == nodes[h].name)
+        {
             // The target must take the VM by every scheduler rule, the VM itself aside.
             let others: Vec<Placed> = placed
                 .iter()
@@ -117,14 +117,8 @@ pub fn plan(
                 .cloned()
                 .collect();
             let target = std::slice::from_ref(&nodes[l]);
-            if scheduler::schedule(
-                &vm.request,
-                target,
-                &others,
-                scheduler::Strategy::Spread,
-                w,
-            )
-            .is_err()
+            if scheduler::schedule(&vm.request, target, &others, scheduler::Strategy::Spread, w)
+                .is_err()
             {
                 continue;
             }
@@ -208,7 +202,10 @@ pub async fn rebalance_loop(ctx: Arc<Context>, s: Settings) {
             .filter(|vm| {
                 let st = vm.status.clone().unwrap_or_default();
                 st.phase == Some(Phase::Running)
-                    && vm.spec.eviction_strategy.unwrap_or(EvictionStrategy::LiveMigrate)
+                    && vm
+                        .spec
+                        .eviction_strategy
+                        .unwrap_or(EvictionStrategy::LiveMigrate)
                         == EvictionStrategy::LiveMigrate
                     && conditions::is_true(&st.conditions, "Ready")
             })
@@ -240,7 +237,8 @@ pub async fn rebalance_loop(ctx: Arc<Context>, s: Settings) {
             );
             obj.metadata.name = None;
             obj.metadata.generate_name = Some(format!("rebalance-{}-", m.name));
-            obj.metadata.labels = Some([("vmlet.dev/rebalance".to_string(), "true".to_string())].into());
+            obj.metadata.labels =
+                Some([("vmlet.dev/rebalance".to_string(), "true".to_string())].into());
             if let Err(e) = api.create(&PostParams::default(), &obj).await {
                 tracing::warn!(vm = %m.name, error = %e, "rebalance migration not created");
             }

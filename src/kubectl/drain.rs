@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, ResourceExt};
+use kube::api::{Api, ListParams, Patch, PostParams, ResourceExt};
 use serde_json::json;
 
 use crate::api::vm::{EvictionStrategy, Phase};
@@ -58,10 +58,7 @@ async fn evict(client: &kube::Client, vm: &VirtualMachine, node: &str) -> anyhow
     let patch = json!({"metadata": {"annotations": {EVICT_ANNOTATION: node}}});
     api.patch(
         &vm.name_any(),
-        &PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        },
+        &crate::patch::by(FIELD_MANAGER),
         &Patch::Merge(&patch),
     )
     .await?;
@@ -102,10 +99,7 @@ pub async fn drain(client: &kube::Client, node: &str, timeout: Duration) -> anyh
     nodes
         .patch(
             node,
-            &PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            },
+            &crate::patch::by(FIELD_MANAGER),
             &Patch::Merge(&json!({"spec": {"unschedulable": true}})),
         )
         .await?;

@@ -1,0 +1,39 @@
+//! Small write helpers the agent, the controller and the plugin share.
+
+use kube::api::{Api, Patch, PatchParams, ResourceExt};
+use serde_json::json;
+
+/// Plain (non-apply) patch parameters under a field manager.
+pub fn by(manager: &str) -> PatchParams {
+    PatchParams {
+        field_manager: Some(manager.into()),
+        ..Default::default()
+    }
+}
+
+/// Removes finalizer `name` from `obj` by a JSON patch that tests it is still at the index
+/// seen; an object already gone, or whose list moved meanwhile, is left to its next event.
+pub async fn remove_finalizer<K>(api: &Api<K>, obj: &K, name: &str) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(at) = obj.finalizers().iter().position(|f| f == name) else {
+        return Ok(());
+    };
+    let ops: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{at}"), "value": name},
+        {"op": "remove", "path": format!("/metadata/finalizers/{at}")},
+    ]))
+    .map_err(kube::Error::SerdeError)?;
+    match api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(ops),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
