@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{DomainGuard, serve_file, virsh};
+use common::{DomainGuard, virsh};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,21 +16,7 @@ use std::time::{Duration, Instant};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use vmlet::agent::libvirt::{Libvirt, RunState};
-use vmlet::api::{VirtualMachine, VirtualMachineImage};
-
-fn guest_files() -> (PathBuf, PathBuf) {
-    // Built once per test process, whatever runs in parallel.
-    static BUILT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _once = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = root.join(".cache/guest");
-    let status = Command::new(root.join("hack/tiny-guest.sh"))
-        .arg(&out)
-        .status()
-        .expect("hack/tiny-guest.sh");
-    assert!(status.success(), "building the tiny guest failed");
-    (out.join("vmlinuz"), out.join("initrd.gz"))
-}
+use vmlet::api::VirtualMachine;
 
 fn console_has(path: &Path, needle: &str) -> bool {
     std::fs::read(path)
@@ -246,9 +232,6 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
     let lv = Libvirt::open("qemu:///system")
         .await
         .expect("libvirtd (hack/libvirt.sh up)");
-    let (kernel, initrd) = guest_files();
-    let (kurl, ksha) = serve_file(&kernel).await;
-    let (iurl, isha) = serve_file(&initrd).await;
     let ns = common::namespace(&client, prefix).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -275,15 +258,7 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
         lv.clone(),
         std::future::pending(),
     ));
-    let images: Api<VirtualMachineImage> = Api::namespaced(client.clone(), &ns);
-    for (name, fmt, url, sha) in [
-        ("tiny-kernel", "kernel", &kurl, &ksha),
-        ("tiny-initrd", "initrd", &iurl, &isha),
-    ] {
-        let spec = json!({"format": fmt, "source": {"http": {"url": url, "sha256": sha}}});
-        let img = VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap());
-        images.create(&PostParams::default(), &img).await.unwrap();
-    }
+    common::tiny_guest_images(&client, &ns).await;
     Setup {
         client,
         lv,

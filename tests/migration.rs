@@ -23,20 +23,9 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use vmlet::agent::libvirt::Libvirt;
-use vmlet::api::{MigrationPhase, VirtualMachine, VirtualMachineImage, VirtualMachineMigration};
+use vmlet::api::{MigrationPhase, VirtualMachine, VirtualMachineMigration};
 
 const HOSTS: [&str; 2] = ["qemu+tcp://10.77.0.1/system", "qemu+tcp://10.77.0.2/system"];
-
-fn guest_files() -> (PathBuf, PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = root.join(".cache/guest");
-    let status = Command::new(root.join("hack/tiny-guest.sh"))
-        .arg(&out)
-        .status()
-        .expect("hack/tiny-guest.sh");
-    assert!(status.success(), "building the tiny guest failed");
-    (out.join("vmlinuz"), out.join("initrd.gz"))
-}
 
 fn virsh(uri: &str, args: &[&str]) -> String {
     let out = Command::new("virsh")
@@ -127,18 +116,7 @@ async fn lab(prefix: &str) -> Lab {
         common::controller_args(&format!("{prefix}-test"), &ns),
         std::future::pending(),
     )));
-    let (kernel, initrd) = guest_files();
-    let (kurl, ksha) = common::serve_file(&kernel).await;
-    let (iurl, isha) = common::serve_file(&initrd).await;
-    let images: Api<VirtualMachineImage> = Api::namespaced(client.clone(), &ns);
-    for (name, fmt, url, sha) in [
-        ("tiny-kernel", "kernel", &kurl, &ksha),
-        ("tiny-initrd", "initrd", &iurl, &isha),
-    ] {
-        let spec = json!({"format": fmt, "source": {"http": {"url": url, "sha256": sha}}});
-        let img = VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap());
-        images.create(&PostParams::default(), &img).await.unwrap();
-    }
+    common::tiny_guest_images(&client, &ns).await;
     Lab {
         client,
         ns,

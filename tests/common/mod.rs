@@ -202,3 +202,31 @@ impl Drop for DomainGuard {
         }
     }
 }
+
+/// The tiny guest (hack/tiny-guest.sh, built once into .cache/guest) served over HTTP as
+/// the sha256-checked VirtualMachineImages tiny-kernel and tiny-initrd in `ns`.
+pub async fn tiny_guest_images(client: &Client, ns: &str) {
+    static BUILT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/guest");
+    {
+        let _once = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        let status = std::process::Command::new(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/tiny-guest.sh"),
+        )
+        .arg(&out)
+        .status()
+        .expect("hack/tiny-guest.sh");
+        assert!(status.success(), "building the tiny guest failed");
+    }
+    let images: Api<vmlet::api::VirtualMachineImage> = Api::namespaced(client.clone(), ns);
+    for (name, fmt, file) in [
+        ("tiny-kernel", "kernel", "vmlinuz"),
+        ("tiny-initrd", "initrd", "initrd.gz"),
+    ] {
+        let (url, sha) = serve_file(&out.join(file)).await;
+        let spec =
+            serde_json::json!({"format": fmt, "source": {"http": {"url": url, "sha256": sha}}});
+        let img = vmlet::api::VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap());
+        images.create(&PostParams::default(), &img).await.unwrap();
+    }
+}
