@@ -1,10 +1,5 @@
 use clap::{Parser, Subcommand};
 
-// mimalloc hands freed memory back to the OS where glibc's arenas keep it: the controller's
-// resident size follows its cache instead of its peak (docs/benchmarks.md, Footprint).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// vmlet: run virtual machines as Kubernetes custom resources.
 #[derive(Parser)]
 #[command(name = "vmlet", version, about)]
