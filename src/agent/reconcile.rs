@@ -283,6 +283,20 @@ async fn still_bound_here(vm: &VirtualMachine, ctx: &Context) -> Result<bool, Er
     }))
 }
 
+/// Whether a migration of this VM from this node has not finished.
+async fn migrating_from_here(vm: &VirtualMachine, ctx: &Context) -> Result<bool, Error> {
+    let api: Api<crate::api::VirtualMachineMigration> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let name = vm.name_any();
+    Ok(api.list(&Default::default()).await?.items.iter().any(|m| {
+        m.spec.vm_name == name
+            && m.status.as_ref().is_some_and(|s| {
+                s.source_node.as_deref() == Some(ctx.node.as_str())
+                    && s.phase.is_some_and(|p| p.active())
+            })
+    }))
+}
+
 /// Whether the VM should be running now, given its strategy and what happened so far.
 fn want_running(vm: &VirtualMachine, domain: Option<&DomainInfo>, rt: &VmRuntime) -> bool {
     let status = vm.status.clone().unwrap_or_default();
@@ -348,6 +362,13 @@ async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Ac
     let (xml, hash) = render::finish(domain)?;
 
     let mut existing = ctx.lv.lookup(&uid).await?;
+    let ran_before = vm.status.as_ref().is_some_and(|s| s.start_time.is_some());
+    if existing.is_none() && ran_before && migrating_from_here(vm, ctx).await? {
+        // libvirt may have moved it while this agent was down: a start here would make a
+        // second copy. The migration must settle first.
+        tracing::warn!(vm = %vm.name_any(), "not starting: a migration from this node is unfinished");
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     let gate = ctx.fence_gate.read().await;
     if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
         return Ok(Action::requeue(Duration::from_secs(2)));
