@@ -283,16 +283,23 @@ async fn still_bound_here(vm: &VirtualMachine, ctx: &Context) -> Result<bool, Er
     }))
 }
 
-/// Whether a migration of this VM from this node has not finished.
-async fn migrating_from_here(vm: &VirtualMachine, ctx: &Context) -> Result<bool, Error> {
-    let api: Api<crate::api::VirtualMachineMigration> =
-        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    let name = vm.name_any();
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Target,
+}
+
+/// Whether a migration of VM `ns/name` from (or to) this node has not finished.
+async fn migrating(ctx: &Context, ns: &str, name: &str, side: Side) -> Result<bool, Error> {
+    let api: Api<crate::api::VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), ns);
     Ok(api.list(&Default::default()).await?.items.iter().any(|m| {
         m.spec.vm_name == name
             && m.status.as_ref().is_some_and(|s| {
-                s.source_node.as_deref() == Some(ctx.node.as_str())
-                    && s.phase.is_some_and(|p| p.active())
+                let node = match side {
+                    Side::Source => &s.source_node,
+                    Side::Target => &s.target_node,
+                };
+                node.as_deref() == Some(ctx.node.as_str()) && s.phase.is_some_and(|p| p.active())
             })
     }))
 }
@@ -363,7 +370,16 @@ async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Ac
 
     let mut existing = ctx.lv.lookup(&uid).await?;
     let ran_before = vm.status.as_ref().is_some_and(|s| s.start_time.is_some());
-    if existing.is_none() && ran_before && migrating_from_here(vm, ctx).await? {
+    if existing.is_none()
+        && ran_before
+        && migrating(
+            ctx,
+            &vm.namespace().unwrap_or_default(),
+            &vm.name_any(),
+            Side::Source,
+        )
+        .await?
+    {
         // libvirt may have moved it while this agent was down: a start here would make a
         // second copy. The migration must settle first.
         tracing::warn!(vm = %vm.name_any(), "not starting: a migration from this node is unfinished");
@@ -644,6 +660,12 @@ pub async fn orphan_loop(ctx: Arc<Context>) {
                         .or_insert_with(Instant::now);
                     if since.elapsed() < grace {
                         continue;
+                    }
+                    // A guest that arrived by live migration is ours before its VM's
+                    // binding says so: while that migration is unfinished, keep it.
+                    match migrating(&ctx, &owner.namespace, &owner.name, Side::Target).await {
+                        Ok(false) => {}
+                        Ok(true) | Err(_) => continue,
                     }
                     tracing::warn!(domain = %d.name, vm = %format!("{}/{}", owner.namespace, owner.name), "removing orphaned domain");
                     let _ = ctx.lv.destroy(&d.uuid).await;
