@@ -123,52 +123,48 @@ async fn main() -> anyhow::Result<()> {
         .patch(&node, &PatchParams::apply("vmlet-bench"), &Patch::Apply(&n))
         .await?;
 
-    let bin = env!("CARGO_BIN_EXE_vmlet");
-    let quiet = || Stdio::null();
-    let controller = Killed(
-        Command::new(bin)
-            .args([
-                "controller",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--identity",
-                "footprint",
-            ])
-            .args(["--lease-namespace", &run])
+    // Both quiet, on this kubeconfig, with the chart's allocator setting.
+    let spawn = |args: Vec<std::ffi::OsString>| -> std::io::Result<Killed> {
+        Command::new(env!("CARGO_BIN_EXE_vmlet"))
+            .args(args)
             .arg("--kubeconfig")
             .arg(&kc)
             .env("RUST_LOG", "error")
             .env("MALLOC_ARENA_MAX", ARENAS)
-            .stdout(quiet())
-            .stderr(quiet())
-            .spawn()?,
-    );
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Killed)
+    };
+    let controller = spawn(
+        [
+            "controller",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--identity",
+            "footprint",
+        ]
+        .into_iter()
+        .chain(["--lease-namespace", &run])
+        .map(Into::into)
+        .collect(),
+    )?;
     std::fs::create_dir_all(dir.path().join("images"))?;
-    let agent = Killed(
-        Command::new(bin)
-            .args([
-                "agent",
-                "--node",
-                &node,
-                "--accel",
-                "tcg",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
-            .arg("--libvirt-uri")
-            .arg(format!("test://{}", xml.display()))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--image-root")
-            .arg(dir.path().join("images"))
-            .arg("--kubeconfig")
-            .arg(&kc)
-            .env("RUST_LOG", "error")
-            .env("MALLOC_ARENA_MAX", ARENAS)
-            .stdout(quiet())
-            .stderr(quiet())
-            .spawn()?,
-    );
+    let agent = spawn(vec![
+        "agent".into(),
+        "--node".into(),
+        node.clone().into(),
+        "--accel".into(),
+        "tcg".into(),
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
+        "--libvirt-uri".into(),
+        format!("test://{}", xml.display()).into(),
+        "--state-dir".into(),
+        dir.path().join("state").into(),
+        "--image-root".into(),
+        dir.path().join("images").into(),
+    ])?;
     let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
     let t = Instant::now();
     while !hvs

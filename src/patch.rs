@@ -11,6 +11,22 @@ pub fn by(manager: &str) -> PatchParams {
     }
 }
 
+/// Sets annotation `key` on `obj` to `value`, or removes it (None), by a merge patch.
+pub async fn annotate<K>(
+    api: &Api<K>,
+    obj: &K,
+    key: &str,
+    value: Option<&str>,
+    manager: &str,
+) -> Result<K, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({"metadata": {"annotations": {key: value}}});
+    api.patch(&obj.name_any(), &by(manager), &Patch::Merge(&patch))
+        .await
+}
+
 /// Removes finalizer `name` from `obj` by a JSON patch that tests it is still at the index
 /// seen; an object already gone, or whose list moved meanwhile, is left to its next event.
 pub async fn remove_finalizer<K>(api: &Api<K>, obj: &K, name: &str) -> Result<(), kube::Error>

@@ -63,22 +63,27 @@ impl Proxy {
     }
 }
 
-/// A kubeconfig like the admin one, but through the proxy.
-fn proxied_kubeconfig(dir: &std::path::Path, port: u16) -> (std::path::PathBuf, String) {
+/// The admin kubeconfig's text and its server URL.
+fn admin_kubeconfig() -> (String, String) {
     let text = std::fs::read_to_string(common::kubeconfig_path()).unwrap();
     let server = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("server: "))
         .unwrap()
         .to_string();
-    let target = server.trim_start_matches("https://").to_string();
+    (text, server)
+}
+
+/// A kubeconfig like the admin one, but through the proxy.
+fn proxied_kubeconfig(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+    let (text, server) = admin_kubeconfig();
     let path = dir.join("agent-a.kubeconfig");
     std::fs::write(
         &path,
         text.replace(&server, &format!("https://127.0.0.1:{port}")),
     )
     .unwrap();
-    (path, target)
+    path
 }
 
 fn fast(a: &mut vmlet::agent::Args) {
@@ -95,15 +100,10 @@ async fn cut_off_node_fences_before_its_vm_moves() {
     let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
     let dir = tempfile::tempdir().unwrap();
 
-    // Start the proxy on a placeholder target first to learn its port.
-    let text = std::fs::read_to_string(common::kubeconfig_path()).unwrap();
-    let server = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .unwrap()
-        .to_string();
+    // The proxy first: the agent's kubeconfig points at its port.
+    let (_, server) = admin_kubeconfig();
     let proxy = Proxy::start(server.trim_start_matches("https://").to_string()).await;
-    let (kubeconfig, _) = proxied_kubeconfig(dir.path(), proxy.port);
+    let kubeconfig = proxied_kubeconfig(dir.path(), proxy.port);
 
     let a = Node::build("fo-a", None, |args| {
         fast(args);

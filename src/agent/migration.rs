@@ -63,44 +63,30 @@ impl Rewrite<'_> {
 pub fn rewrite_xml(xml: &str, rw: &Rewrite) -> Result<String, quick_xml::Error> {
     let mut reader = quick_xml::Reader::from_str(xml);
     let mut writer = quick_xml::Writer::new(Vec::new());
-    let mut in_vmlet_meta = false;
     loop {
         let ev = reader.read_event()?;
-        let start =
-            |e: &BytesStart, in_meta: bool| -> Result<BytesStart<'static>, quick_xml::Error> {
-                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
-                let mut out = BytesStart::new(name.clone());
-                for a in e.attributes() {
-                    let a = a.map_err(quick_xml::Error::from)?;
-                    let key = String::from_utf8_lossy(a.key.as_ref()).into_owned();
-                    let value = a.unescape_value()?.into_owned();
-                    let value = if in_meta && key == "node" {
-                        rw.node.to_string()
-                    } else {
-                        rw.path(&value).into_owned()
-                    };
-                    out.push_attribute((key.as_str(), value.as_str()));
-                }
-                Ok(out)
-            };
+        let start = |e: &BytesStart| -> Result<BytesStart<'static>, quick_xml::Error> {
+            // vmlet's metadata element is `vmlet:vm`, a prefixed `vm`.
+            let in_meta = e.local_name().as_ref() == b"vm" && e.name().as_ref() != b"vm";
+            let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+            let mut out = BytesStart::new(name.clone());
+            for a in e.attributes() {
+                let a = a.map_err(quick_xml::Error::from)?;
+                let key = String::from_utf8_lossy(a.key.as_ref()).into_owned();
+                let value = a.unescape_value()?.into_owned();
+                let value = if in_meta && key == "node" {
+                    rw.node.to_string()
+                } else {
+                    rw.path(&value).into_owned()
+                };
+                out.push_attribute((key.as_str(), value.as_str()));
+            }
+            Ok(out)
+        };
         match ev {
             Event::Eof => break,
-            Event::Start(e) => {
-                let is_meta = e.local_name().as_ref() == b"vm" && e.name().as_ref() != b"vm";
-                let out = start(&e, is_meta)?;
-                in_vmlet_meta |= is_meta;
-                writer.write_event(Event::Start(out))?;
-            }
-            Event::Empty(e) => {
-                let is_meta = e.local_name().as_ref() == b"vm" && e.name().as_ref() != b"vm";
-                writer.write_event(Event::Empty(start(&e, is_meta)?))?;
-            }
-            Event::End(e) => {
-                if e.local_name().as_ref() == b"vm" {
-                    in_vmlet_meta = false;
-                }
-                writer.write_event(Event::End(e))?;
-            }
+            Event::Start(e) => writer.write_event(Event::Start(start(&e)?))?,
+            Event::Empty(e) => writer.write_event(Event::Empty(start(&e)?))?,
             Event::Text(t) => {
                 let text = t.decode().map_err(quick_xml::Error::from)?.into_owned();
                 let moved = rw.path(text.trim());
@@ -114,7 +100,6 @@ pub fn rewrite_xml(xml: &str, rw: &Rewrite) -> Result<String, quick_xml::Error> 
             other => writer.write_event(other)?,
         }
     }
-    let _ = in_vmlet_meta;
     Ok(String::from_utf8(writer.into_inner()).expect("UTF-8 in, UTF-8 out"))
 }
 
@@ -412,8 +397,7 @@ async fn finish(
             tracing::warn!(migration = %m.name_any(), error = %e, "live migration failed");
         }
     }
-    let mut value = serde_json::to_value(&status).map_err(|e| Error::Other(e.to_string()))?;
-    value["phase"] = json!(status.phase.map(|p| p.as_str()));
+    let value = serde_json::to_value(&status).map_err(|e| Error::Other(e.to_string()))?;
     match patch_status(m, ctx, SOURCE_MANAGER, value).await {
         Ok(()) | Err(kube::Error::Api(_)) => {}
         Err(e) => return Err(e.into()),

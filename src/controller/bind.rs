@@ -146,13 +146,7 @@ async fn unbind(vm: &VirtualMachine, ctx: &Context, node: &str) -> Result<(), Er
 async fn forget_eviction(vm: &VirtualMachine, ctx: &Context) -> Result<(), Error> {
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    let patch = json!({"metadata": {"annotations": {EVICT_ANNOTATION: null}}});
-    api.patch(
-        &vm.name_any(),
-        &crate::patch::by(FIELD_MANAGER),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    crate::patch::annotate(&api, vm, EVICT_ANNOTATION, None, FIELD_MANAGER).await?;
     Ok(())
 }
 

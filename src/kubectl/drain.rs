@@ -55,13 +55,7 @@ async fn on_node(client: &kube::Client, node: &str) -> anyhow::Result<Vec<Virtua
 async fn evict(client: &kube::Client, vm: &VirtualMachine, node: &str) -> anyhow::Result<()> {
     let api: Api<VirtualMachine> =
         Api::namespaced(client.clone(), &vm.namespace().unwrap_or_default());
-    let patch = json!({"metadata": {"annotations": {EVICT_ANNOTATION: node}}});
-    api.patch(
-        &vm.name_any(),
-        &crate::patch::by(FIELD_MANAGER),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    crate::patch::annotate(&api, vm, EVICT_ANNOTATION, Some(node), FIELD_MANAGER).await?;
     Ok(())
 }
 
