@@ -70,7 +70,19 @@ build() {
     log "building etcd"
     (cd "$MODS/etcd" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$cache/etcd" go.etcd.io/etcd/server/v3)
     log "building helm"
-    (cd "$MODS/helm" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$cache/helm" helm.sh/helm/v3/cmd/helm)
+    # helm's own release build stamps its default Kubernetes version (what `helm template`
+    # assumes with no cluster) from its client-go module: v0.N -> 1.N. Without these flags
+    # it reports v1.20 and refuses charts with a kubeVersion constraint.
+    local cg hmajor hminor hv
+    cg=$(awk '$1=="k8s.io/client-go" {print $2}' "$MODS/helm/go.mod")
+    hmajor=${cg#v}; hmajor=$((${hmajor%%.*} + 1))
+    hminor=${cg#v*.}; hminor=${hminor%%.*}
+    hv=$(awk '$1=="require" && $2=="helm.sh/helm/v3" {print $3}' "$MODS/helm/go.mod")
+    ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$hv"
+    for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+      ldflags+=" -X $pkg.k8sVersionMajor=$hmajor -X $pkg.k8sVersionMinor=$hminor"
+    done
+    (cd "$MODS/helm" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$cache/helm" helm.sh/helm/v3/cmd/helm)
     touch "$cache/.complete"
   fi
   mkdir -p "$BIN"

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The demo: CRDs on the local control plane, the controller, an agent on this machine's
-# libvirt, and the tiny guest booted as a VirtualMachine. `hack/demo.sh down` removes the
-# VM and stops the controller and the agent. Expects `hack/cluster.sh up` and
-# `hack/libvirt.sh up` (make demo runs both).
-set -euo pipefail
+# The demo (`make demo`): installs what is missing, starts the local control plane and
+# libvirt, runs the controller and an agent on this machine, and boots the tiny guest as
+# a VirtualMachine. When a step fails it says which one and why (the accel chosen, the
+# VM's conditions and Events, the agent's log, the guest's console) and exits non-zero.
+#   hack/demo.sh         run it
+#   hack/demo.sh down    delete the VM and stop the controller and the agent
+# VMLET_DEMO_ACCEL=tcg|kvm|auto (default auto) is passed to the agent as --accel.
+set -eEuo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 export KUBECONFIG=${KUBECONFIG:-$ROOT/.cache/cluster/kubeconfig}
 export PATH="$ROOT/.cache/bin:$PATH"
 RUN="$ROOT/.cache/demo"
 NODE=${VMLET_DEMO_NODE:-demo-node}
+ACCEL=${VMLET_DEMO_ACCEL:-auto}
 IMAGES=/var/lib/vmlet/images
+T0=$(date +%s.%N)
 log() { printf '\n[demo] %s\n' "$*"; }
+elapsed() { awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $1}"; }
 
 down() {
   if kubectl get vm tiny -n default >/dev/null 2>&1; then
@@ -31,19 +37,70 @@ running() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null
 
 if [[ "${1:-}" == "down" ]]; then down; exit 0; fi
 
+STEP="starting"
+declare -A LOG_START=()
+step() { STEP=$1; log "$1"; }
+
+# Everything a person needs to see when a step fails, then a non-zero exit.
+explain() {
+  local rc=$? uid
+  trap - ERR
+  set +e
+  printf '\n[demo] FAILED at step: %s (exit %s)\n' "$STEP" "$rc" >&2
+  if kubectl get hypervisor "$NODE" >/dev/null 2>&1; then
+    printf '\n[demo] node %s: accel %s (%s)\n' "$NODE" \
+      "$(kubectl get hypervisor "$NODE" -o jsonpath='{.status.accel}')" \
+      "$(kubectl get hypervisor "$NODE" -o jsonpath='{.status.accelReason}')" >&2
+  fi
+  if kubectl get vm tiny -n default >/dev/null 2>&1; then
+    printf '\n[demo] VM tiny: phase %s; conditions:\n' \
+      "$(kubectl get vm tiny -n default -o jsonpath='{.status.phase}')" >&2
+    kubectl get vm tiny -n default -o jsonpath='{range .status.conditions[*]}  {.type}={.status} {.reason}: {.message}{"\n"}{end}' >&2
+    uid=$(kubectl get vm tiny -n default -o jsonpath='{.metadata.uid}')
+    printf '\n[demo] its Events:\n' >&2
+    kubectl get events -n default --field-selector "involvedObject.uid=$uid" \
+      --sort-by=.lastTimestamp -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message 2>&1 | tail -n 10 >&2
+    if [[ -n "$uid" && -f /var/lib/vmlet/vms/$uid/console.log ]]; then
+      printf '\n[demo] the guest console (last 15 lines of /var/lib/vmlet/vms/%s/console.log):\n' "$uid" >&2
+      tail -n 15 "/var/lib/vmlet/vms/$uid/console.log" >&2
+    fi
+  fi
+  for p in agent controller; do
+    if [[ -s "$RUN/$p.log" ]]; then
+      printf '\n[demo] last lines of the %s log (%s):\n' "$p" "$RUN/$p.log" >&2
+      tail -n "+$((${LOG_START[$p]:-0} + 1))" "$RUN/$p.log" | tail -n 15 >&2
+    fi
+  done
+  cat >&2 <<HINT
+
+[demo] If the guest never printed a line, its accelerator may be the cause: force TCG
+       (QEMU's software CPU, slower but works everywhere) with
+         make demo-down && VMLET_DEMO_ACCEL=tcg make demo
+HINT
+  exit "$rc"
+}
+trap explain ERR
+
 mkdir -p "$RUN" "$IMAGES/tiny"
-log "building vmlet"
+step "installing what is missing (hack/deps.sh)"
+hack/deps.sh
+step "starting the control plane (hack/cluster.sh up)"
+hack/cluster.sh up
+step "starting libvirt (hack/libvirt.sh up)"
+hack/libvirt.sh up
+
+step "building vmlet"
 cargo build --bins -q
 VMLET="$ROOT/target/debug/vmlet"
 
-log "installing the CRDs"
+step "installing the CRDs"
 "$VMLET" crd | kubectl apply --server-side --force-conflicts --field-manager=vmlet-demo -f - >/dev/null
 kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
 
-log "building the tiny guest (Debian cloud kernel + busybox initramfs)"
+step "building the tiny guest (Debian cloud kernel + busybox initramfs)"
 hack/tiny-guest.sh "$IMAGES/tiny" >/dev/null
 
-log "registering node $NODE as a hypervisor"
+step "registering node $NODE as a hypervisor"
 kubectl apply --server-side --field-manager=vmlet-demo -f - >/dev/null <<YAML
 apiVersion: v1
 kind: Node
@@ -52,34 +109,60 @@ metadata:
   labels: {vmlet.dev/hypervisor: "true", kubernetes.io/hostname: $NODE}
 YAML
 
+step "starting the controller and the agent (--accel $ACCEL)"
+# Logs are appended across runs: a failure shows only this run's lines.
+for p in agent controller; do LOG_START[$p]=$(cat "$RUN/$p.log" 2>/dev/null | wc -l); done
 if ! running controller; then
-  log "starting the controller (log: $RUN/controller.log)"
   setsid "$VMLET" controller --metrics-addr 127.0.0.1:9465 >>"$RUN/controller.log" 2>&1 < /dev/null &
   echo $! > "$RUN/controller.pid"
 fi
 if ! running agent; then
-  log "starting the agent (log: $RUN/agent.log)"
+  # The Hypervisor is the agent's report: a stale one from an earlier run would answer
+  # for the agent that is only starting.
+  kubectl delete hypervisor "$NODE" --ignore-not-found >/dev/null
   setsid "$VMLET" agent --node "$NODE" --libvirt-uri qemu:///system --state-dir /var/lib/vmlet \
-    --metrics-addr 127.0.0.1:9464 >>"$RUN/agent.log" 2>&1 < /dev/null &
+    --accel "$ACCEL" --metrics-addr 127.0.0.1:9464 >>"$RUN/agent.log" 2>&1 < /dev/null &
   echo $! > "$RUN/agent.pid"
 fi
+for _ in $(seq 1 300); do
+  [[ -n "$(kubectl get hypervisor "$NODE" -o jsonpath='{.status.accel}' 2>/dev/null)" ]] && break
+  running agent || { echo "the agent exited" >&2; false; }
+  sleep 0.2
+done
+printf '[demo] node %s uses %s: %s\n' "$NODE" \
+  "$(kubectl get hypervisor "$NODE" -o jsonpath='{.status.accel}')" \
+  "$(kubectl get hypervisor "$NODE" -o jsonpath='{.status.accelReason}')"
 
-log "applying examples/tiny-vm.yaml"
+step "applying examples/tiny-vm.yaml"
 start=$(date +%s.%N)
 kubectl apply --server-side --field-manager=vmlet-demo -n default -f examples/tiny-vm.yaml
 
-log "waiting for the VM to be Running"
-kubectl wait vm/tiny -n default --for=jsonpath='{.status.phase}'=Running --timeout=120s
-running=$(date +%s.%N)
+step "waiting for the VM to be Running"
+phase=""
+for _ in $(seq 1 600); do
+  phase=$(kubectl get vm tiny -n default -o jsonpath='{.status.phase}')
+  [[ "$phase" == Running || "$phase" == Failed ]] && break
+  sleep 0.2
+done
+[[ "$phase" == Running ]] || { echo "the VM is ${phase:-without a phase} after 120 s" >&2; false; }
+running_at=$(date +%s.%N)
+
+step "waiting for the guest's first console line"
 uid=$(kubectl get vm tiny -n default -o jsonpath='{.metadata.uid}')
 console=/var/lib/vmlet/vms/$uid/console.log
 for _ in $(seq 1 600); do grep -q vmlet-guest-up "$console" 2>/dev/null && break; sleep 0.1; done
-userspace=$(date +%s.%N)
+grep -q vmlet-guest-up "$console" 2>/dev/null ||
+  { echo "the guest printed no line within 60 s of Running" >&2; false; }
+userspace_at=$(date +%s.%N)
+
+trap - ERR
 kubectl get vm -n default -o wide
-kubectl get hypervisors
+kubectl get hypervisors -o wide
 log "the guest's serial console ($console):"
 grep -a "vmlet-guest" "$console" | head -n 3
-printf '\n[demo] apply->Running %.2f s, apply->guest userspace %.2f s (accel: %s)\n' \
-  "$(awk "BEGIN{print $running - $start}")" "$(awk "BEGIN{print $userspace - $start}")" \
+printf '\n[demo] apply->Running %s s, apply->guest userspace %s s (accel: %s)\n' \
+  "$(awk "BEGIN{printf \"%.2f\", $running_at - $start}")" \
+  "$(awk "BEGIN{printf \"%.2f\", $userspace_at - $start}")" \
   "$(kubectl get vm tiny -n default -o jsonpath='{.status.accel}')"
 log "the VM keeps running; 'make demo-down' deletes it and stops the controller and agent"
+printf '[demo] make demo wall time: %s s\n' "$(elapsed "$T0")"

@@ -1,26 +1,44 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build, test and demo vmlet:
-# Debian packages (libvirt, QEMU, build tools, a kernel for the demo guest) and the
-# Go-built control-plane binaries. Idempotent: does nothing when all are present.
+# the Debian packages named in hack/programs.tsv (every program the code, tests and scripts
+# run), the libraries and data below, and the Go-built control-plane binaries.
+# Idempotent: does nothing when all are present.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# iproute2 and util-linux: hack/hosts.sh (ip netns, unshare); fonts-dejavu-core: the
-# benchmark plots' text. qemu-utils is not named: the machine may carry a newer one from backports, and apt then
-# reports held broken packages. qemu-system-x86 pulls in a compatible qemu-img.
-PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86
-      pkg-config openssl curl busybox-static cpio iproute2 util-linux genisoimage
-      fonts-dejavu-core)
+# Not programs, so not in the table: libvirt's QEMU driver (loaded by libvirtd), libvirt's
+# headers (the virt crate links them), the benchmark plots' font.
+EXTRA=(libvirt-daemon-driver-qemu libvirt-dev fonts-dejavu-core)
+# qemu-utils (qemu-img) goes in a second apt-get: named together with qemu-system-x86 on a
+# machine that carries a newer qemu-utils from backports, apt reports held broken packages;
+# after qemu-system-x86 it resolves to the matching version.
+LATE=(qemu-utils)
 
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+mapfile -t TABLE < <(awk -F'\t' '!/^#/ && $2=="deb" {print $3}' "$ROOT/hack/programs.tsv" | sort -u)
+
+missing() {
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+install() {
+  (($#)) || return 0
+  echo "[deps] installing: $*" >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
+first=() late=()
+for p in "${TABLE[@]}" "${EXTRA[@]}"; do
+  [[ " ${LATE[*]} " == *" $p "* ]] || first+=("$p")
 done
-if ((${#missing[@]})); then
-  echo "[deps] installing: ${missing[*]}" >&2
-  SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
+mapfile -t need < <(missing "${first[@]}")
+mapfile -t need_late < <(missing "${LATE[@]}")
+if ((${#need[@]} + ${#need_late[@]})); then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  install "${need[@]}"
+  install "${need_late[@]}"
 fi
 
 command -v cargo >/dev/null || { echo "[deps] cargo (Rust >= 1.89) is required" >&2; exit 1; }

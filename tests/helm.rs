@@ -106,6 +106,28 @@ fn objects(manifest: &str) -> Vec<(String, Option<String>, String)> {
         .collect()
 }
 
+/// `helm template` with no cluster at all, as a GitOps pipeline renders the chart: helm's
+/// default Kubernetes version (set at build time by hack/cluster.sh) satisfies the chart's
+/// kubeVersion, so the pinned helm renders it without --kube-version.
+#[test]
+fn chart_renders_with_no_cluster() {
+    let out = Command::new(bin("helm"))
+        .args(["template", "vmlet", &chart()])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .output()
+        .expect("helm (hack/cluster.sh build)");
+    let rendered = ok(out, "helm template with no cluster");
+    assert!(objects(&rendered).len() >= 18, "{rendered}");
+    let version = ok(
+        Command::new(bin("helm"))
+            .args(["version", "--template", "{{.Version}}"])
+            .output()
+            .unwrap(),
+        "helm version",
+    );
+    assert!(version.starts_with("v3."), "helm reports {version:?}");
+}
+
 #[tokio::test]
 async fn rendered_chart_passes_a_server_side_dry_run() {
     let client = common::client().await;

@@ -11,6 +11,8 @@ use crate::api::vm::Disk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
+    #[error(transparent)]
+    Tool(#[from] super::tools::ToolError),
     #[error("qemu-img failed for {path}: {reason}")]
     QemuImg { path: String, reason: String },
     #[error("I/O error preparing disks: {0}")]
@@ -18,15 +20,13 @@ pub enum DiskError {
 }
 
 async fn qemu_img(args: &[&str], path: &Path) -> Result<(), DiskError> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(args)
-        .arg(path)
-        .output()
-        .await
-        .map_err(|e| DiskError::QemuImg {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+    let out = super::tools::QEMU_IMG
+        .output(
+            args.iter()
+                .map(std::ffi::OsStr::new)
+                .chain([path.as_os_str()]),
+        )
+        .await?;
     if !out.status.success() {
         return Err(DiskError::QemuImg {
             path: path.display().to_string(),

@@ -43,11 +43,26 @@ pub enum ImageError {
     },
     #[error("cannot inspect image {0}: {1}")]
     Inspect(String, String),
+    #[error(transparent)]
+    Tool(#[from] super::tools::ToolError),
     #[error("I/O error in the image cache: {0}")]
     Io(#[from] std::io::Error),
 }
 
 impl ImageError {
+    /// Whether trying again may work without a change to the VirtualMachineImage: the
+    /// network, a file the admin has yet to copy, a package to install, the node's disk.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ImageError::Download { .. }
+                | ImageError::Missing { .. }
+                | ImageError::Tool(_)
+                | ImageError::Inspect(..)
+                | ImageError::Io(_)
+        )
+    }
+
     /// A condition reason for this failure.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -57,7 +72,8 @@ impl ImageError {
             ImageError::OutsideRoot { .. } | ImageError::NotAFile(_) => "ImagePathRefused",
             ImageError::BackingFile(..) => "ImageHasBackingFile",
             ImageError::WrongFormat { .. } => "ImageFormatMismatch",
-            ImageError::Inspect(..) | ImageError::Io(_) => "ImageError",
+            ImageError::Tool(super::tools::ToolError::Missing(_)) => "ToolMissing",
+            ImageError::Inspect(..) | ImageError::Io(_) | ImageError::Tool(_) => "ImageError",
         }
     }
 }
@@ -185,12 +201,14 @@ impl ImageCache {
 /// Refuses base images that carry a backing file (they could point anywhere on the host)
 /// or whose real format differs from the declared one.
 async fn check_base_image(path: &Path, format: &str) -> Result<(), ImageError> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-U"])
-        .arg(path)
-        .output()
-        .await
-        .map_err(|e| ImageError::Inspect(path.display().to_string(), e.to_string()))?;
+    let out = super::tools::QEMU_IMG
+        .output([
+            std::ffi::OsStr::new("info"),
+            "--output=json".as_ref(),
+            "-U".as_ref(),
+            path.as_os_str(),
+        ])
+        .await?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
         return Err(ImageError::Inspect(path.display().to_string(), err));

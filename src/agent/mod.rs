@@ -14,6 +14,7 @@ pub mod render;
 mod report;
 pub mod seed;
 mod status;
+pub mod tools;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -128,6 +129,8 @@ pub struct Context {
     pub lv: libvirt::Libvirt,
     pub images: images::ImageCache,
     pub facts: render::NodeFacts,
+    /// Why `facts.accel` was chosen (the KVM probe's verdict or the flag).
+    pub accel_reason: String,
     pub recorder: Recorder,
     pub vms: kube::runtime::reflector::Store<VirtualMachine>,
     pub classes: kube::runtime::reflector::Store<VirtualMachineClass>,
@@ -179,7 +182,7 @@ pub async fn run_with(
     } else {
         accel::detect(args.accel).await
     };
-    tracing::info!(node = %args.node, uri = %args.libvirt_uri, accel = accel.as_str(), reason = %why, "agent starting");
+    tracing::info!(node = %args.node, uri = %args.libvirt_uri, accel = accel.as_str(), accel_reason = %why, "agent starting");
     let facts = render::NodeFacts {
         node: args.node.clone(),
         state_dir: args.state_dir.clone(),
@@ -217,6 +220,7 @@ pub async fn run_with(
         node: args.node.clone(),
         lv: lv.clone(),
         facts,
+        accel_reason: why,
         vms: vms.clone(),
         classes: classes.clone(),
         runtime: Default::default(),

@@ -29,8 +29,6 @@ pub enum Error {
     Libvirt(#[from] LibvirtError),
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
-    #[error("files: {0}")]
-    Files(String),
     #[error("disks: {0}")]
     Disks(#[from] disks::DiskError),
     #[error("rendering XML: {0}")]
@@ -43,9 +41,18 @@ impl Error {
         match self {
             Error::Libvirt(_) => "libvirt",
             Error::Kube(_) => "kube",
-            Error::Files(_) => "files",
             Error::Disks(_) => "disks",
             Error::Xml(_) => "xml",
+        }
+    }
+
+    /// The Ready condition's reason when this error is all a VM's status can show.
+    fn reason(&self) -> &'static str {
+        match self {
+            Error::Libvirt(_) => "LibvirtError",
+            Error::Kube(_) => "KubernetesError",
+            Error::Disks(_) => "DiskError",
+            Error::Xml(_) => "RenderFailed",
         }
     }
 }
@@ -64,6 +71,8 @@ pub struct VmRuntime {
     pub failures: u32,
     /// When this agent last started the domain.
     pub started_at: Option<Instant>,
+    /// Why the last start failed, until a start works.
+    pub start_error: Option<String>,
 }
 
 /// A VM's runtime record, taken out of the map for one reconcile (reconciles of one VM
@@ -133,6 +142,16 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     }
     let started = Instant::now();
     let res = finalize_then(&api, &vm, &ctx).await;
+    // Never a blank phase on a bound VM: an error before the first status write shows.
+    if let Err(e) = &res
+        && vm.status.as_ref().and_then(|s| s.phase).is_none()
+        && vm.metadata.deletion_timestamp.is_none()
+    {
+        let problem = Problem::retrying(e.reason(), format!("the agent on {}: {e}", ctx.node));
+        if let Err(w) = super::status::write(&vm, &ctx, Observed::default(), Some(problem)).await {
+            tracing::debug!(error = %w, "status not written");
+        }
+    }
     ctx.metrics
         .reconciled(started.elapsed(), res.as_ref().err().map(|_| "reconcile"));
     res
@@ -237,13 +256,13 @@ pub(super) async fn resolve_images(
         let img = match api.get_opt(name).await {
             Ok(Some(img)) => img,
             Ok(None) => {
-                return Err(Problem::new(
+                return Err(Problem::retrying(
                     "ImageNotFound",
-                    format!("VirtualMachineImage {ns}/{name} does not exist"),
+                    format!("VirtualMachineImage {ns}/{name} does not exist: create it"),
                 ));
             }
             Err(e) => {
-                return Err(Problem::new(
+                return Err(Problem::retrying(
                     "ImageNotFound",
                     format!("cannot read VirtualMachineImage {ns}/{name}: {e}"),
                 ));
@@ -255,7 +274,7 @@ pub(super) async fn resolve_images(
             None => disk_format,
         };
         if !fits {
-            return Err(Problem::new(
+            return Err(Problem::needs_change(
                 "ImageFormatMismatch",
                 format!(
                     "VirtualMachineImage {name} has format {:?}, which cannot be used there",
@@ -263,10 +282,14 @@ pub(super) async fn resolve_images(
                 ),
             ));
         }
-        let local =
-            ctx.images.ensure(&img.spec).await.map_err(|e| {
-                Problem::new(e.reason(), format!("VirtualMachineImage {name}: {e}"))
-            })?;
+        let local = ctx.images.ensure(&img.spec).await.map_err(|e| {
+            let message = format!("VirtualMachineImage {name}: {e}");
+            if e.retryable() {
+                Problem::retrying(e.reason(), message)
+            } else {
+                Problem::needs_change(e.reason(), message)
+            }
+        })?;
         out.insert(name.to_string(), local);
     }
     Ok(out)
@@ -331,15 +354,33 @@ fn want_running(vm: &VirtualMachine, domain: Option<&DomainInfo>, rt: &VmRuntime
     }
 }
 
+/// Brings the domain to what the spec asks, and writes the status: a step that cannot be
+/// done shows on the VM as a Problem.
 async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Action, Error> {
+    match apply_steps(vm, ctx, read).await? {
+        Ok(action) => Ok(action),
+        Err(problem) => {
+            tracing::warn!(vm = %vm.name_any(), reason = problem.reason, message = %problem.message, "VM cannot run");
+            report_problem(vm, ctx, problem).await
+        }
+    }
+}
+
+/// Ok(Err(problem)) when a step failed in a way the VM's status must show; Err(error)
+/// for failures of the agent's own connections (logged and retried).
+async fn apply_steps(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    read: Freshness,
+) -> Result<Result<Action, Problem>, Error> {
     if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
         // Cut off: the VM may already run elsewhere. Touch nothing until the lease renews.
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        return Ok(Ok(Action::requeue(Duration::from_secs(2))));
     }
     let uid = vm.uid().unwrap_or_default();
     if ctx.migrations.holds_vm(&uid) {
         // Being copied to another node: the domain is libvirt's to move, not ours to touch.
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        return Ok(Ok(Action::requeue(Duration::from_secs(2))));
     }
     let class = match &vm.spec.class_ref {
         Some(r) => match ctx
@@ -348,22 +389,21 @@ async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Ac
         {
             Some(c) => Some(c.spec.clone()),
             None => {
-                let p = Problem::new(
+                return Ok(Err(Problem::retrying(
                     "ClassNotFound",
-                    format!("VirtualMachineClass {} does not exist", r.name),
-                );
-                return report_problem(vm, ctx, p).await;
+                    format!("VirtualMachineClass {} does not exist: create it", r.name),
+                )));
             }
         },
         None => None,
     };
     let images = match resolve_images(vm, ctx).await {
         Ok(i) => i,
-        Err(p) => return report_problem(vm, ctx, p).await,
+        Err(p) => return Ok(Err(p)),
     };
     let domain = match render::render(vm, class.as_ref(), &images, &ctx.facts) {
         Ok(d) => d,
-        Err(e) => return report_problem(vm, ctx, Problem::new("InvalidSpec", e.to_string())).await,
+        Err(e) => return Ok(Err(Problem::needs_change("InvalidSpec", e.to_string()))),
     };
     let hw = render::Hardware::resolve(&vm.spec, class.as_ref()).ok();
     let (xml, hash) = render::finish(domain)?;
@@ -383,11 +423,11 @@ async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Ac
         // libvirt may have moved it while this agent was down: a start here would make a
         // second copy. The migration must settle first.
         tracing::warn!(vm = %vm.name_any(), "not starting: a migration from this node is unfinished");
-        return Ok(Action::requeue(Duration::from_secs(5)));
+        return Ok(Ok(Action::requeue(Duration::from_secs(5))));
     }
     let gate = ctx.fence_gate.read().await;
     if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        return Ok(Ok(Action::requeue(Duration::from_secs(2))));
     }
     let mut rt = Taken::new(&ctx.runtime, &uid);
     let mut want = want_running(vm, existing.as_ref(), &rt);
@@ -427,21 +467,28 @@ async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Ac
     let mut prepared = false;
     let prepare = || async {
         let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, &images)
-            .map_err(|e| Error::Files(e.to_string()))?;
+            .map_err(|e| Problem::needs_change("InvalidSpec", e.to_string()))?;
         disks::prepare(
             &render::vm_dir(&ctx.facts.state_dir, &uid),
             &files,
             &uid,
             &vm.name_any(),
         )
-        .await?;
-        Ok::<(), Error>(())
+        .await
+        .map_err(|e| disk_problem(&e))
     };
     if existing.is_none() || (!running && defined_hash.as_deref() != Some(hash.as_str())) {
         // New, or stopped with an outdated definition: (re)define.
-        prepare().await?;
+        if let Err(p) = prepare().await {
+            return Ok(Err(p));
+        }
         prepared = true;
-        ctx.lv.define(xml).await?;
+        if let Err(e) = ctx.lv.define(xml).await {
+            return Ok(Err(Problem::retrying(
+                "DefineFailed",
+                format!("libvirt refused to define the domain: {e}"),
+            )));
+        }
         existing = ctx.lv.lookup(&uid).await?;
     }
 
@@ -454,21 +501,31 @@ async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Ac
         }
         match rt.next_restart {
             Some(at) if at > Instant::now() => {
+                if let Some(err) = &rt.start_error {
+                    return Ok(Err(start_failed(rt.failures, err, at - Instant::now())));
+                }
                 backing_off = Some(at - Instant::now());
                 requeue = at - Instant::now();
             }
             _ => {
-                if !prepared {
-                    prepare().await?;
+                if !prepared && let Err(p) = prepare().await {
+                    return Ok(Err(p));
                 }
                 // The cache may be stale (a watch that just came back after a cut): ask
                 // the API server whether the VM is still ours before running it.
                 if read == Freshness::Cached && !still_bound_here(vm, ctx).await? {
                     tracing::warn!(vm = %vm.name_any(), "not starting: no longer bound to this node");
-                    return Ok(Action::await_change());
+                    return Ok(Ok(Action::await_change()));
                 }
                 tracing::info!(vm = %vm.name_any(), uid, "starting domain");
-                ctx.lv.start(&uid).await?;
+                if let Err(e) = ctx.lv.start(&uid).await {
+                    rt.failures += 1;
+                    let wait = backoff(rt.failures);
+                    rt.next_restart = Some(Instant::now() + wait);
+                    rt.start_error = Some(e.to_string());
+                    return Ok(Err(start_failed(rt.failures, &e.to_string(), wait)));
+                }
+                rt.start_error = None;
                 restarted = vm
                     .status
                     .as_ref()
@@ -552,7 +609,30 @@ async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Ac
     if final_state == Some(RunState::ShuttingDown) {
         requeue = requeue.min(Duration::from_secs(1));
     }
-    Ok(Action::requeue(requeue))
+    Ok(Ok(Action::requeue(requeue)))
+}
+
+/// A start libvirt refused; tried again after the crash backoff. The message counts the
+/// failures, so it changes (and is written) once per attempt, not per reconcile.
+fn start_failed(failures: u32, err: &str, remaining: Duration) -> Problem {
+    Problem::retrying(
+        "StartFailed",
+        format!(
+            "libvirt could not start the domain ({failures} in a row): {err}; the agent retries {} s after the failure",
+            backoff(failures).as_secs()
+        ),
+    )
+    .after(remaining)
+}
+
+/// Disk preparation failures: a missing program is the node's to fix, anything else
+/// (disk full, permissions) too; the message carries qemu-img's own words.
+fn disk_problem(e: &disks::DiskError) -> Problem {
+    let reason = match e {
+        disks::DiskError::Tool(super::tools::ToolError::Missing(_)) => "ToolMissing",
+        _ => "DiskPreparationFailed",
+    };
+    Problem::retrying(reason, format!("preparing disks: {e}"))
 }
 
 async fn report_problem(
@@ -567,8 +647,9 @@ async fn report_problem(
         state: existing.map(|d| d.state),
         ..Default::default()
     };
+    let requeue = problem.requeue();
     super::status::write(vm, ctx, observed, Some(problem)).await?;
-    Ok(Action::requeue(Duration::from_secs(30)))
+    Ok(Action::requeue(requeue))
 }
 
 /// Deletion: stop the guest (gracefully, then by force), undefine it, remove its files.
@@ -633,8 +714,63 @@ async fn stop_gracefully(ctx: &Context, uid: &str, grace: Duration) -> Result<()
     Ok(())
 }
 
-/// Removes domains that carry vmlet metadata but whose VM is gone or bound elsewhere,
-/// once they have been orphans for the grace period (the VM store may lag behind).
+/// What a fresh read (by namespace/name, compared by uid) says about a domain's VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fresh {
+    /// The read failed: nothing is confirmed.
+    Unknown,
+    /// No VirtualMachine with that uid exists (gone, or a new one under the old name).
+    Gone,
+    /// It exists and is bound to this node: the cache lags.
+    BoundHere,
+    /// It exists, unbound or bound to another node.
+    Elsewhere,
+}
+
+/// What the sweep does with a domain of this node whose VM is not in the agent's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    Keep,
+    /// Stop it (never two running copies) but keep its definition and files: they hold
+    /// the VM's only copy of its local data while the VM exists.
+    StopKeepFiles,
+    /// Destroy, undefine and delete its files: its VM is confirmed gone.
+    Remove,
+}
+
+/// Pure: the sweep's decision. Files go only when a fresh read confirms the VM is gone.
+pub fn sweep_verdict(fresh: Fresh, running: bool, migration_target: bool) -> Sweep {
+    match fresh {
+        Fresh::Unknown | Fresh::BoundHere => Sweep::Keep,
+        // A guest arriving by live migration is ours before the binding says so.
+        _ if migration_target => Sweep::Keep,
+        Fresh::Gone => Sweep::Remove,
+        Fresh::Elsewhere if running => Sweep::StopKeepFiles,
+        Fresh::Elsewhere => Sweep::Keep,
+    }
+}
+
+async fn fresh_read(ctx: &Context, owner: &super::domain::VmMetadata) -> Fresh {
+    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    match api.get_opt(&owner.name).await {
+        Err(_) => Fresh::Unknown,
+        Ok(None) => Fresh::Gone,
+        Ok(Some(vm)) if vm.metadata.uid.as_deref() != Some(owner.uid.as_str()) => Fresh::Gone,
+        Ok(Some(vm)) => {
+            if vm.status.and_then(|s| s.node_name).as_deref() == Some(ctx.node.as_str()) {
+                Fresh::BoundHere
+            } else {
+                Fresh::Elsewhere
+            }
+        }
+    }
+}
+
+/// Looks after domains that carry this node's vmlet metadata but whose VM is not bound
+/// here, once they have been so for the grace period (the VM store may lag behind): a VM
+/// that still exists elsewhere only has its guest stopped here, and its files stay (they
+/// may be the only copy of its disks); a VM confirmed gone by a fresh read loses its
+/// domain and files.
 pub async fn orphan_loop(ctx: Arc<Context>) {
     let _ = ctx.vms.wait_until_ready().await;
     let mut first_seen: std::collections::HashMap<String, Instant> = Default::default();
@@ -661,18 +797,40 @@ pub async fn orphan_loop(ctx: Arc<Context>) {
                     if since.elapsed() < grace {
                         continue;
                     }
-                    // A guest that arrived by live migration is ours before its VM's
-                    // binding says so: while that migration is unfinished, keep it.
-                    match migrating(&ctx, &owner.namespace, &owner.name, Side::Target).await {
-                        Ok(false) => {}
-                        Ok(true) | Err(_) => continue,
-                    }
-                    tracing::warn!(domain = %d.name, vm = %format!("{}/{}", owner.namespace, owner.name), "removing orphaned domain");
-                    let _ = ctx.lv.destroy(&d.uuid).await;
-                    if ctx.lv.undefine(&d.uuid).await.is_ok() {
-                        let _ =
-                            disks::remove(&render::vm_dir(&ctx.facts.state_dir, &owner.uid)).await;
-                        ctx.metrics.orphan_removed();
+                    let fresh = fresh_read(&ctx, &owner).await;
+                    let target = fresh != Fresh::Unknown
+                        && migrating(&ctx, &owner.namespace, &owner.name, Side::Target)
+                            .await
+                            .unwrap_or(true);
+                    let running = matches!(
+                        d.state,
+                        RunState::Running | RunState::Paused | RunState::ShuttingDown
+                    );
+                    let vm = format!("{}/{}", owner.namespace, owner.name);
+                    match sweep_verdict(fresh, running, target) {
+                        Sweep::Keep => {}
+                        Sweep::StopKeepFiles => {
+                            tracing::warn!(domain = %d.name, %vm, "stopping a guest whose VM is bound elsewhere; its disks stay on this node until the VM is deleted");
+                            ctx.runtime
+                                .lock()
+                                .expect("not poisoned")
+                                .entry(owner.uid.clone())
+                                .or_default()
+                                .stopped_by_us = true;
+                            let _ = ctx.lv.destroy(&d.uuid).await;
+                        }
+                        Sweep::Remove => {
+                            tracing::warn!(domain = %d.name, %vm, "removing the domain and files of a deleted VM");
+                            let _ = ctx.lv.destroy(&d.uuid).await;
+                            if ctx.lv.undefine(&d.uuid).await.is_ok() {
+                                let _ = disks::remove(&render::vm_dir(
+                                    &ctx.facts.state_dir,
+                                    &owner.uid,
+                                ))
+                                .await;
+                                ctx.metrics.orphan_removed();
+                            }
+                        }
                     }
                 }
                 first_seen.retain(|uuid, _| orphans.contains(uuid));
@@ -686,6 +844,31 @@ pub async fn orphan_loop(ctx: Arc<Context>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sweep_deletes_files_only_for_vms_confirmed_gone() {
+        use Fresh::*;
+        use Sweep::*;
+        // (fresh read, domain running, unfinished migration to here) -> verdict
+        let table = [
+            (Unknown, true, false, Keep),
+            (Unknown, false, false, Keep),
+            (BoundHere, true, false, Keep),
+            (Gone, true, false, Remove),
+            (Gone, false, false, Remove),
+            (Gone, true, true, Keep),
+            (Elsewhere, true, false, StopKeepFiles),
+            (Elsewhere, false, false, Keep),
+            (Elsewhere, true, true, Keep),
+        ];
+        for (fresh, running, target, want) in table {
+            assert_eq!(
+                sweep_verdict(fresh, running, target),
+                want,
+                "{fresh:?} running={running} target={target}"
+            );
+        }
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -93,6 +93,7 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
             memory: Bytes(used_mem).to_string(),
         }),
         accel: Some(ctx.facts.accel.as_str().to_string()),
+        accel_reason: Some(ctx.accel_reason.clone()),
         libvirt_version: Some(info.libvirt_version),
         hypervisor_version: Some(info.hypervisor_version),
         uefi: Some(ctx.facts.uefi),

@@ -19,18 +19,77 @@ use crate::api::quantity::Bytes;
 use crate::api::vm::{InterfaceStatus, Phase};
 use crate::api::{VirtualMachine, VirtualMachineStatus};
 
+/// What becomes of a VM that cannot run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Something on the node may fix itself or be fixed there (a download, a missing
+    /// package, libvirt): the agent keeps trying and the VM is Pending.
+    Retrying,
+    /// The spec (or an object it names) must change first: the VM is Failed.
+    NeedsChange,
+}
+
+/// How often a VM whose problem is `Retrying` is tried again.
+pub const PROBLEM_RETRY: Duration = Duration::from_secs(15);
+
 /// Why a VM cannot run, as a condition reason and message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
     pub reason: &'static str,
     pub message: String,
+    pub retry: Retry,
+    /// When the agent tries again, if not after [`PROBLEM_RETRY`] (a start's backoff).
+    pub after: Option<Duration>,
 }
 
 impl Problem {
-    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn retrying(reason: &'static str, message: impl Into<String>) -> Self {
         Problem {
             reason,
             message: message.into(),
+            retry: Retry::Retrying,
+            after: None,
+        }
+    }
+
+    pub fn needs_change(reason: &'static str, message: impl Into<String>) -> Self {
+        Problem {
+            reason,
+            message: message.into(),
+            retry: Retry::NeedsChange,
+            after: None,
+        }
+    }
+
+    pub fn after(mut self, d: Duration) -> Self {
+        self.after = Some(d);
+        self
+    }
+
+    /// When the agent looks at the VM again.
+    pub fn requeue(&self) -> Duration {
+        match self.retry {
+            Retry::Retrying => self.after.unwrap_or(PROBLEM_RETRY),
+            // Changes to the VM trigger a reconcile; the periodic one catches changes to
+            // the objects it names.
+            Retry::NeedsChange => super::REQUEUE,
+        }
+    }
+
+    /// The condition message: what went wrong, then what happens next.
+    fn condition_message(&self) -> String {
+        match self.retry {
+            // A problem with its own timing says when in its message.
+            Retry::Retrying if self.after.is_some() => self.message.clone(),
+            Retry::Retrying => format!(
+                "{}; the agent retries every {} s",
+                self.message,
+                PROBLEM_RETRY.as_secs()
+            ),
+            Retry::NeedsChange => format!(
+                "{}; change the VM (or what it names) and the agent tries again",
+                self.message
+            ),
         }
     }
 }
@@ -86,10 +145,9 @@ fn phase_of(o: &Observed, problem: Option<&Problem>) -> Phase {
         if running {
             return Phase::Running;
         }
-        return if p.reason.ends_with("NotFound") {
-            Phase::Pending
-        } else {
-            Phase::Failed
+        return match p.retry {
+            Retry::Retrying => Phase::Pending,
+            Retry::NeedsChange => Phase::Failed,
         };
     }
     match o.state {
@@ -123,7 +181,7 @@ fn desired(
         conditions::new(&old.conditions, t, ok, reason, msg, generation, now.clone())
     };
     let (ready_reason, ready_msg) = match (problem, phase, o.state) {
-        (Some(p), _, _) => (p.reason.to_string(), p.message.clone()),
+        (Some(p), _, _) => (p.reason.to_string(), p.condition_message()),
         (None, Phase::Running, Some(RunState::Paused)) => {
             ("Paused".into(), "the domain is paused".into())
         }
@@ -270,15 +328,22 @@ pub async fn write(
         .await?;
     ctx.wrote(written);
     ctx.metrics.status_written();
-    if old.phase != Some(new.phase) || problem.is_some() && old.phase.is_none() {
-        let ready = new.conditions.first();
+    let ready = new.conditions.first();
+    let old_ready = old.conditions.iter().find(|c| c.type_ == "Ready");
+    let news = old.phase != Some(new.phase)
+        || problem.is_some() && old_ready.map(|c| &c.reason) != ready.map(|c| &c.reason);
+    if news {
         let ev = Event {
-            type_: if matches!(new.phase, Phase::Failed | Phase::Unknown) {
+            type_: if problem.is_some() || matches!(new.phase, Phase::Failed | Phase::Unknown) {
                 EventType::Warning
             } else {
                 EventType::Normal
             },
-            reason: new.phase.as_str().to_string(),
+            // A problem's reason names the step that failed; otherwise the new phase.
+            reason: match &problem {
+                Some(p) => p.reason.to_string(),
+                None => new.phase.as_str().to_string(),
+            },
             note: ready.map(|c| c.message.clone()),
             action: "Reconcile".into(),
             secondary: None,

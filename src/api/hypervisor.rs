@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
     category = "vmlet",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Accel","type":"string","jsonPath":".status.accel"}"#,
+    printcolumn = r#"{"name":"Accel-Reason","type":"string","priority":1,"jsonPath":".status.accelReason"}"#,
     printcolumn = r#"{"name":"CPU-Alloc","type":"integer","jsonPath":".status.allocated.cpu"}"#,
     printcolumn = r#"{"name":"CPU-Allocatable","type":"integer","jsonPath":".status.allocatable.cpu"}"#,
     printcolumn = r#"{"name":"Mem-Alloc","type":"string","jsonPath":".status.allocated.memory"}"#,
@@ -64,6 +65,9 @@ pub struct HypervisorStatus {
     /// kvm or tcg: how guests on this node are accelerated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<String>,
+    /// Why: the KVM probe's verdict (the boot step it stopped at) or the --accel flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel_reason: Option<String>,
     /// Version of libvirt on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt_version: Option<String>,
