@@ -31,6 +31,14 @@ down() {
     fi
     rm -f "$RUN/$p.pid"
   done
+  # The demo's node goes with its agent: a labelled Node whose heartbeat stopped would
+  # count as a lost hypervisor for any controller that runs later (make test).
+  if kubectl get node "$NODE" >/dev/null 2>&1; then
+    log "removing node $NODE"
+    kubectl delete node "$NODE" --ignore-not-found >/dev/null
+    kubectl delete hypervisor "$NODE" --ignore-not-found >/dev/null
+    kubectl delete lease -n kube-node-lease "vmlet-$NODE" --ignore-not-found >/dev/null
+  fi
 }
 
 running() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }

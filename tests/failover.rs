@@ -1,7 +1,10 @@
 //! Node loss with self-fencing. Agent A reaches the API server through a proxy the test
-//! breaks while A's VM runs: A fences itself (destroys its domain), the controller
-//! declares A lost only after that, and the VM runs on B. Sampled every 50 ms: never two
-//! running domains for one uid. When the proxy heals, A removes its stale definition.
+//! breaks while A's VMs run: A fences itself (destroys its domains), the controller
+//! declares A lost only after that, and the VM without local data runs on B. Sampled
+//! every 50 ms: never two running domains for one uid. The VM whose blank disk holds data
+//! only A has stays bound to A (phase Unknown, a condition saying why) and runs there
+//! again, on the same disk, when A returns. A keeps the moved VM's stale definition and
+//! files while that VM exists and removes them once it is deleted.
 
 mod common;
 
@@ -101,6 +104,22 @@ async fn cut_off_node_fences_before_its_vm_moves() {
     let dir = tempfile::tempdir().unwrap();
 
     // The proxy first: the agent's kubeconfig points at its port.
+    // Nodes an earlier, interrupted run of this test left behind are silent hypervisors
+    // to this controller: enough of them trip its mass-silence guard.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "kube-node-lease");
+    let stale = nodes
+        .list(&kube::api::ListParams::default().labels("vmlet.dev/failover-test"))
+        .await
+        .unwrap();
+    for n in stale.items.iter().filter_map(|n| n.metadata.name.clone()) {
+        let _ = nodes.delete(&n, &DeleteParams::default()).await;
+        let _ = leases
+            .delete(&format!("vmlet-{n}"), &DeleteParams::default())
+            .await;
+    }
+
     let (_, server) = admin_kubeconfig();
     let proxy = Proxy::start(server.trim_start_matches("https://").to_string()).await;
     let kubeconfig = proxied_kubeconfig(dir.path(), proxy.port);
@@ -138,6 +157,29 @@ async fn cut_off_node_fences_before_its_vm_moves() {
         on_a.status.unwrap().node_name.as_deref(),
         Some(a.name.as_str())
     );
+    let spec = json!({"memory": "32Mi", "runStrategy": "Always", "nodeSelector": {"vmlet.dev/failover-test": ns},
+                      "disks": [{"name": "data", "blank": {"size": "64Mi"}}]});
+    let keep = VirtualMachine::new("keep", serde_json::from_value(spec).unwrap());
+    let keep_uid = api
+        .create(&Default::default(), &keep)
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let keep_on_a = wait_phase(&api, "keep", "Running", 30).await;
+    assert_eq!(
+        keep_on_a.status.unwrap().node_name.as_deref(),
+        Some(a.name.as_str())
+    );
+    let disk = a
+        .state_dir()
+        .join("vms")
+        .join(&keep_uid)
+        .join("disk-data.qcow2");
+    let inode =
+        |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let disk_inode = inode(&disk);
     b.register(&[("vmlet.dev/failover-test", &ns)]).await;
 
     // Watch both nodes' domains and the binding every 50 ms.
@@ -199,14 +241,43 @@ async fn cut_off_node_fences_before_its_vm_moves() {
     );
     assert_eq!(b.domains_for(&uid).await, 1);
 
-    // A comes back with a stale cache for a moment: it must not start its copy, and it
-    // removes the stale definition. The sampler keeps watching throughout.
+    // The VM with data only A has waits for A, and says why.
+    let kept = api.get("keep").await.unwrap();
+    let st = kept.status.clone().unwrap();
+    assert_eq!(st.node_name.as_deref(), Some(a.name.as_str()), "{st:?}");
+    assert_eq!(st.phase, Some(vmlet::api::vm::Phase::Unknown), "{st:?}");
+    let healthy = condition(&kept, "NodeHealthy");
+    assert_eq!(healthy.status, "False");
+    assert!(
+        healthy.message.contains("failoverPolicy") && healthy.message.contains("data"),
+        "{}",
+        healthy.message
+    );
+    assert_eq!(b.domains_for(&keep_uid).await, 0);
+
+    // A comes back with a stale cache for a moment: it must not start its copy of the
+    // moved VM, and keeps that copy's definition (and files) while the VM exists. The
+    // sampler keeps watching throughout. The waiting VM runs again on A, same disk.
     proxy.heal();
-    let cleaned = common::wait_for(Duration::from_secs(30), || async {
-        (a.domains_for(&uid).await == 0).then_some(())
+    wait_phase(&api, "keep", "Running", 60).await;
+    assert_eq!(inode(&disk), disk_inode, "the data disk was recreated");
+    let back = common::wait_for(Duration::from_secs(15), || async {
+        let vm = api.get("keep").await.ok()?;
+        let c = vmlet::api::conditions::find(&vm.status?.conditions, "NodeHealthy")?.clone();
+        (c.status == "True" && c.reason == "NodeReturned").then_some(())
     })
     .await;
-    assert!(cleaned.is_some(), "A kept its stale domain");
+    assert!(
+        back.is_some(),
+        "NodeHealthy never came back: {:?}",
+        api.get("keep").await.unwrap().status
+    );
+    tokio::time::sleep(Duration::from_secs(8)).await; // orphan grace (2 s) + a sweep (5 s)
+    assert_eq!(
+        a.domains_for(&uid).await,
+        1,
+        "A removed the definition of a VM that exists"
+    );
     stop.store(true, Ordering::SeqCst);
     let (fenced_at, moved_at) = sampler
         .await
@@ -238,6 +309,20 @@ async fn cut_off_node_fences_before_its_vm_moves() {
     .await;
     assert!(gone.is_some(), "finalizer stuck");
     assert_eq!(b.domains_for(&uid).await, 0);
+    // Deleted: now A's sweep confirms it and removes the stale definition and files.
+    let cleaned = common::wait_for(Duration::from_secs(30), || async {
+        (a.domains_for(&uid).await == 0).then_some(())
+    })
+    .await;
+    assert!(cleaned.is_some(), "A kept the stale domain of a deleted VM");
+    assert!(!a.state_dir().join("vms").join(&uid).exists());
+    api.delete("keep", &DeleteParams::default()).await.unwrap();
+    let gone = common::wait_for(Duration::from_secs(30), || async {
+        api.get_opt("keep").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "keep: finalizer stuck");
+    assert!(!disk.exists(), "the data disk outlived its VM");
     controller.abort();
     common::delete_namespace(&client, &ns).await;
     a.forget().await;

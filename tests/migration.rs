@@ -370,9 +370,11 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
     lab.teardown().await;
 }
 
-/// `kubectl vm drain` on a node with three VMs: the default (LiveMigrate) moves live, the
-/// Shutdown one stops and starts on the other node, the None one stays; the node ends
-/// cordoned.
+/// `kubectl vm drain` on a node with four VMs: the default (LiveMigrate) moves live with
+/// its disk, the Shutdown one that accepts new disks stops and starts on the other node,
+/// the Shutdown one whose data disk exists only here stays (and the drain says why), the
+/// None one stays; the node ends cordoned, and keeps the files of the VM that moved by
+/// shutting down while that VM exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_moves_each_vm_as_its_eviction_strategy_says() {
     let _serial = HOSTS_LOCK.lock().await;
@@ -384,12 +386,18 @@ async fn drain_moves_each_vm_as_its_eviction_strategy_says() {
     let cold = lab
         .create_vm(
             "cold",
-            json!({"evictionStrategy": "Shutdown", "terminationGracePeriodSeconds": 1}),
+            json!({"evictionStrategy": "Shutdown", "terminationGracePeriodSeconds": 1,
+                   "failoverPolicy": "RestartWithNewDisks"}),
         )
         .await;
     lab.create_vm("pinned", json!({"evictionStrategy": "None"}))
         .await;
-    for name in ["live", "cold", "pinned"] {
+    lab.create_vm(
+        "local",
+        json!({"evictionStrategy": "Shutdown", "terminationGracePeriodSeconds": 1}),
+    )
+    .await;
+    for name in ["live", "cold", "pinned", "local"] {
         lab.running(name, Some(&h1.node)).await;
     }
     let live_console = |h: &Host| h.state.join("vms").join(&live).join("console.log");
@@ -422,6 +430,13 @@ async fn drain_moves_each_vm_as_its_eviction_strategy_says() {
         stdout.contains(&format!("{}/pinned: left on the node", lab.ns)),
         "{stdout}"
     );
+    assert!(
+        stdout.contains(&format!(
+            "{}/local: left on the node (disk(s) data hold data only this node has",
+            lab.ns
+        )),
+        "{stdout}"
+    );
 
     // live: moved without a reboot; cold: booted again on h2; pinned: still on h1.
     lab.running("live", Some(&h2.node)).await;
@@ -445,6 +460,7 @@ async fn drain_moves_each_vm_as_its_eviction_strategy_says() {
     .await
     .expect("cold never booted on h2");
     lab.running("pinned", Some(&h1.node)).await;
+    lab.running("local", Some(&h1.node)).await;
     // Its eviction mark is dropped once it runs elsewhere.
     common::wait_for(Duration::from_secs(20), || async {
         let vm = lab.vms().get("cold").await.ok()?;
@@ -454,12 +470,21 @@ async fn drain_moves_each_vm_as_its_eviction_strategy_says() {
     .expect("the eviction annotation stayed");
     let node: Node = Api::all(lab.client.clone()).get(&h1.node).await.unwrap();
     assert_eq!(node.spec.and_then(|s| s.unschedulable), Some(true));
-    // The old node keeps nothing of the VMs that left, once the orphan grace passed.
+    // The old node keeps nothing of the VM that migrated (its disk went along); of the
+    // one that left by shutting down it keeps the files while the VM exists.
     common::wait_for(Duration::from_secs(30), || async {
         let all = virsh(h1.uri, &["list", "--all", "--uuid"]);
-        (!all.contains(&live) && !all.contains(&cold)).then_some(())
+        (!all.contains(&live)).then_some(())
     })
     .await
-    .expect("h1 kept a domain of a VM that left");
+    .expect("h1 kept the domain of a VM that migrated");
+    assert!(!h1.state.join("vms").join(&live).exists());
+    assert!(
+        h1.state
+            .join("vms")
+            .join(&cold)
+            .join("disk-data.qcow2")
+            .exists()
+    );
     lab.teardown().await;
 }

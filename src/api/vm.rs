@@ -105,6 +105,22 @@ pub struct VirtualMachineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 3600))]
     pub termination_grace_period_seconds: Option<i64>,
+
+    /// What happens when the VM's node is lost, or drained by shutting the VM down, while
+    /// its disks hold node-local writable data (image overlays, blank disks): WaitForNode
+    /// (default) keeps it bound to its node, phase Unknown, until the node returns (the
+    /// data is only there); RestartWithNewDisks starts it elsewhere on new, empty disks.
+    /// VMs without such data (kernel boot, cloud-init seeds, read-only images) move
+    /// either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_policy: Option<FailoverPolicy>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum FailoverPolicy {
+    #[default]
+    WaitForNode,
+    RestartWithNewDisks,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
@@ -435,6 +451,26 @@ pub struct InterfaceStatus {
 }
 
 impl VirtualMachineSpec {
+    /// The disks whose only copy lives on the node the VM runs on: writable image
+    /// overlays and blank disks. A cloud-init seed is regenerated at every start and a
+    /// read-only overlay is never written, so neither counts.
+    pub fn node_local_data(&self) -> Vec<&str> {
+        self.disks
+            .iter()
+            .filter(|d| d.cloud_init.is_none() && d.read_only != Some(true))
+            .filter(|d| d.image.is_some() || d.blank.is_some())
+            .map(|d| d.name.as_str())
+            .collect()
+    }
+
+    /// Whether the VM may be started on another node without its current disks (node
+    /// loss, a drain that shuts it down): only when nothing is lost by it, or its spec
+    /// says so.
+    pub fn may_restart_elsewhere(&self) -> bool {
+        self.node_local_data().is_empty()
+            || self.failover_policy == Some(FailoverPolicy::RestartWithNewDisks)
+    }
+
     /// The CPU after the class is applied: the VM's own `cpu` wins as a whole.
     pub fn effective_cpu(&self, class: Option<&crate::api::VirtualMachineClassSpec>) -> Cpu {
         self.cpu
@@ -461,5 +497,50 @@ impl VirtualMachineSpec {
     ) -> Option<(i64, u64)> {
         let memory = crate::api::quantity::parse_bytes(self.effective_memory(class)?).ok()?;
         Some((i64::from(self.effective_cpu(class).vcpus().max(1)), memory))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_node_local_writable_data_pins_a_vm() {
+        let disk = |json: serde_json::Value| -> Disk { serde_json::from_value(json).unwrap() };
+        let image = || disk(serde_json::json!({"name": "root", "image": {"name": "i"}}));
+        let ro =
+            || disk(serde_json::json!({"name": "ro", "image": {"name": "i"}, "readOnly": true}));
+        let blank = || disk(serde_json::json!({"name": "data", "blank": {"size": "1Gi"}}));
+        let seed = || disk(serde_json::json!({"name": "seed", "cloudInit": {}}));
+        use FailoverPolicy::*;
+        // (disks, policy) -> (node-local disks, may restart elsewhere)
+        let table: Vec<(Vec<Disk>, Option<FailoverPolicy>, Vec<&str>, bool)> = vec![
+            (vec![], None, vec![], true),
+            (vec![seed()], None, vec![], true),
+            (vec![ro()], None, vec![], true),
+            (vec![image()], None, vec!["root"], false),
+            (vec![blank(), seed()], None, vec!["data"], false),
+            (
+                vec![image(), blank()],
+                Some(WaitForNode),
+                vec!["root", "data"],
+                false,
+            ),
+            (
+                vec![image(), blank()],
+                Some(RestartWithNewDisks),
+                vec!["root", "data"],
+                true,
+            ),
+        ];
+        for (disks, policy, local, may) in table {
+            let spec = VirtualMachineSpec {
+                disks,
+                failover_policy: policy,
+                ..Default::default()
+            };
+            assert_eq!(spec.node_local_data(), local);
+            assert_eq!(spec.may_restart_elsewhere(), may, "{local:?} {policy:?}");
+        }
     }
 }

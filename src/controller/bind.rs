@@ -58,7 +58,19 @@ async fn set_scheduled(
     let same = conditions::find(&old.conditions, "Scheduled").is_some_and(|c| {
         c.status == if ok { "True" } else { "False" } && c.reason == reason && c.message == message
     });
-    if same && extra.is_null() {
+    // NodeHealthy goes back to True when the VM is bound to a new node, or when the node
+    // it waited on (its data is there) renews its heartbeat again.
+    let unhealthy =
+        conditions::find(&old.conditions, "NodeHealthy").is_some_and(|c| c.status == "False");
+    let healthy_again = match (extra["nodeName"].as_str(), &old.node_name) {
+        (Some(new), _) => Some(("Rescheduled", format!("moved to a healthy node ({new})"))),
+        (None, Some(node)) if super::nodeloss::heartbeat_fresh(ctx, node) => {
+            Some(("NodeReturned", format!("{node} renews its heartbeat again")))
+        }
+        _ => None,
+    }
+    .filter(|_| ok && unhealthy);
+    if same && extra.is_null() && healthy_again.is_none() {
         return Ok(());
     }
     let cond = conditions::new(
@@ -71,18 +83,13 @@ async fn set_scheduled(
         Time(Timestamp::now()),
     );
     let mut conds = vec![cond];
-    // A VM moved off a lost node: the new binding makes its node healthy again.
-    if ok && conditions::find(&old.conditions, "NodeHealthy").is_some_and(|c| c.status == "False") {
-        let healthy = format!(
-            "moved to a healthy node ({message_node})",
-            message_node = extra["nodeName"].as_str().unwrap_or("?")
-        );
+    if let Some((reason, message)) = healthy_again {
         conds.push(conditions::new(
             &old.conditions,
             "NodeHealthy",
             true,
-            "Rescheduled",
-            healthy,
+            reason,
+            message,
             vm.metadata.generation,
             Time(Timestamp::now()),
         ));
@@ -164,7 +171,10 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             // Drained by shutting down, and down: free it to start elsewhere.
             Some(from) if *from == node => {
                 let phase = vm.status.as_ref().and_then(|s| s.phase);
-                if matches!(phase, Some(Phase::Stopped | Phase::Failed) | None) {
+                if !vm.spec.may_restart_elsewhere() {
+                    // Its data is only on this node: unbinding would start it on new disks.
+                    tracing::warn!(vm = %vm.name_any(), %node, "not unbinding an evicted VM with node-local data (failoverPolicy WaitForNode)");
+                } else if matches!(phase, Some(Phase::Stopped | Phase::Failed) | None) {
                     unbind(&vm, &ctx, &node).await?;
                 }
                 return Ok(Action::await_change());

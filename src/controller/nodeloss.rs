@@ -17,9 +17,13 @@ use super::{Context, FIELD_MANAGER};
 use crate::api::vm::{Phase, RunStrategy};
 use crate::api::{VirtualMachine, conditions};
 
-/// Nodes whose heartbeat has been silent longer than duration + `fence_after` + `margin`.
+/// Hypervisor nodes whose heartbeat has been silent longer than duration + `fence_after`
+/// + `margin`. Only Leases of labelled Nodes that exist count: a Lease outlives a deleted
+/// Node, and counting it would make the mass-silence guard below see an outage that is
+/// not there.
 pub fn lost_nodes(ctx: &Context, fence_after: Duration, margin: Duration) -> HashSet<String> {
     let now = Timestamp::now();
+    let hypervisors = hypervisor_nodes(ctx);
     ctx.caches
         .leases
         .state()
@@ -32,22 +36,66 @@ pub fn lost_nodes(ctx: &Context, fence_after: Duration, margin: Duration) -> Has
                 .strip_prefix("vmlet-")?
                 .to_string();
             let (age, duration) = silence(l, now)?;
-            (age > duration + fence_after + margin).then_some(node)
+            (hypervisors.contains(&node) && age > duration + fence_after + margin).then_some(node)
         })
         .collect()
 }
+
+/// Whether `node`'s heartbeat Lease was renewed within its duration.
+pub fn heartbeat_fresh(ctx: &Context, node: &str) -> bool {
+    let name = format!("vmlet-{node}");
+    ctx.caches
+        .leases
+        .state()
+        .iter()
+        .find(|l| l.metadata.name.as_deref() == Some(name.as_str()))
+        .and_then(|l| silence(l, Timestamp::now()))
+        .is_some_and(|(age, duration)| age <= duration)
+}
+
+/// Names of the Nodes labelled as hypervisors.
+fn hypervisor_nodes(ctx: &Context) -> HashSet<String> {
+    ctx.caches
+        .nodes
+        .state()
+        .iter()
+        .filter(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::api::HYPERVISOR_LABEL))
+                .map(String::as_str)
+                == Some("true")
+        })
+        .filter_map(|n| n.metadata.name.clone())
+        .collect()
+}
+
+/// The field manager of the node-loss marks (phase Unknown, NodeHealthy): apart from the
+/// binder's, so that neither's server-side apply drops the other's fields.
+const NODE_LOSS_MANAGER: &str = "vmlet-controller-nodeloss";
 
 /// Marks the VM Unknown on its lost node and, when its run strategy wants it running,
 /// unbinds it so that the scheduler places it elsewhere.
 async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, kube::Error> {
     let old = vm.status.clone().unwrap_or_default();
-    let moves = matches!(
+    let wants_running = matches!(
         vm.spec.run_strategy.unwrap_or_default(),
         RunStrategy::Always | RunStrategy::RerunOnFailure
     );
-    let message = format!("node {node} stopped renewing its heartbeat; its domains are fenced");
+    let moves = wants_running && vm.spec.may_restart_elsewhere();
+    let mut message = format!("node {node} stopped renewing its heartbeat; its domains are fenced");
+    if wants_running && !moves {
+        // Restarting elsewhere would start it on empty disks: the data waits on the node.
+        message += &format!(
+            "; the VM stays bound to {node} because disk(s) {} hold data only that node has \
+             (set spec.failoverPolicy: RestartWithNewDisks to restart it elsewhere on new disks)",
+            vm.spec.node_local_data().join(", ")
+        );
+    }
     let already = old.phase == Some(Phase::Unknown)
-        && conditions::find(&old.conditions, "NodeHealthy").is_some_and(|c| c.status == "False");
+        && conditions::find(&old.conditions, "NodeHealthy")
+            .is_some_and(|c| c.status == "False" && c.message == message);
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
     let mut resource_version = vm.resource_version();
@@ -68,7 +116,7 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
         let marked = api
             .patch_status(
                 &vm.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
+                &PatchParams::apply(NODE_LOSS_MANAGER).force(),
                 &Patch::Apply(&patch),
             )
             .await?;
@@ -102,20 +150,8 @@ pub async fn node_loss_loop(ctx: Arc<Context>, fence_after: Duration, margin: Du
             continue;
         }
         // Hypervisors: labelled Nodes whose agent has a heartbeat Lease.
-        let total = ctx
-            .caches
-            .nodes
-            .state()
-            .iter()
-            .filter(|n| {
-                n.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(crate::api::HYPERVISOR_LABEL))
-                    .map(String::as_str)
-                    == Some("true")
-            })
-            .filter_map(|n| n.metadata.name.clone())
+        let total = hypervisor_nodes(&ctx)
+            .into_iter()
             .filter(|n| {
                 ctx.caches
                     .leases

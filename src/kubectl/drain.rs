@@ -1,9 +1,11 @@
 //! `kubectl vm drain NODE`: cordon the node, then move each VM off it as its
 //! evictionStrategy says. LiveMigrate: a VirtualMachineMigration (the controller holds
-//! them to its per-node and per-cluster limits). Shutdown: the node's agent stops the VM,
-//! the controller unbinds it and it starts wherever it is scheduled next (local disk
-//! changes stay behind); members of an anti-affinity group go one at a time, each back up
-//! before the next goes down. None: left where it is, and said so.
+//! them to its per-node and per-cluster limits; the disks travel with the guest).
+//! Shutdown: the node's agent stops the VM, the controller unbinds it and it starts
+//! wherever it is scheduled next; members of an anti-affinity group go one at a time, each
+//! back up before the next goes down. A VM whose disks hold data only this node has is
+//! not shut down to move (it would start elsewhere on empty disks) unless its
+//! failoverPolicy is RestartWithNewDisks. None: left where it is. What stays is said.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,11 +24,21 @@ const FIELD_MANAGER: &str = "kubectl-vm";
 pub enum Plan {
     Migrate,
     ShutDown,
-    Stay,
+    Stay(Stay),
+}
+
+/// Why a VM stays on the node being drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stay {
+    /// evictionStrategy: None.
+    Strategy,
+    /// Its disks hold data only this node has, and it cannot be live-migrated.
+    LocalData,
 }
 
 /// The plan for a VM: its strategy (default LiveMigrate), and a VM that is not running
-/// has nothing to migrate, so it moves by the shutdown path.
+/// has nothing to migrate, so it moves by the shutdown path, which only VMs without
+/// node-local data (or that accept new disks) may take.
 pub fn plan(vm: &VirtualMachine) -> Plan {
     let running = vm.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running);
     match vm
@@ -34,9 +46,25 @@ pub fn plan(vm: &VirtualMachine) -> Plan {
         .eviction_strategy
         .unwrap_or(EvictionStrategy::LiveMigrate)
     {
-        EvictionStrategy::None => Plan::Stay,
+        EvictionStrategy::None => Plan::Stay(Stay::Strategy),
         EvictionStrategy::LiveMigrate if running => Plan::Migrate,
+        EvictionStrategy::LiveMigrate | EvictionStrategy::Shutdown
+            if !vm.spec.may_restart_elsewhere() =>
+        {
+            Plan::Stay(Stay::LocalData)
+        }
         EvictionStrategy::LiveMigrate | EvictionStrategy::Shutdown => Plan::ShutDown,
+    }
+}
+
+fn why_stays(vm: &VirtualMachine, why: Stay) -> String {
+    match why {
+        Stay::Strategy => "evictionStrategy None".into(),
+        Stay::LocalData => format!(
+            "disk(s) {} hold data only this node has: live-migrate it while it runs \
+             (evictionStrategy LiveMigrate), or set failoverPolicy: RestartWithNewDisks",
+            vm.spec.node_local_data().join(", ")
+        ),
     }
 }
 
@@ -108,8 +136,8 @@ pub async fn drain(client: &kube::Client, node: &str, timeout: Duration) -> anyh
         let moving: Vec<&VirtualMachine> = vms
             .iter()
             .filter(|vm| {
-                if plan(vm) == Plan::Stay {
-                    stay.insert(key(vm), "evictionStrategy None");
+                if let Plan::Stay(why) = plan(vm) {
+                    stay.insert(key(vm), why_stays(vm, why));
                     false
                 } else {
                     true
@@ -150,7 +178,7 @@ pub async fn drain(client: &kube::Client, node: &str, timeout: Duration) -> anyh
                     }
                     eprintln!("{k}: shutting down to start elsewhere");
                 }
-                Plan::Stay => continue,
+                Plan::Stay(_) => continue,
             }
             acted.insert(k.clone());
             if !vm.spec.anti_affinity.is_empty() && plan(vm) == Plan::ShutDown {
@@ -206,6 +234,31 @@ mod tests {
         assert_eq!(plan(&vm(None, "Running")), Plan::Migrate);
         assert_eq!(plan(&vm(Some("LiveMigrate"), "Stopped")), Plan::ShutDown);
         assert_eq!(plan(&vm(Some("Shutdown"), "Running")), Plan::ShutDown);
-        assert_eq!(plan(&vm(Some("None"), "Running")), Plan::Stay);
+        assert_eq!(
+            plan(&vm(Some("None"), "Running")),
+            Plan::Stay(Stay::Strategy)
+        );
+        // Node-local data: live migration carries it; a shutdown would leave it behind.
+        let with_disk = |strategy: Option<&str>, phase: &str, policy: Option<&str>| {
+            let mut v = vm(strategy, phase);
+            v.spec.disks = vec![
+                serde_json::from_value(json!({"name": "d", "blank": {"size": "1Gi"}})).unwrap(),
+            ];
+            v.spec.failover_policy = policy.map(|p| serde_json::from_value(json!(p)).unwrap());
+            plan(&v)
+        };
+        assert_eq!(with_disk(None, "Running", None), Plan::Migrate);
+        assert_eq!(
+            with_disk(None, "Stopped", None),
+            Plan::Stay(Stay::LocalData)
+        );
+        assert_eq!(
+            with_disk(Some("Shutdown"), "Running", None),
+            Plan::Stay(Stay::LocalData)
+        );
+        assert_eq!(
+            with_disk(Some("Shutdown"), "Running", Some("RestartWithNewDisks")),
+            Plan::ShutDown
+        );
     }
 }
