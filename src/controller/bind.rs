@@ -159,7 +159,7 @@ async fn forget_eviction(vm: &VirtualMachine, ctx: &Context) -> Result<(), Error
 
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     if vm.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
+        return Ok(super::release::reconcile_deleted(&vm, &ctx, ctx.fencing_bound).await?);
     }
     if let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) {
         // Bound (by us, or by someone else): the cache has caught up with any assumption,

@@ -7,6 +7,7 @@ mod metrics;
 mod migrate;
 mod nodeloss;
 pub mod rebalance;
+mod release;
 pub mod scheduler;
 pub mod selector;
 
@@ -112,6 +113,9 @@ pub struct Context {
     pub strategy: Strategy,
     pub weights: Weights,
     pub heartbeat_grace: Duration,
+    /// The agents' fence delay plus the loss margin: past it (and the Lease's duration)
+    /// a silent node's domains are destroyed.
+    pub fencing_bound: Duration,
     pub limits: migrate::Limits,
     pub metrics: metrics::Metrics,
 }
@@ -252,6 +256,7 @@ async fn start(
             memory: args.memory_weight,
         },
         heartbeat_grace: Duration::from_secs(args.heartbeat_grace_seconds),
+        fencing_bound: Duration::from_secs(args.fence_after_seconds + args.loss_margin_seconds),
         limits: migrate::Limits {
             per_node: args.max_migrations_per_node,
             cluster: args.max_migrations,
