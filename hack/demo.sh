@@ -53,6 +53,8 @@ step() { STEP=$1; log "$1"; }
 explain() {
   local rc=$? uid
   trap - ERR
+  # A failure inside $(...) reaches the script's own trap too: explain once, there.
+  ((BASH_SUBSHELL == 0)) || exit "$rc"
   set +e
   printf '\n[demo] FAILED at step: %s (exit %s)\n' "$STEP" "$rc" >&2
   if kubectl get hypervisor "$NODE" >/dev/null 2>&1; then
@@ -119,7 +121,10 @@ YAML
 
 step "starting the controller and the agent (--accel $ACCEL)"
 # Logs are appended across runs: a failure shows only this run's lines.
-for p in agent controller; do LOG_START[$p]=$(cat "$RUN/$p.log" 2>/dev/null | wc -l); done
+for p in agent controller; do
+  LOG_START[$p]=0
+  [[ -f "$RUN/$p.log" ]] && LOG_START[$p]=$(wc -l < "$RUN/$p.log")
+done
 if ! running controller; then
   setsid "$VMLET" controller --metrics-addr 127.0.0.1:9465 >>"$RUN/controller.log" 2>&1 < /dev/null &
   echo $! > "$RUN/controller.pid"
