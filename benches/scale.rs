@@ -192,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
             heartbeat_seconds: 5,
             fence_after_seconds: 60,
             kubeconfig: Some(kc.clone()),
+            peer_key_file: None,
         };
         agents.push(tokio::spawn(vmlet::agent::run_with(
             args,

@@ -74,7 +74,9 @@ async fn missing_qemu_img_shows_on_the_vm_and_the_agent_recovers_once_installed(
     let without = agent(&node, dir.path(), empty.as_os_str());
 
     let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
-    let spec = json!({"memory": "64Mi", "disks": [{"name": "data", "blank": {"size": "1Gi"}}]});
+    // A selector no node carries: no controller (of another test, or the demo) binds it.
+    let spec = json!({"memory": "64Mi", "nodeSelector": {"vmlet.dev/test-run": ns},
+                      "disks": [{"name": "data", "blank": {"size": "1Gi"}}]});
     create_vm(&api, "needs-disk", spec, &node).await;
 
     let vm = wait_phase(&api, "needs-disk", "Pending", 60).await;

@@ -1,6 +1,7 @@
 //! Deletion always completes: a VM whose agent can no longer remove its finalizer (its
 //! Node object deleted, or the VM unbound while its agent was down) is still deleted,
 //! by the controller releasing the finalizer; nothing is released while the agent lives.
+//! And a node's Hypervisor and heartbeat Lease go with its Node object.
 
 mod common;
 
@@ -53,6 +54,25 @@ async fn vms_whose_agent_cannot_finish_are_still_deleted() {
         "the live agent did not complete the deletion"
     );
 
+    // The agent makes its Node the owner of its Hypervisor and Lease.
+    let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "kube-node-lease");
+    let lease = format!("vmlet-{}", node.name);
+    common::wait_for(Duration::from_secs(30), || async {
+        let owned =
+            |refs: Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+                refs.unwrap_or_default()
+                    .iter()
+                    .any(|r| r.kind == "Node" && r.name == node.name)
+            };
+        let h = hvs.get(&node.name).await.ok()?;
+        let l = leases.get(&lease).await.ok()?;
+        (owned(h.metadata.owner_references) && owned(l.metadata.owner_references)).then_some(())
+    })
+    .await
+    .expect("the Node never became the owner of its Hypervisor and Lease");
+
     // The agent goes away for good; one VM is unbound while it is being deleted, then
     // the Node object is deleted under the other. Each must be gone within 60 s.
     node.crash_agent();
@@ -80,6 +100,17 @@ async fn vms_whose_agent_cannot_finish_are_still_deleted() {
     assert!(
         gone(&api, "node-deleted", 60).await,
         "a VM bound to a deleted Node stayed Terminating"
+    );
+    // The Hypervisor and the Lease went with their Node (garbage collection).
+    let collected = common::wait_for(Duration::from_secs(60), || async {
+        (hvs.get_opt(&node.name).await.ok()?.is_none()
+            && leases.get_opt(&lease).await.ok()?.is_none())
+        .then_some(())
+    })
+    .await;
+    assert!(
+        collected.is_some(),
+        "the Hypervisor or Lease outlived its Node"
     );
     controller.abort();
     common::delete_namespace(&client, &ns).await;

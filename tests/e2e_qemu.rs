@@ -252,6 +252,7 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
         heartbeat_seconds: 5,
         fence_after_seconds: 15,
         kubeconfig: Some(common::kubeconfig_path()),
+        peer_key_file: None,
     };
     let agent = tokio::spawn(vmlet::agent::run_with(
         args,

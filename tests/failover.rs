@@ -124,12 +124,21 @@ async fn cut_off_node_fences_before_its_vm_moves() {
     let proxy = Proxy::start(server.trim_start_matches("https://").to_string()).await;
     let kubeconfig = proxied_kubeconfig(dir.path(), proxy.port);
 
+    // The agents share a peer key: before fencing, A asks B, which reaches the API
+    // server, so A knows it is cut off (not an outage) and fences.
+    let key = dir.path().join("peer.key");
+    std::fs::write(&key, vmlet::agent::peers::nonce().unwrap().repeat(2)).unwrap();
     let a = Node::build("fo-a", None, |args| {
         fast(args);
         args.kubeconfig = Some(kubeconfig.clone());
+        args.peer_key_file = Some(key.clone());
     })
     .await;
-    let b = Node::build("fo-b", None, fast).await;
+    let b = Node::build("fo-b", None, |args| {
+        fast(args);
+        args.peer_key_file = Some(key.clone());
+    })
+    .await;
     a.register(&[("vmlet.dev/failover-test", &ns)]).await;
 
     let controller = tokio::spawn(vmlet::controller::run_until(

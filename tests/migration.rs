@@ -104,6 +104,7 @@ async fn lab(prefix: &str) -> Lab {
             heartbeat_seconds: 2,
             fence_after_seconds: 0,
             kubeconfig: Some(common::kubeconfig_path()),
+            peer_key_file: None,
         };
         tasks.push(tokio::spawn(vmlet::agent::run_with(
             args,

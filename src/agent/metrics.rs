@@ -31,6 +31,7 @@ pub struct Metrics {
     status_writes: Counter,
     orphans_removed: Counter,
     fencings: Counter,
+    fences_skipped: Counter,
     migrations: Family<ErrorLabels, Counter>,
     migration_seconds: Histogram,
     migration_downtime_seconds: Histogram,
@@ -45,6 +46,7 @@ impl Default for Metrics {
             status_writes: Counter::default(),
             orphans_removed: Counter::default(),
             fencings: Counter::default(),
+            fences_skipped: Counter::default(),
             migrations: Family::default(),
             migration_seconds: Histogram::new(exponential_buckets(0.25, 2.0, 12)),
             migration_downtime_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
@@ -97,6 +99,36 @@ impl Metrics {
     pub fn fenced(&self) {
         self.fencings.inc();
     }
+
+    pub fn fence_skipped(&self) {
+        self.fences_skipped.inc();
+    }
+}
+
+/// A peer asks, before it fences, whether this agent reaches the API server: it does when
+/// its Lease was renewed within the Lease's duration. The answer is bound to the asker's
+/// nonce by the shared key.
+fn peer_answer(ctx: &Context, req: &crate::http::Request) -> Reply {
+    let Some(key) = &ctx.peer_key else {
+        return Reply::error(404, "no peer key configured");
+    };
+    let nonce = req
+        .query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("nonce="))
+        .filter(|n| (16..=128).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_hexdigit()));
+    let Some(nonce) = nonce else {
+        return Reply::error(400, "nonce: 16 to 128 hex digits");
+    };
+    let renewed = ctx.last_renewal.lock().expect("not poisoned").elapsed();
+    let reachable = renewed < Duration::from_secs(ctx.args.lease_duration_seconds.max(1));
+    let a = super::peers::answer(key, nonce, &ctx.node, reachable);
+    Reply::ok(
+        "application/json",
+        serde_json::to_vec(&a).expect("serializable"),
+    )
 }
 
 /// Encodes the counters above plus per-VM libvirt stats taken now.
@@ -128,6 +160,11 @@ async fn render(ctx: &Context) -> String {
         "fencings",
         "Times the agent fenced itself (destroyed its domains)",
         m.fencings.clone(),
+    );
+    reg.register(
+        "fences_skipped",
+        "Times the fence delay passed but a majority of hypervisors could not reach the API server either (an outage): domains kept",
+        m.fences_skipped.clone(),
     );
     reg.register(
         "migrations",
@@ -216,6 +253,7 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>) {
                     render(&ctx).await,
                 ),
                 "/healthz" => Reply::ok("text/plain", "ok\n"),
+                "/peer/apiserver" => peer_answer(&ctx, &req),
                 p if p.starts_with("/console/") => super::console::handle(&ctx, req).await,
                 _ => Reply::error(404, "not found"),
             }

@@ -9,6 +9,7 @@ pub mod images;
 pub mod libvirt;
 mod metrics;
 pub mod migration;
+pub mod peers;
 mod reconcile;
 pub mod render;
 mod report;
@@ -83,6 +84,11 @@ pub struct Args {
     /// fencing.
     #[arg(long, default_value = "60")]
     pub fence_after_seconds: u64,
+    /// A file holding the key all agents of the cluster share to authenticate their
+    /// answers to "do you reach the API server?" (asked before fencing; docs/reliability.md).
+    /// Unset: the agent fences without asking.
+    #[arg(long, env = "VMLET_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
     /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
     #[arg(long, env = "VMLET_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -150,6 +156,16 @@ pub struct Context {
     pub args: Args,
     /// Where `kubectl vm console` reaches this agent.
     pub agent_url: Option<String>,
+    /// The peers' shared key (see `peers`).
+    pub peer_key: Option<Vec<u8>>,
+    /// Every Hypervisor: the peers to ask before fencing, and how many there are.
+    pub hypervisors: kube::runtime::reflector::Store<crate::api::Hypervisor>,
+    /// When the Lease was last renewed: peers ask whether this agent reaches the API.
+    pub last_renewal: std::sync::Mutex<std::time::Instant>,
+    pub http: reqwest::Client,
+    /// The uid of this node's Node object, once read: the owner of its Hypervisor and
+    /// Lease.
+    pub node_uid: std::sync::Mutex<Option<String>>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -207,6 +223,29 @@ pub async fn run_with(
         ),
     );
 
+    let peer_key = match &args.peer_key_file {
+        Some(f) => {
+            let key = std::fs::read(f)
+                .map_err(|e| anyhow::anyhow!("--peer-key-file {}: {e}", f.display()))?;
+            anyhow::ensure!(
+                key.len() >= 16,
+                "--peer-key-file {}: key shorter than 16 bytes",
+                f.display()
+            );
+            Some(key)
+        }
+        None => None,
+    };
+    let (hypervisors, hv_writer) = kube::runtime::reflector::store::<crate::api::Hypervisor>();
+    let hv_stream = kube::runtime::reflector(
+        hv_writer,
+        watcher(
+            Api::<crate::api::Hypervisor>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .for_each(|_| futures::future::ready(()));
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -231,6 +270,13 @@ pub async fn run_with(
         metrics: metrics::Metrics::default(),
         args: args.clone(),
         agent_url,
+        peer_key,
+        hypervisors,
+        last_renewal: std::sync::Mutex::new(std::time::Instant::now()),
+        node_uid: Default::default(),
+        http: reqwest::Client::builder()
+            .timeout(peers::PEER_TIMEOUT)
+            .build()?,
     });
 
     // libvirt lifecycle events (a crash, a `virsh destroy`, a guest poweroff) trigger the
@@ -297,6 +343,7 @@ pub async fn run_with(
         _ = report::heartbeat_loop(ctx.clone()) => {},
         _ = reconcile::orphan_loop(ctx.clone()) => {},
         _ = metrics::serve(listener, ctx.clone()) => {},
+        _ = hv_stream => {},
     }
     tracing::info!("agent stopped");
     Ok(())

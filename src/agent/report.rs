@@ -40,12 +40,40 @@ pub fn allocatable(
     (cpu, mem)
 }
 
+/// The Node this agent runs for, as an owner reference: its Hypervisor and Lease are
+/// garbage-collected with it, so a decommissioned node leaves no silent hypervisor behind
+/// (the controller's node-loss guard and the agents' fencing majority count them).
+fn node_owner(node: &str, uid: &str) -> serde_json::Value {
+    json!([{"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}])
+}
+
 async fn report(ctx: &Context) -> anyhow::Result<()> {
     let api: Api<Hypervisor> = Api::all(ctx.client.clone());
     let info = ctx.lv.node_info().await?;
     let current = api.get_opt(&ctx.node).await?;
-    if current.is_none() {
-        let obj = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor", "metadata": {"name": ctx.node}, "spec": {}});
+    let node_uid = match Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
+        .get_opt(&ctx.node)
+        .await
+    {
+        Ok(n) => n.and_then(|n| n.metadata.uid),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read this node's Node object");
+            None
+        }
+    };
+    *ctx.node_uid.lock().expect("not poisoned") = node_uid.clone();
+    let owned = current.as_ref().is_some_and(|h| {
+        h.metadata
+            .owner_references
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|r| Some(&r.uid) == node_uid.as_ref()))
+    });
+    if current.is_none() || (node_uid.is_some() && !owned) {
+        let mut meta = json!({"name": ctx.node});
+        if let Some(uid) = &node_uid {
+            meta["ownerReferences"] = node_owner(&ctx.node, uid);
+        }
+        let obj = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor", "metadata": meta, "spec": {}});
         api.patch(
             &ctx.node,
             &PatchParams::apply(FIELD_MANAGER),
@@ -132,10 +160,14 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
 async fn heartbeat(ctx: &Context) -> anyhow::Result<()> {
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), LEASE_NAMESPACE);
     let name = lease_name(&ctx.node);
+    let mut meta = json!({"name": name});
+    if let Some(uid) = ctx.node_uid.lock().expect("not poisoned").clone() {
+        meta["ownerReferences"] = node_owner(&ctx.node, &uid);
+    }
     let lease = json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
-        "metadata": {"name": name},
+        "metadata": meta,
         "spec": LeaseSpec {
             holder_identity: Some(ctx.node.clone()),
             lease_duration_seconds: Some(ctx.args.lease_duration_seconds as i32),
@@ -166,17 +198,17 @@ pub async fn hypervisor_loop(ctx: Arc<Context>) {
 
 /// Renews the Lease, and fences: once `fence_after` passes without a successful renewal,
 /// every domain this agent owns is destroyed, and none is started until a renewal works
-/// again. A renewal attempt may hang (an unreachable API server); the watchdog does not
+/// again, unless its peers show the API server is down for a majority (an outage, see
+/// `peers`). A renewal attempt may hang (an unreachable API server); the watchdog does not
 /// wait for it.
 pub async fn heartbeat_loop(ctx: Arc<Context>) {
     let period = Duration::from_secs(ctx.args.heartbeat_seconds.max(1));
     let fence_after = Duration::from_secs(ctx.args.fence_after_seconds);
-    let last_ok = std::sync::Mutex::new(std::time::Instant::now());
     let renew = async {
         loop {
             match tokio::time::timeout(period, heartbeat(&ctx)).await {
                 Ok(Ok(())) => {
-                    *last_ok.lock().expect("not poisoned") = std::time::Instant::now();
+                    *ctx.last_renewal.lock().expect("not poisoned") = std::time::Instant::now();
                     if ctx.fenced.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         tracing::warn!("lease renewed again: fencing lifted");
                     }
@@ -188,13 +220,28 @@ pub async fn heartbeat_loop(ctx: Arc<Context>) {
         }
     };
     let watchdog = async {
+        let mut in_outage = false;
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let silent = last_ok.lock().expect("not poisoned").elapsed();
-            if fence_after.is_zero()
-                || silent < fence_after
-                || ctx.fenced.load(std::sync::atomic::Ordering::SeqCst)
-            {
+            let silent = ctx.last_renewal.lock().expect("not poisoned").elapsed();
+            if fence_after.is_zero() || silent < fence_after {
+                in_outage = false;
+                continue;
+            }
+            if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
+            if peers_see_an_outage(&ctx).await {
+                if !in_outage {
+                    tracing::error!(
+                        silent_s = silent.as_secs_f64(),
+                        "no lease renewal, but a majority of hypervisors cannot reach the API server either: an outage, not fencing"
+                    );
+                    ctx.metrics.fence_skipped();
+                }
+                in_outage = true;
+                // Ask again soon: a peer that reaches the API server again means fence.
+                tokio::time::sleep(Duration::from_secs(2)).await;
                 continue;
             }
             tracing::error!(
@@ -207,13 +254,51 @@ pub async fn heartbeat_loop(ctx: Arc<Context>) {
     tokio::join!(renew, watchdog);
 }
 
+/// Asks the other hypervisors' agents whether they reach the API server (see `peers`).
+async fn peers_see_an_outage(ctx: &Context) -> bool {
+    let Some(key) = &ctx.peer_key else {
+        return false;
+    };
+    let all = ctx.hypervisors.state();
+    let peers: Vec<(String, String)> = all
+        .iter()
+        .filter_map(|h| {
+            let name = h.metadata.name.clone()?;
+            let url = h.status.as_ref()?.agent_url.clone()?;
+            (name != ctx.node).then_some((name, url))
+        })
+        .collect();
+    // Every Hypervisor counts, with or without an address: fewer answers only make
+    // fencing likelier. This node counts even before its own object is cached.
+    let total = all
+        .iter()
+        .filter(|h| h.metadata.name.as_deref() != Some(ctx.node.as_str()))
+        .count()
+        + 1;
+    let answers = super::peers::ask(&ctx.http, key, &peers).await;
+    let verdict = super::peers::decide(total, &answers);
+    tracing::info!(total, ?answers, ?verdict, "asked peers before fencing");
+    verdict == super::peers::Verdict::Outage
+}
+
 async fn fence(ctx: &Context) {
     // Under the reconcile lock: a reconcile either started its domain before (and it is
     // destroyed here) or sees the flag after (and starts nothing).
     let _gate = ctx.fence_gate.write().await;
     ctx.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
-    let Ok(domains) = ctx.lv.list().await else {
-        return;
+    // Not being able to list the domains is no reason to think there are none: retry
+    // until the list works (or a renewal lifts the fence).
+    let domains = loop {
+        match ctx.lv.list().await {
+            Ok(d) => break d,
+            Err(e) => {
+                tracing::error!(error = %e, "fencing cannot list domains; retrying");
+                if !ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     };
     for d in domains {
         let ours = d.owner.as_ref().is_some_and(|o| o.node == ctx.node);

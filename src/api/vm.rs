@@ -514,7 +514,8 @@ mod tests {
         let seed = || disk(serde_json::json!({"name": "seed", "cloudInit": {}}));
         use FailoverPolicy::*;
         // (disks, policy) -> (node-local disks, may restart elsewhere)
-        let table: Vec<(Vec<Disk>, Option<FailoverPolicy>, Vec<&str>, bool)> = vec![
+        type Row = (Vec<Disk>, Option<FailoverPolicy>, Vec<&'static str>, bool);
+        let table: Vec<Row> = vec![
             (vec![], None, vec![], true),
             (vec![seed()], None, vec![], true),
             (vec![ro()], None, vec![], true),

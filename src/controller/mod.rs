@@ -5,7 +5,7 @@ mod bind;
 pub mod inventory;
 mod metrics;
 mod migrate;
-mod nodeloss;
+pub mod nodeloss;
 pub mod rebalance;
 mod release;
 pub mod scheduler;

@@ -17,10 +17,10 @@ use super::{Context, FIELD_MANAGER};
 use crate::api::vm::{Phase, RunStrategy};
 use crate::api::{VirtualMachine, conditions};
 
-/// Hypervisor nodes whose heartbeat has been silent longer than duration + `fence_after`
-/// + `margin`. Only Leases of labelled Nodes that exist count: a Lease outlives a deleted
-/// Node, and counting it would make the mass-silence guard below see an outage that is
-/// not there.
+/// Hypervisor nodes whose heartbeat has been silent longer than the Lease's duration plus
+/// `fence_after` plus `margin`. Only Leases of labelled Nodes that exist count: a Lease
+/// outlives a deleted Node, and counting it would make the mass-silence guard below see
+/// an outage that is not there.
 pub fn lost_nodes(ctx: &Context, fence_after: Duration, margin: Duration) -> HashSet<String> {
     let now = Timestamp::now();
     let hypervisors = hypervisor_nodes(ctx);
@@ -137,10 +137,15 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
     Ok(true)
 }
 
-/// Above this share of silent hypervisors the problem is more likely the control plane
-/// (or this controller's view of it) than the nodes: nothing is moved, as the Kubernetes
-/// node lifecycle controller does in "full disruption" (its unhealthy-zone threshold).
-const MASS_SILENCE: f64 = 0.55;
+/// Pure: whether VMs may be moved off lost nodes. When more than half of the hypervisors
+/// are silent the problem is more likely the control plane (or this controller's view of
+/// it) than the nodes, as the Kubernetes node lifecycle controller reasons in "full
+/// disruption". It is also the other half of the agents' rule (`agent::peers`): a group
+/// of agents that skipped fencing because none of them reached the API server is more
+/// than half of all hypervisors, so its VMs are never moved while their copies may run.
+pub fn may_move(lost: usize, total: usize) -> bool {
+    2 * lost <= total
+}
 
 pub async fn node_loss_loop(ctx: Arc<Context>, fence_after: Duration, margin: Duration) {
     loop {
@@ -160,11 +165,11 @@ pub async fn node_loss_loop(ctx: Arc<Context>, fence_after: Duration, margin: Du
                     .any(|l| l.metadata.name.as_deref() == Some(&format!("vmlet-{n}")))
             })
             .count();
-        if total > 2 && lost.len() as f64 > MASS_SILENCE * total as f64 {
+        if !may_move(lost.len(), total) {
             tracing::error!(
                 lost = lost.len(),
                 total,
-                "most hypervisors are silent: not moving VMs (control-plane trouble?)"
+                "more than half of the hypervisors are silent: not moving VMs (control-plane trouble?)"
             );
             continue;
         }
@@ -184,6 +189,29 @@ pub async fn node_loss_loop(ctx: Arc<Context>, fence_after: Duration, margin: Du
                     tracing::warn!(vm = %vm.name_any(), error = %e, "node-loss eviction failed")
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vms_move_only_while_at_most_half_the_hypervisors_are_silent() {
+        // (lost, total) -> may move
+        let table = [
+            (1, 1, false),
+            (1, 2, true),
+            (2, 2, false),
+            (1, 3, true),
+            (2, 3, false),
+            (2, 4, true),
+            (3, 5, false),
+            (5, 10, true),
+        ];
+        for (lost, total, want) in table {
+            assert_eq!(may_move(lost, total), want, "{lost}/{total}");
         }
     }
 }

@@ -71,6 +71,7 @@ impl Node {
             heartbeat_seconds: 5,
             fence_after_seconds: 60,
             kubeconfig: Some(super::kubeconfig_path()),
+            peer_key_file: None,
         };
         customize(&mut args);
         let mut n = Node {
