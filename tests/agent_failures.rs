@@ -74,9 +74,7 @@ async fn missing_qemu_img_shows_on_the_vm_and_the_agent_recovers_once_installed(
     let without = agent(&node, dir.path(), empty.as_os_str());
 
     let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
-    // A selector no node carries: no controller (of another test, or the demo) binds it.
-    let spec = json!({"memory": "64Mi", "nodeSelector": {"vmlet.dev/test-run": ns},
-                      "disks": [{"name": "data", "blank": {"size": "1Gi"}}]});
+    let spec = json!({"memory": "64Mi", "disks": [{"name": "data", "blank": {"size": "1Gi"}}]});
     create_vm(&api, "needs-disk", spec, &node).await;
 
     let vm = wait_phase(&api, "needs-disk", "Pending", 60).await;
@@ -122,13 +120,5 @@ async fn missing_qemu_img_shows_on_the_vm_and_the_agent_recovers_once_installed(
             .exists()
     );
     common::delete_vms_and_namespace(&client, &ns).await;
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    let _ = nodes.delete(&node, &Default::default()).await;
-    let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
-    let _ = hvs.delete(&node, &Default::default()).await;
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(client, "kube-node-lease");
-    let _ = leases
-        .delete(&format!("vmlet-{node}"), &Default::default())
-        .await;
+    common::forget_node(&client, &node).await;
 }

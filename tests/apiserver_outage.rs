@@ -16,23 +16,9 @@ use vmlet::api::VirtualMachine;
 
 use common::node::*;
 
-fn signal(sig: &str, pid: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_and_controller_survive_a_30s_apiserver_outage() {
-    let pid_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".cache/cluster/run/kube-apiserver.pid");
-    let pid = std::fs::read_to_string(&pid_file)
-        .expect("kube-apiserver started by hack/cluster.sh")
-        .trim()
-        .to_string();
+    let pid = common::apiserver_pid();
     let client = common::client().await;
     common::ensure_crds(&client).await;
     let ns = common::namespace(&client, "outage").await;
@@ -64,7 +50,7 @@ async fn agent_and_controller_survive_a_30s_apiserver_outage() {
         .unwrap();
     wait_phase(&api, "steady", "Running", 30).await;
 
-    signal("-STOP", &pid);
+    common::signal("-STOP", &pid);
     let stopped = Instant::now();
     // During the outage the domain keeps running; sample it.
     let mut interrupted = false;
@@ -74,7 +60,7 @@ async fn agent_and_controller_survive_a_30s_apiserver_outage() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    signal("-CONT", &pid);
+    common::signal("-CONT", &pid);
     assert!(!interrupted, "the VM was stopped during the outage");
     assert!(
         !controller.is_finished(),

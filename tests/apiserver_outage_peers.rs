@@ -19,25 +19,11 @@ use vmlet::api::VirtualMachine;
 
 use common::node::*;
 
-fn signal(sig: &str, pid: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 const FENCE_AFTER: u64 = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_that_all_lose_the_api_server_do_not_fence() {
-    let pid_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".cache/cluster/run/kube-apiserver.pid");
-    let pid = std::fs::read_to_string(&pid_file)
-        .expect("kube-apiserver started by hack/cluster.sh")
-        .trim()
-        .to_string();
+    let pid = common::apiserver_pid();
     let client = common::client().await;
     common::ensure_crds(&client).await;
     let ns = common::namespace(&client, "outage-peers").await;
@@ -70,10 +56,7 @@ async fn agents_that_all_lose_the_api_server_do_not_fence() {
     let b = Node::build("peer-b", None, fast).await;
     let mut uids = Vec::new();
     for (name, node) in [("on-a", &a), ("on-b", &b)] {
-        // A selector no node carries: no controller (of another test, or the demo) binds
-        // it before this test does.
-        let spec = json!({"memory": "32Mi", "nodeSelector": {"vmlet.dev/test-run": ns}});
-        let uid = create_vm(&api, name, spec, &node.name).await;
+        let uid = create_vm(&api, name, json!({"memory": "32Mi"}), &node.name).await;
         wait_phase(&api, name, "Running", 30).await;
         uids.push(uid);
     }
@@ -99,7 +82,7 @@ async fn agents_that_all_lose_the_api_server_do_not_fence() {
         v
     };
 
-    signal("-STOP", &pid);
+    common::signal("-STOP", &pid);
     let stopped = Instant::now();
     let mut interrupted = Vec::new();
     while stopped.elapsed() < Duration::from_secs(3 * FENCE_AFTER) {
@@ -114,7 +97,7 @@ async fn agents_that_all_lose_the_api_server_do_not_fence() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    signal("-CONT", &pid);
+    common::signal("-CONT", &pid);
     assert!(
         interrupted.is_empty(),
         "domains stopped during the outage: {interrupted:?}"

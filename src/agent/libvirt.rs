@@ -3,7 +3,8 @@
 //! connection, and libvirt connections are thread-safe).
 
 use std::ffi::{CStr, c_void};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once, RwLock};
+use std::time::Duration;
 
 use tokio::sync::broadcast::Sender;
 use virt::connect::Connect;
@@ -70,11 +71,14 @@ pub struct DomainStats {
 
 #[derive(Clone)]
 pub struct Libvirt {
-    conn: Arc<Connect>,
+    /// Replaced by [`Libvirt::keep_connected`] when libvirtd restarts.
+    conn: Arc<RwLock<Arc<Connect>>>,
     uri: String,
     /// Lifecycle events, registered once per connection (registering again on a live
     /// connection deadlocked against the event loop here) and fanned out to subscribers.
     events: Sender<String>,
+    /// Why the connection is down, while it is (None: it works).
+    down: Arc<Mutex<Option<String>>>,
 }
 
 static EVENT_LOOP: Once = Once::new();
@@ -159,12 +163,79 @@ impl Libvirt {
         .map_err(|_| LibvirtError::Join)??;
         let (events, _) = tokio::sync::broadcast::channel(1024);
         let lv = Libvirt {
-            conn: Arc::new(conn),
+            conn: Arc::new(RwLock::new(Arc::new(conn))),
             uri,
             events,
+            down: Default::default(),
         };
         lv.register_lifecycle_events().await?;
         Ok(lv)
+    }
+
+    /// None while the connection works; why not, while it does not.
+    pub fn down(&self) -> Option<String> {
+        self.down.lock().expect("not poisoned").clone()
+    }
+
+    /// Watches the connection and, when libvirtd has gone away (restart, crash), opens a
+    /// new one with backoff (1 s doubling to 30 s), registers lifecycle events on it again
+    /// and announces every domain as changed, so that each VM is looked at afresh.
+    pub async fn keep_connected(&self) {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(if self.down().is_some() {
+                wait
+            } else {
+                Duration::from_secs(1)
+            })
+            .await;
+            if self.down().is_none() {
+                let conn = self.current();
+                let alive = tokio::task::spawn_blocking(move || conn.is_alive().unwrap_or(false))
+                    .await
+                    .unwrap_or(false);
+                if alive {
+                    continue;
+                }
+                self.mark_down("the connection to libvirtd was lost".into());
+            }
+            let uri = self.uri.clone();
+            match tokio::task::spawn_blocking(move || Connect::open(Some(&uri))).await {
+                Ok(Ok(conn)) => {
+                    *self.conn.write().expect("not poisoned") = Arc::new(conn);
+                    if let Err(e) = self.register_lifecycle_events().await {
+                        self.mark_down(format!("registering lifecycle events: {e}"));
+                        continue;
+                    }
+                    *self.down.lock().expect("not poisoned") = None;
+                    wait = Duration::from_secs(1);
+                    tracing::warn!(uri = %self.uri, "reconnected to libvirtd");
+                    // What changed while we were away is unknown: every domain is news.
+                    if let Ok(domains) = self.list().await {
+                        for d in domains {
+                            let _ = self.events.send(d.uuid);
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.mark_down(format!("cannot connect to libvirtd at {}: {e}", self.uri));
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
+                Err(_) => wait = (wait * 2).min(Duration::from_secs(30)),
+            }
+        }
+    }
+
+    fn mark_down(&self, why: String) {
+        let mut down = self.down.lock().expect("not poisoned");
+        if down.is_none() {
+            tracing::error!(uri = %self.uri, reason = %why, "libvirt unreachable");
+        }
+        *down = Some(why);
+    }
+
+    fn current(&self) -> Arc<Connect> {
+        self.conn.read().expect("not poisoned").clone()
     }
 
     pub fn uri(&self) -> &str {
@@ -176,10 +247,19 @@ impl Libvirt {
         T: Send + 'static,
         F: FnOnce(&Connect) -> Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || f(&conn))
-            .await
-            .map_err(|_| LibvirtError::Join)?
+        let conn = self.current();
+        let (res, alive) = tokio::task::spawn_blocking(move || {
+            let res = f(&conn);
+            // A failed call on a dead connection: libvirtd went away.
+            let alive = res.is_ok() || conn.is_alive().unwrap_or(false);
+            (res, alive)
+        })
+        .await
+        .map_err(|_| LibvirtError::Join)?;
+        if !alive {
+            self.mark_down("the connection to libvirtd was lost".into());
+        }
+        res
     }
 
     pub async fn node_info(&self) -> Result<NodeInfo> {

@@ -252,7 +252,10 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>) {
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     render(&ctx).await,
                 ),
-                "/healthz" => Reply::ok("text/plain", "ok\n"),
+                "/healthz" => match ctx.lv.down() {
+                    None => Reply::ok("text/plain", "ok\n"),
+                    Some(why) => Reply::error(503, format!("libvirt unreachable: {why}")),
+                },
                 "/peer/apiserver" => peer_answer(&ctx, &req),
                 p if p.starts_with("/console/") => super::console::handle(&ctx, req).await,
                 _ => Reply::error(404, "not found"),

@@ -344,6 +344,7 @@ pub async fn run_with(
         _ = reconcile::orphan_loop(ctx.clone()) => {},
         _ = metrics::serve(listener, ctx.clone()) => {},
         _ = hv_stream => {},
+        _ = lv.keep_connected() => {},
     }
     tracing::info!("agent stopped");
     Ok(())

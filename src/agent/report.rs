@@ -144,7 +144,17 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
             now,
         )],
     };
-    if status != old {
+    write_status(ctx, &api, &old, status).await
+}
+
+/// Applies the Hypervisor status when it differs from what is there.
+async fn write_status(
+    ctx: &Context,
+    api: &Api<Hypervisor>,
+    old: &HypervisorStatus,
+    status: HypervisorStatus,
+) -> anyhow::Result<()> {
+    if status != *old {
         let patch =
             json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor", "status": status});
         api.patch_status(
@@ -155,6 +165,30 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
         .await?;
     }
     Ok(())
+}
+
+/// Ready=False with `reason`, the rest of the status as it was (a server-side apply that
+/// left fields out would remove them).
+async fn report_unready(ctx: &Context, reason: &str, message: String) -> anyhow::Result<()> {
+    let api: Api<Hypervisor> = Api::all(ctx.client.clone());
+    let Some(current) = api.get_opt(&ctx.node).await? else {
+        return Ok(());
+    };
+    let old = current.status.unwrap_or_default();
+    let ready = conditions::new(
+        &old.conditions,
+        "Ready",
+        false,
+        reason,
+        message,
+        None,
+        Time(Timestamp::now()),
+    );
+    let status = HypervisorStatus {
+        conditions: vec![ready],
+        ..old.clone()
+    };
+    write_status(ctx, &api, &old, status).await
 }
 
 async fn heartbeat(ctx: &Context) -> anyhow::Result<()> {
@@ -189,7 +223,12 @@ async fn heartbeat(ctx: &Context) -> anyhow::Result<()> {
 pub async fn hypervisor_loop(ctx: Arc<Context>) {
     let _ = ctx.vms.wait_until_ready().await;
     loop {
-        if let Err(e) = report(&ctx).await {
+        let res = match ctx.lv.down() {
+            // The scheduler places nothing on a Hypervisor that is not Ready.
+            Some(why) => report_unready(&ctx, "LibvirtUnreachable", why).await,
+            None => report(&ctx).await,
+        };
+        if let Err(e) = res {
             tracing::warn!(error = %e, "hypervisor report failed");
         }
         tokio::time::sleep(Duration::from_secs(2 * ctx.args.heartbeat_seconds.max(1))).await;

@@ -230,3 +230,40 @@ pub async fn tiny_guest_images(client: &Client, ns: &str) {
         images.create(&PostParams::default(), &img).await.unwrap();
     }
 }
+
+/// The pid of the kube-apiserver hack/cluster.sh started.
+pub fn apiserver_pid() -> String {
+    let pid_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".cache/cluster/run/kube-apiserver.pid");
+    std::fs::read_to_string(&pid_file)
+        .expect("kube-apiserver started by hack/cluster.sh")
+        .trim()
+        .to_string()
+}
+
+/// `kill SIG PID`, asserted.
+pub fn signal(sig: &str, pid: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Removes what an agent of node `name` registered: its Node, Hypervisor and Lease.
+pub async fn forget_node(client: &Client, name: &str) {
+    let dp = DeleteParams::default();
+    let _ = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .delete(name, &dp)
+        .await;
+    let _ = Api::<vmlet::api::Hypervisor>::all(client.clone())
+        .delete(name, &dp)
+        .await;
+    let _ = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        client.clone(),
+        "kube-node-lease",
+    )
+    .delete(&format!("vmlet-{name}"), &dp)
+    .await;
+}

@@ -181,12 +181,21 @@ pub async fn bind(api: &Api<VirtualMachine>, name: &str, node: &str) {
     .unwrap();
 }
 
+/// A label no node carries: a VM that selects it is placed by nobody but its test, so no
+/// controller running beside the tests (another test's, or `make demo`'s) binds it first.
+pub const TEST_ONLY_SELECTOR: (&str, &str) = ("vmlet.dev/bound-by-test", "true");
+
+/// Creates the VM and binds it to `node` as a scheduler would; unless `spec` selects
+/// nodes itself, it selects none, so that only this binding places it.
 pub async fn create_vm(
     api: &Api<VirtualMachine>,
     name: &str,
-    spec: serde_json::Value,
+    mut spec: serde_json::Value,
     node: &str,
 ) -> String {
+    if spec.get("nodeSelector").is_none() {
+        spec["nodeSelector"] = json!({TEST_ONLY_SELECTOR.0: TEST_ONLY_SELECTOR.1});
+    }
     let vm = VirtualMachine::new(name, serde_json::from_value(spec).unwrap());
     let vm = api.create(&PostParams::default(), &vm).await.unwrap();
     bind(api, name, node).await;
