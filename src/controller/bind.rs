@@ -127,6 +127,8 @@ async fn set_scheduled(
 async fn unbind(vm: &VirtualMachine, ctx: &Context, node: &str) -> Result<(), Error> {
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let noted = super::nodeloss::note_disks_left(&api, vm, node).await?;
+    let vm = noted.as_ref().unwrap_or(vm);
     let cond = conditions::new(
         &vm.status.clone().unwrap_or_default().conditions,
         "Scheduled",

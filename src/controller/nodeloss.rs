@@ -125,6 +125,9 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
     if !moves {
         return Ok(false);
     }
+    if let Some(noted) = note_disks_left(&api, vm, node).await? {
+        resource_version = noted.resource_version();
+    }
     // Unbind with optimistic concurrency; the scheduler then picks a healthy node.
     let unbind =
         json!({"metadata": {"resourceVersion": resource_version}, "status": {"nodeName": null}});
@@ -135,6 +138,48 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
     api.patch_status(&vm.name_any(), &pp, &Patch::Merge(&unbind))
         .await?;
     Ok(true)
+}
+
+/// The field manager of the DisksLeftBehind condition: its own, so that no other write
+/// of the controller drops it.
+const DISKS_MANAGER: &str = "vmlet-controller-disks";
+
+/// Before a VM whose disks hold node-local data leaves `node` on new disks
+/// (failoverPolicy RestartWithNewDisks), says on the VM where the old ones stay: that
+/// node keeps them until the VM is deleted (its agent's sweep confirms the deletion).
+/// Returns the VM as written (its new resourceVersion is the unbinding's precondition).
+pub(super) async fn note_disks_left(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    node: &str,
+) -> Result<Option<VirtualMachine>, kube::Error> {
+    let disks = vm.spec.node_local_data();
+    if disks.is_empty() {
+        return Ok(None);
+    }
+    let old = vm.status.clone().unwrap_or_default();
+    let cond = conditions::new(
+        &old.conditions,
+        "DisksLeftBehind",
+        true,
+        "NodeLocalData",
+        format!(
+            "the previous copies of disk(s) {} stay on node {node} until the VM is deleted; \
+             it runs on new disks",
+            disks.join(", ")
+        ),
+        vm.metadata.generation,
+        Time(Timestamp::now()),
+    );
+    let patch = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine",
+                       "status": {"conditions": [cond]}});
+    api.patch_status(
+        &vm.name_any(),
+        &PatchParams::apply(DISKS_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(Some)
 }
 
 /// Pure: whether VMs may be moved off lost nodes. When more than half of the hypervisors
