@@ -492,6 +492,10 @@ async fn drain_moves_each_vm_as_its_eviction_strategy_says() {
     let left = vmlet::api::conditions::find(&cold_vm.status.unwrap().conditions, "DisksLeftBehind")
         .cloned()
         .expect("a DisksLeftBehind condition");
-    assert!(left.message.contains(&h1.node) && left.message.contains("data"), "{}", left.message);
+    assert!(
+        left.message.contains(&h1.node) && left.message.contains("data"),
+        "{}",
+        left.message
+    );
     lab.teardown().await;
 }
