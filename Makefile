@@ -42,8 +42,10 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## test: the whole suite, against the real local control plane and libvirt
+## test: the whole suite, against the real local control plane and libvirt. A running
+## demo is stopped first: its controller would be a second scheduler beside the tests'.
 test: cluster-up libvirt-up hosts-up lint
+	@if [[ -f .cache/demo/controller.pid ]]; then echo "[test] stopping the demo (make demo starts it again)"; hack/demo.sh down; fi
 	$(CARGO) test --lib --bins --tests -- --test-threads=4
 
 ## demo: control plane + agent on local libvirt, boots the tiny guest and shows it Running

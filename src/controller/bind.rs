@@ -138,9 +138,19 @@ async fn unbind(vm: &VirtualMachine, ctx: &Context, node: &str) -> Result<(), Er
         vm.metadata.generation,
         Time(Timestamp::now()),
     );
+    // A merge patch replaces the whole list: send every condition, Scheduled replaced.
+    let mut conds: Vec<_> = vm
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.type_ != "Scheduled")
+        .collect();
+    conds.push(cond);
     let patch = json!({
         "metadata": {"resourceVersion": vm.resource_version()},
-        "status": {"nodeName": null, "phase": "Pending", "conditions": [cond]},
+        "status": {"nodeName": null, "phase": "Pending", "conditions": conds},
     });
     api.patch_status(
         &vm.name_any(),
