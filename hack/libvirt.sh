@@ -43,7 +43,8 @@ up() {
     libvirtd -d -p /run/libvirtd.pid
     touch "$STATE/started-libvirtd"
   fi
-  for _ in $(seq 1 100); do
+  # After a crash libvirtd first reconnects to every QEMU it left running: give it time.
+  for _ in $(seq 1 300); do
     virsh -c qemu:///system version >/dev/null 2>&1 && { log "libvirtd ready"; return 0; }
     sleep 0.1
   done
