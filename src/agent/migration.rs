@@ -333,24 +333,38 @@ async fn finish(
             // with as its precondition: status.nodeName changes exactly once.
             let api: Api<VirtualMachine> =
                 Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-            let mut attempt = 0;
+            // The guest runs on the target now: the binding must follow, however long the
+            // API server takes. Retried with backoff (conflicts at once) until it lands;
+            // giving up would leave the VM bound to a node that no longer runs it.
+            let mut wait = Duration::from_millis(200);
             loop {
-                let fresh = api.get(&vm.name_any()).await?;
-                let patch = json!({
-                    "metadata": {"resourceVersion": fresh.resource_version()},
-                    "status": {"nodeName": target},
-                });
-                match api
-                    .patch_status(
+                let attempt = async {
+                    let fresh = api.get(&vm.name_any()).await?;
+                    let patch = json!({
+                        "metadata": {"resourceVersion": fresh.resource_version()},
+                        "status": {"nodeName": target},
+                    });
+                    api.patch_status(
                         &vm.name_any(),
                         &crate::patch::by(REBIND_MANAGER),
                         &Patch::Merge(&patch),
                     )
                     .await
-                {
+                };
+                match attempt.await {
                     Ok(_) => break,
-                    Err(kube::Error::Api(s)) if s.code == 409 && attempt < 10 => attempt += 1,
-                    Err(e) => return Err(e.into()),
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 => {
+                        // The VM was deleted meanwhile: nothing is left to bind.
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name_any(), error = %e, retry_in_s = wait.as_secs_f64(), "rebinding after a migration failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(10));
+                    }
                 }
             }
             // The source's definition, kept for the job statistics, goes now.

@@ -100,6 +100,10 @@ pub struct VirtualMachineMigrationStatus {
     /// When the copy started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
+    /// When the controller chose the target (phase Scheduling): the target's time to
+    /// prepare counts from here, not from the request (which may have queued for long).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_time: Option<Time>,
     /// When it succeeded or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,

@@ -269,10 +269,11 @@ pub async fn reconcile(
         }
         MigrationPhase::Running => return Ok(Action::await_change()),
         MigrationPhase::Scheduling => {
-            let since = m
-                .metadata
-                .creation_timestamp
+            // From when the target was chosen; a queued request waited for its turn.
+            let since = old
+                .scheduled_time
                 .as_ref()
+                .or(m.metadata.creation_timestamp.as_ref())
                 .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
                 .unwrap_or_default();
             let ready = crate::api::conditions::is_true(&old.conditions, "TargetReady");
@@ -386,6 +387,7 @@ pub async fn reconcile(
                 message: Some(format!("moving from {source} to {target}")),
                 source_node: Some(source),
                 target_node: Some(target),
+                scheduled_time: Some(now.clone()),
                 ..Default::default()
             };
             tracing::info!(migration = %m.name_any(), vm = %m.spec.vm_name, ?status.target_node, "migration scheduled");
