@@ -62,14 +62,15 @@ async fn set_scheduled(
     // it waited on (its data is there) renews its heartbeat again.
     let unhealthy =
         conditions::find(&old.conditions, "NodeHealthy").is_some_and(|c| c.status == "False");
-    let healthy_again = match (extra["nodeName"].as_str(), &old.node_name) {
-        (Some(new), _) => Some(("Rescheduled", format!("moved to a healthy node ({new})"))),
-        (None, Some(node)) if super::nodeloss::heartbeat_fresh(ctx, node) => {
+    // Evaluated only for an unhealthy VM: this runs on every bound VM's reconcile.
+    let healthy_again = match (ok && unhealthy, extra["nodeName"].as_str(), &old.node_name) {
+        (false, _, _) => None,
+        (true, Some(new), _) => Some(("Rescheduled", format!("moved to a healthy node ({new})"))),
+        (true, None, Some(node)) if super::nodeloss::heartbeat_fresh(ctx, node) => {
             Some(("NodeReturned", format!("{node} renews its heartbeat again")))
         }
         _ => None,
-    }
-    .filter(|_| ok && unhealthy);
+    };
     if same && extra.is_null() && healthy_again.is_none() {
         return Ok(());
     }

@@ -41,16 +41,16 @@ pub fn lost_nodes(ctx: &Context, fence_after: Duration, margin: Duration) -> Has
         .collect()
 }
 
+/// `node`'s heartbeat silence (age, Lease duration) from the cache, looked up by key.
+pub fn heartbeat_silence(ctx: &Context, node: &str) -> Option<(Duration, Duration)> {
+    let key = kube::runtime::reflector::ObjectRef::new(&format!("vmlet-{node}"))
+        .within("kube-node-lease");
+    silence(ctx.caches.leases.get(&key)?.as_ref(), Timestamp::now())
+}
+
 /// Whether `node`'s heartbeat Lease was renewed within its duration.
 pub fn heartbeat_fresh(ctx: &Context, node: &str) -> bool {
-    let name = format!("vmlet-{node}");
-    ctx.caches
-        .leases
-        .state()
-        .iter()
-        .find(|l| l.metadata.name.as_deref() == Some(name.as_str()))
-        .and_then(|l| silence(l, Timestamp::now()))
-        .is_some_and(|(age, duration)| age <= duration)
+    heartbeat_silence(ctx, node).is_some_and(|(age, duration)| age <= duration)
 }
 
 /// Names of the Nodes labelled as hypervisors.

@@ -7,12 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ResourceExt};
 use kube::runtime::controller::Action;
 
 use super::Context;
-use super::inventory::silence;
 use crate::api::{DOMAIN_FINALIZER, VirtualMachine};
 
 /// Who, if anyone, can still complete the agent's part of a VM's deletion.
@@ -65,14 +63,7 @@ pub async fn reconcile_deleted(
             .get_opt(n)
             .await?
             .is_some();
-        let name = format!("vmlet-{n}");
-        lease = ctx
-            .caches
-            .leases
-            .state()
-            .iter()
-            .find(|l| l.metadata.name.as_deref() == Some(name.as_str()))
-            .and_then(|l| silence(l, Timestamp::now()));
+        lease = super::nodeloss::heartbeat_silence(ctx, n);
     }
     let who = holder(node.as_deref(), exists, lease, bound);
     if who == Holder::Agent {
