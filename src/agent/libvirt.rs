@@ -38,6 +38,16 @@ pub enum RunState {
     Other,
 }
 
+impl RunState {
+    /// Whether a QEMU process runs the domain (running, paused or shutting down).
+    pub fn active(self) -> bool {
+        matches!(
+            self,
+            RunState::Running | RunState::Paused | RunState::ShuttingDown
+        )
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DomainInfo {
     pub uuid: String,

@@ -236,16 +236,27 @@ pub async fn run_with(
         }
         None => None,
     };
+    // The peers to ask before fencing: watched only when there is a key to ask with.
     let (hypervisors, hv_writer) = kube::runtime::reflector::store::<crate::api::Hypervisor>();
-    let hv_stream = kube::runtime::reflector(
-        hv_writer,
-        watcher(
-            Api::<crate::api::Hypervisor>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .for_each(|_| futures::future::ready(()));
+    let hv_stream = {
+        let watch = peer_key.is_some().then(|| {
+            kube::runtime::reflector(
+                hv_writer,
+                watcher(
+                    Api::<crate::api::Hypervisor>::all(client.clone()),
+                    watcher::Config::default(),
+                ),
+            )
+            .default_backoff()
+            .for_each(|_| futures::future::ready(()))
+        });
+        async move {
+            match watch {
+                Some(w) => w.await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),

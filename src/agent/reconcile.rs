@@ -297,13 +297,33 @@ pub(super) async fn resolve_images(
 
 /// A fresh read (not the cache): the VM still exists with this uid and is bound here.
 async fn still_bound_here(vm: &VirtualMachine, ctx: &Context) -> Result<bool, Error> {
-    let api: Api<VirtualMachine> =
-        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    Ok(api.get_opt(&vm.name_any()).await?.is_some_and(|fresh| {
-        fresh.metadata.uid == vm.metadata.uid
-            && fresh.metadata.deletion_timestamp.is_none()
-            && fresh.status.and_then(|s| s.node_name).as_deref() == Some(ctx.node.as_str())
-    }))
+    let fresh = read_by_uid(
+        ctx,
+        &vm.namespace().unwrap_or_default(),
+        &vm.name_any(),
+        &vm.uid().unwrap_or_default(),
+    )
+    .await?;
+    Ok(fresh.is_some_and(|f| f.metadata.deletion_timestamp.is_none() && bound_here(&f, ctx)))
+}
+
+/// The VM `ns/name` read from the API server (not the cache), if it is still the one with
+/// `uid` (a VM created anew under the old name is another VM).
+async fn read_by_uid(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    uid: &str,
+) -> Result<Option<VirtualMachine>, kube::Error> {
+    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(api
+        .get_opt(name)
+        .await?
+        .filter(|vm| vm.metadata.uid.as_deref() == Some(uid)))
+}
+
+fn bound_here(vm: &VirtualMachine, ctx: &Context) -> bool {
+    vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(ctx.node.as_str())
 }
 
 #[derive(Clone, Copy)]
@@ -331,10 +351,7 @@ async fn migrating(ctx: &Context, ns: &str, name: &str, side: Side) -> Result<bo
 fn want_running(vm: &VirtualMachine, domain: Option<&DomainInfo>, rt: &VmRuntime) -> bool {
     let status = vm.status.clone().unwrap_or_default();
     let state = domain.map(|d| d.state);
-    let running = matches!(
-        state,
-        Some(RunState::Running | RunState::Paused | RunState::ShuttingDown)
-    );
+    let running = state.is_some_and(RunState::active);
     let ever_started = status.start_time.is_some();
     let failed = matches!(state, Some(RunState::Crashed))
         || (matches!(state, Some(RunState::Destroyed)) && !rt.stopped_by_us);
@@ -436,10 +453,7 @@ async fn apply_steps(
         .and_then(|d| d.owner.as_ref())
         .map(|o| o.hash.clone());
     let state = existing.as_ref().map(|d| d.state);
-    let running = matches!(
-        state,
-        Some(RunState::Running | RunState::Paused | RunState::ShuttingDown)
-    );
+    let running = state.is_some_and(RunState::active);
     let restart_token = vm.annotations().get(RESTART_ANNOTATION).cloned();
     let restart_pending = restart_token.is_some()
         && restart_token
@@ -575,10 +589,7 @@ async fn apply_steps(
     drop(gate);
 
     let final_state = existing.as_ref().map(|d| d.state);
-    let now_running = matches!(
-        final_state,
-        Some(RunState::Running | RunState::Paused | RunState::ShuttingDown)
-    );
+    let now_running = final_state.is_some_and(RunState::active);
     let restart_required = now_running
         && existing
             .as_ref()
@@ -658,10 +669,7 @@ async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
     // happens here, including the wait for the guest to power off.
     let uid = vm.uid().unwrap_or_default();
     if let Some(d) = ctx.lv.lookup(&uid).await? {
-        let running = matches!(
-            d.state,
-            RunState::Running | RunState::Paused | RunState::ShuttingDown
-        );
+        let running = d.state.active();
         if running {
             ctx.runtime
                 .lock()
@@ -698,12 +706,7 @@ async fn stop_gracefully(ctx: &Context, uid: &str, grace: Duration) -> Result<()
     ctx.lv.shutdown(uid).await?;
     while Instant::now() < deadline {
         match ctx.lv.lookup(uid).await? {
-            Some(d)
-                if matches!(
-                    d.state,
-                    RunState::Running | RunState::Paused | RunState::ShuttingDown
-                ) =>
-            {
+            Some(d) if d.state.active() => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             _ => return Ok(()),
@@ -751,18 +754,11 @@ pub fn sweep_verdict(fresh: Fresh, running: bool, migration_target: bool) -> Swe
 }
 
 async fn fresh_read(ctx: &Context, owner: &super::domain::VmMetadata) -> Fresh {
-    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &owner.namespace);
-    match api.get_opt(&owner.name).await {
+    match read_by_uid(ctx, &owner.namespace, &owner.name, &owner.uid).await {
         Err(_) => Fresh::Unknown,
         Ok(None) => Fresh::Gone,
-        Ok(Some(vm)) if vm.metadata.uid.as_deref() != Some(owner.uid.as_str()) => Fresh::Gone,
-        Ok(Some(vm)) => {
-            if vm.status.and_then(|s| s.node_name).as_deref() == Some(ctx.node.as_str()) {
-                Fresh::BoundHere
-            } else {
-                Fresh::Elsewhere
-            }
-        }
+        Ok(Some(vm)) if bound_here(&vm, ctx) => Fresh::BoundHere,
+        Ok(Some(_)) => Fresh::Elsewhere,
     }
 }
 
@@ -798,14 +794,12 @@ pub async fn orphan_loop(ctx: Arc<Context>) {
                         continue;
                     }
                     let fresh = fresh_read(&ctx, &owner).await;
-                    let target = fresh != Fresh::Unknown
+                    let running = d.state.active();
+                    // The migrations are listed only when they can change the verdict.
+                    let target = sweep_verdict(fresh, running, false) != Sweep::Keep
                         && migrating(&ctx, &owner.namespace, &owner.name, Side::Target)
                             .await
                             .unwrap_or(true);
-                    let running = matches!(
-                        d.state,
-                        RunState::Running | RunState::Paused | RunState::ShuttingDown
-                    );
                     let vm = format!("{}/{}", owner.namespace, owner.name);
                     match sweep_verdict(fresh, running, target) {
                         Sweep::Keep => {}

@@ -51,23 +51,31 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
     let api: Api<Hypervisor> = Api::all(ctx.client.clone());
     let info = ctx.lv.node_info().await?;
     let current = api.get_opt(&ctx.node).await?;
-    let node_uid = match Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
-        .get_opt(&ctx.node)
-        .await
-    {
-        Ok(n) => n.and_then(|n| n.metadata.uid),
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot read this node's Node object");
-            None
-        }
-    };
-    *ctx.node_uid.lock().expect("not poisoned") = node_uid.clone();
-    let owned = current.as_ref().is_some_and(|h| {
+    // The owner the Hypervisor already names; the Node is read only while there is none
+    // (every report would otherwise cost a GET).
+    let owner_uid = current.as_ref().and_then(|h| {
         h.metadata
             .owner_references
-            .as_ref()
-            .is_some_and(|o| o.iter().any(|r| Some(&r.uid) == node_uid.as_ref()))
+            .as_ref()?
+            .iter()
+            .find(|r| r.kind == "Node" && r.name == ctx.node)
+            .map(|r| r.uid.clone())
     });
+    let owned = owner_uid.is_some();
+    let node_uid = match owner_uid {
+        Some(uid) => Some(uid),
+        None => match Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
+            .get_opt(&ctx.node)
+            .await
+        {
+            Ok(n) => n.and_then(|n| n.metadata.uid),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read this node's Node object");
+                None
+            }
+        },
+    };
+    *ctx.node_uid.lock().expect("not poisoned") = node_uid.clone();
     if current.is_none() || (node_uid.is_some() && !owned) {
         let mut meta = json!({"name": ctx.node});
         if let Some(uid) = &node_uid {
