@@ -194,6 +194,14 @@ fn invalid_objects() -> Vec<(&'static str, Value, &'static str)> {
             "spec.boot.cmdline",
         ),
         (
+            "line separator in cmdline",
+            vm(
+                "b3",
+                json!({"memory": "1Gi", "boot": {"kernel": {"name": "k"}, "cmdline": "console=ttyS0\u{2028}init=/bin/sh"}}),
+            ),
+            "spec.boot.cmdline",
+        ),
+        (
             "initrd without kernel",
             vm(
                 "b2",

@@ -22,7 +22,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
-use vmlet::agent::libvirt::Libvirt;
+use vmlet::agent::libvirt::{Guest, Libvirt};
 use vmlet::api::{MigrationPhase, VirtualMachine, VirtualMachineMigration};
 
 const HOSTS: [&str; 2] = ["qemu+tcp://10.77.0.1/system", "qemu+tcp://10.77.0.2/system"];
@@ -50,6 +50,33 @@ struct Host {
     node: String,
     state: PathBuf,
     uri: &'static str,
+    /// Its agent, when it runs as a process of its own.
+    child: Mutex<Option<std::process::Child>>,
+}
+
+impl Host {
+    fn agent_pid(&self) -> i32 {
+        self.child.lock().unwrap().as_ref().expect("a process").id() as i32
+    }
+
+    /// SIGKILL, and the same agent started again (what kubelet does for a DaemonSet Pod).
+    fn kill_agent(&self) {
+        let mut c = self.child.lock().unwrap();
+        if let Some(mut old) = c.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+    }
+
+    fn start_agent(&self) {
+        *self.child.lock().unwrap() = Some(agent_process(&self.node, self.uri, &self.state));
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill_agent();
+    }
 }
 
 /// Both tests drive the same two libvirt hosts: one at a time.
@@ -67,6 +94,43 @@ struct Lab {
 }
 
 async fn lab(prefix: &str) -> Lab {
+    lab_with(prefix, None).await
+}
+
+/// The real `vmlet agent` binary for one host, logging to `<state>/../agent.log`.
+fn agent_process(node: &str, uri: &str, state: &Path) -> std::process::Child {
+    let base = state.parent().unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(base.join("agent.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_vmlet"))
+        .args(["agent", "--node", node, "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "--libvirt-uri",
+            uri,
+            "--migration-uri",
+            uri,
+            "--accel",
+            "tcg",
+        ])
+        .args(["--reserved-memory", "0", "--orphan-grace-seconds", "5"])
+        .args(["--heartbeat-seconds", "2", "--fence-after-seconds", "0"])
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--image-root")
+        .arg(base.join("images"))
+        .env("KUBECONFIG", common::kubeconfig_path())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// As [`lab`], with host `process` (0 or 1) run by the real binary instead of a task.
+async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
     let client = common::client().await;
     common::ensure_crds(&client).await;
     let ns = common::namespace(&client, prefix).await;
@@ -106,12 +170,23 @@ async fn lab(prefix: &str) -> Lab {
             kubeconfig: Some(common::kubeconfig_path()),
             peer_key_file: None,
         };
-        tasks.push(tokio::spawn(vmlet::agent::run_with(
-            args,
-            lv,
-            std::future::pending(),
-        )));
-        hosts.push(Host { node, state, uri });
+        let mut child = None;
+        if process == Some(i) {
+            drop(lv);
+            child = Some(agent_process(&node, uri, &state));
+        } else {
+            tasks.push(tokio::spawn(vmlet::agent::run_with(
+                args,
+                lv,
+                std::future::pending(),
+            )));
+        }
+        hosts.push(Host {
+            node,
+            state,
+            uri,
+            child: Mutex::new(child),
+        });
     }
     tasks.push(tokio::spawn(vmlet::controller::run_until(
         common::controller_args(&format!("{prefix}-test"), &ns),
@@ -497,5 +572,171 @@ async fn drain_moves_each_vm_as_its_eviction_strategy_says() {
         "{}",
         left.message
     );
+    lab.teardown().await;
+}
+
+/// The source agent (the real binary) is stopped while libvirt copies the guest and
+/// SIGKILLed the moment libvirt reports the copy complete, before it can move the
+/// binding; then it starts again, as kubelet would start it. Sampled every 100 ms from
+/// the migration's creation: never more than one running copy of the guest. The restarted
+/// agent asks both libvirts where the guest is and settles the migration within 120 s;
+/// the slot is free (a second migration of the same VM, back, runs to the end), and the
+/// guest never booted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_agent_killed_after_the_copy_settles_the_migration() {
+    interrupted_copy("mig-kill", true).await;
+}
+
+/// The same, but the source agent stays stopped (its node is lost): the target, whose
+/// guest arrived and runs, settles the migration after `SOURCE_SILENCE`; the source agent,
+/// back later, removes the stale definition and files libvirt left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_settles_a_migration_whose_source_stays_away() {
+    interrupted_copy("mig-away", false).await;
+}
+
+async fn interrupted_copy(prefix: &str, source_returns: bool) {
+    let _serial = HOSTS_LOCK.lock().await;
+    let lab = lab_with(prefix, Some(0)).await;
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    lab.cordon(&h2.node, true).await;
+    let uid = lab.create_vm("tiny", json!({})).await;
+    lab.running("tiny", Some(&h1.node)).await;
+    let console = |h: &Host| h.state.join("vms").join(&uid).join("console.log");
+    common::wait_for(Duration::from_secs(60), || async {
+        last_uptime(&console(h1)).filter(|u| *u > 3.0)
+    })
+    .await
+    .expect("the guest never reached userspace");
+    lab.cordon(&h2.node, false).await;
+
+    let src = Libvirt::open(h1.uri).await.unwrap();
+    let dst = Libvirt::open(h2.uri).await.unwrap();
+    // A copy runs the guest while its vCPUs run: a paused one (the destination before the
+    // switch-over, the source after it) does not.
+    let running = |d: Option<vmlet::agent::libvirt::DomainInfo>| {
+        d.is_some_and(|d| d.state == vmlet::agent::libvirt::RunState::Running)
+    };
+    let most = Arc::new(Mutex::new((0usize, Vec::<String>::new())));
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (src, dst, uid) = (src.clone(), dst.clone(), uid.clone());
+        let (most, sampling) = (most.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                let (a, b) = (src.lookup(&uid).await, dst.lookup(&uid).await);
+                if let (Ok(a), Ok(b)) = (a, b) {
+                    let states = format!(
+                        "{:?} / {:?}",
+                        a.as_ref().map(|d| d.state),
+                        b.as_ref().map(|d| d.state)
+                    );
+                    let n = running(a) as usize + running(b) as usize;
+                    let mut m = most.lock().unwrap();
+                    if n > m.0 {
+                        m.0 = n;
+                        m.1.push(states);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let migs: Api<VirtualMachineMigration> = Api::namespaced(lab.client.clone(), &lab.ns);
+    let m = VirtualMachineMigration::new(
+        "move-tiny",
+        serde_json::from_value(json!({"vmName": "tiny", "targetNode": h2.node})).unwrap(),
+    );
+    migs.create(&PostParams::default(), &m).await.unwrap();
+    // Stopped as soon as libvirt's job runs: it can no longer move the binding.
+    common::wait_for(Duration::from_secs(120), || async {
+        (src.guest(&uid).await.ok()? == Guest::Migrating).then_some(())
+    })
+    .await
+    .expect("libvirt never started copying");
+    common::signal("-STOP", &h1.agent_pid().to_string());
+    let done_at = common::wait_for(Duration::from_secs(120), || async {
+        (src.guest(&uid).await.ok()? == Guest::MigratedAway).then(Instant::now)
+    })
+    .await
+    .expect("libvirt never finished the copy without its agent");
+    if source_returns {
+        h1.kill_agent();
+    }
+    let vm = lab.vms().get("tiny").await.unwrap();
+    assert_eq!(
+        vm.status.unwrap().node_name.as_deref(),
+        Some(h1.node.as_str()),
+        "the stopped agent moved the binding: the test missed the window it is about"
+    );
+    if source_returns {
+        h1.start_agent();
+    }
+
+    let settled = common::wait_for(Duration::from_secs(120), || async {
+        let m = migs.get("move-tiny").await.ok()?;
+        let st = m.status.clone()?;
+        (st.phase?.finished() && m.finalizers().is_empty()).then_some(st)
+    })
+    .await
+    .expect("the migration never settled");
+    println!(
+        "settled {:.1} s after libvirt's copy ended: {:?} {:?}: {:?}",
+        done_at.elapsed().as_secs_f64(),
+        settled.phase,
+        settled.reason,
+        settled.message
+    );
+    let log = std::fs::read_to_string(h1.state.parent().unwrap().join("agent.log")).unwrap();
+    for l in log.lines().filter(|l| l.contains("settl")) {
+        println!("h1 agent: {l}");
+    }
+    assert_eq!(
+        settled.phase,
+        Some(MigrationPhase::Succeeded),
+        "{settled:?}"
+    );
+    let by_target = settled
+        .message
+        .as_deref()
+        .is_some_and(|m| m.contains("its target settled it"));
+    assert_eq!(by_target, !source_returns, "{settled:?}");
+    lab.running("tiny", Some(&h2.node)).await;
+    if !source_returns {
+        // Back (SIGKILL ends the stopped process; a new one starts).
+        h1.kill_agent();
+        h1.start_agent();
+    }
+    common::wait_for(Duration::from_secs(30), || async {
+        (src.guest(&uid).await.ok()? == Guest::Absent).then_some(())
+    })
+    .await
+    .expect("the source kept its shut-off definition");
+    assert!(!h1.state.join("vms").join(&uid).exists());
+    // A few more samples with the guest settled on h2.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(dst.guest(&uid).await.unwrap(), Guest::Active);
+    let h2_log = std::fs::read_to_string(console(h2)).unwrap_or_default();
+    assert!(!h2_log.contains("vmlet-guest-up"), "rebooted: {h2_log}");
+
+    // The slot is free: the same VM moves back.
+    let back = VirtualMachineMigration::new(
+        "move-back",
+        serde_json::from_value(json!({"vmName": "tiny", "targetNode": h1.node})).unwrap(),
+    );
+    migs.create(&PostParams::default(), &back).await.unwrap();
+    let st = common::wait_for(Duration::from_secs(120), || async {
+        let st = migs.get("move-back").await.ok()?.status?;
+        st.phase?.finished().then_some(st)
+    })
+    .await
+    .expect("the second migration never finished");
+    assert_eq!(st.phase, Some(MigrationPhase::Succeeded), "{st:?}");
+    lab.running("tiny", Some(&h1.node)).await;
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    sampler.await.unwrap();
+    let (n, seen) = most.lock().unwrap().clone();
+    assert_eq!(n, 1, "running copies at once: {seen:?}");
     lab.teardown().await;
 }

@@ -10,7 +10,7 @@ use vmlet::agent::domain::Domain;
 use vmlet::agent::render::{self, Accel, LocalImage, NodeFacts};
 use vmlet::api::VirtualMachine;
 
-/// Printable text as the API admits it in boot.cmdline (no control characters), with the
+/// Printable text as the API admits it in boot.cmdline (one line, no control characters), with the
 /// XML metacharacters made likely.
 fn cmdline() -> impl Strategy<Value = String> {
     prop::collection::vec(
@@ -28,8 +28,10 @@ fn cmdline() -> impl Strategy<Value = String> {
         0..24,
     )
     .prop_map(|v| v.concat())
-    .prop_filter("no control characters", |s| {
-        !s.chars().any(|c| c.is_control()) && s.len() <= 2048
+    .prop_filter("one line, no control characters", |s| {
+        !s.chars()
+            .any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}')
+            && s.len() <= 2048
     })
 }
 

@@ -35,6 +35,9 @@ pub enum RunState {
     Crashed,
     /// Stopped by `virsh destroy` (from us or from outside) or because QEMU was killed.
     Destroyed,
+    /// Shut off because a live migration moved the guest to another host: it runs there,
+    /// and this definition must never be started again.
+    MigratedAway,
     Other,
 }
 
@@ -46,6 +49,81 @@ impl RunState {
             RunState::Running | RunState::Paused | RunState::ShuttingDown
         )
     }
+}
+
+/// Where one libvirt holds a guest, as much as settling an interrupted migration needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guest {
+    /// No domain with this uuid.
+    Absent,
+    /// A migration job runs on it (libvirt's source side).
+    Migrating,
+    /// Paused for a migration's switch-over, or arriving (libvirt's destination side
+    /// keeps an incoming guest paused until the copy is done).
+    PausedForMigration,
+    /// Running, or paused for another reason: a live copy of the guest.
+    Active,
+    /// Shut off because it migrated to another host.
+    MigratedAway,
+    /// Defined and shut off for any other reason.
+    Stopped,
+}
+
+fn guest_of(dom: &Domain) -> Result<Guest> {
+    let (mut state, mut reason) = (-1i32, -1i32);
+    // SAFETY: a live domain handle and two out-parameters.
+    if unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) } < 0 {
+        return Err(virt::error::Error::last_error().into());
+    }
+    let (state, reason) = (state as sys::virDomainState, reason as u32);
+    if state == sys::VIR_DOMAIN_SHUTOFF || state == sys::VIR_DOMAIN_CRASHED {
+        return Ok(if reason == sys::VIR_DOMAIN_SHUTOFF_MIGRATED {
+            Guest::MigratedAway
+        } else {
+            Guest::Stopped
+        });
+    }
+    let job = match dom.job_info() {
+        Ok(j) => j.r#type,
+        // Drivers without jobs (the test driver) run no migrations either.
+        Err(e) if e.code() == virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoSupport) => {
+            sys::VIR_DOMAIN_JOB_NONE as i32
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if job != sys::VIR_DOMAIN_JOB_NONE as i32 {
+        return Ok(Guest::Migrating);
+    }
+    Ok(
+        if state == sys::VIR_DOMAIN_PAUSED && reason == sys::VIR_DOMAIN_PAUSED_MIGRATION {
+            Guest::PausedForMigration
+        } else {
+            Guest::Active
+        },
+    )
+}
+
+fn guest_in(c: &Connect, uuid: &str) -> Result<Guest> {
+    match c.lookup_domain_by_uuid_string(uuid) {
+        Ok(d) => match guest_of(&d) {
+            Err(LibvirtError::Virt(e)) if is_no_domain(&e) => Ok(Guest::Absent),
+            other => other,
+        },
+        Err(e) if is_no_domain(&e) => Ok(Guest::Absent),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What the libvirt at `uri` (another node's) holds of a guest, through a read-only
+/// connection of its own, opened for this one question.
+pub async fn peek_guest(uri: &str, uuid: &str) -> Result<Guest> {
+    let (uri, uuid) = (uri.to_string(), uuid.to_string());
+    tokio::task::spawn_blocking(move || {
+        let c = Connect::open_read_only(Some(&uri))?;
+        guest_in(&c, &uuid)
+    })
+    .await
+    .map_err(|_| LibvirtError::Join)?
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +212,7 @@ fn run_state(dom: &Domain) -> Result<RunState> {
         sys::VIR_DOMAIN_SHUTOFF => match reason as u32 {
             sys::VIR_DOMAIN_SHUTOFF_CRASHED | sys::VIR_DOMAIN_SHUTOFF_FAILED => RunState::Crashed,
             sys::VIR_DOMAIN_SHUTOFF_DESTROYED => RunState::Destroyed,
+            sys::VIR_DOMAIN_SHUTOFF_MIGRATED => RunState::MigratedAway,
             _ => RunState::ShutOff,
         },
         _ => RunState::Other,
@@ -428,6 +507,17 @@ impl Libvirt {
             Ok((s.downtime, bytes))
         })
         .await
+    }
+
+    /// Where this libvirt holds the guest, for settling a migration.
+    pub async fn guest(&self, uuid: &str) -> Result<Guest> {
+        let uuid = uuid.to_string();
+        self.call(move |c| guest_in(c, &uuid)).await
+    }
+
+    /// Resumes a paused domain.
+    pub async fn resume(&self, uuid: &str) -> Result<()> {
+        self.with_domain(uuid, |d| d.resume().map(|_| ())).await
     }
 
     /// Aborts the domain's running job (a migration): the domain keeps running here.

@@ -15,6 +15,7 @@ use kube::runtime::controller::Action;
 use quick_xml::events::{BytesStart, BytesText, Event};
 use serde_json::json;
 
+use super::libvirt::Guest;
 use super::{Context, disks, render};
 use crate::api::{
     Hypervisor, MIGRATION_FINALIZER, MigrationPhase, VirtualMachine, VirtualMachineMigration,
@@ -26,6 +27,12 @@ const SOURCE_MANAGER: &str = "vmlet-agent-migration-source";
 const TARGET_MANAGER: &str = "vmlet-agent-migration-target";
 /// The manager of the one write that moves a VM's binding to the migration's target.
 const REBIND_MANAGER: &str = "vmlet-agent-migration";
+/// The target's manager when it settles a migration its source left unfinished.
+const SETTLE_MANAGER: &str = "vmlet-agent-migration-target-settle";
+/// How long a guest that arrived runs on the target, its migration still Running, before
+/// the target concludes the source will not finish it (its agent settles in seconds when
+/// it runs at all).
+pub const SOURCE_SILENCE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -103,11 +110,29 @@ pub fn rewrite_xml(xml: &str, rw: &Rewrite) -> Result<String, quick_xml::Error> 
     Ok(String::from_utf8(writer.into_inner()).expect("UTF-8 in, UTF-8 out"))
 }
 
-/// Copies in flight on this node, by migration uid: the VM's uid, to abort them.
+/// Copies in flight on this node, by migration uid: the VM's uid, to abort them. And, on
+/// a target, since when a guest that arrived has run here while its migration stayed
+/// Running (see [`target_settles`]).
 #[derive(Default)]
-pub struct InFlight(std::sync::Mutex<std::collections::HashMap<String, String>>);
+pub struct InFlight(
+    std::sync::Mutex<std::collections::HashMap<String, String>>,
+    std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+);
 
 impl InFlight {
+    /// How long the guest of migration `uid` has been seen running here; forgets it when
+    /// it is not.
+    fn arrived_for(&self, uid: &str, running: bool) -> Duration {
+        let mut seen = self.1.lock().expect("not poisoned");
+        if !running {
+            seen.remove(uid);
+            return Duration::ZERO;
+        }
+        seen.entry(uid.to_string())
+            .or_insert_with(Instant::now)
+            .elapsed()
+    }
+
     fn vm_of(&self, migration: &str) -> Option<String> {
         self.0.lock().expect("not poisoned").get(migration).cloned()
     }
@@ -162,21 +187,28 @@ pub async fn reconcile(
     let phase = status.phase.unwrap_or(MigrationPhase::Pending);
     let is_source = status.source_node.as_deref() == Some(me);
     let is_target = status.target_node.as_deref() == Some(me);
-    if m.metadata.deletion_timestamp.is_some() {
-        if is_source && phase == MigrationPhase::Running {
-            match ctx.migrations.vm_of(&uid) {
+    if phase == MigrationPhase::Running && is_source {
+        return match ctx.migrations.vm_of(&uid) {
+            Some(vm_uid) if m.metadata.deletion_timestamp.is_some() => {
                 // The copy's own task reports Failed/Aborted and lets go of the object.
-                Some(vm_uid) => {
-                    tracing::warn!(migration = %m.name_any(), "cancelled: aborting the copy");
-                    ctx.lv.abort_job(&vm_uid).await?;
-                }
-                // Not copying (this agent restarted): nothing to abort.
-                None => release(&m, &ctx).await?,
+                tracing::warn!(migration = %m.name_any(), "cancelled: aborting the copy");
+                ctx.lv.abort_job(&vm_uid).await?;
+                Ok(Action::requeue(Duration::from_secs(5)))
             }
-        }
-        return Ok(Action::await_change());
+            // Its task finishes it; a look now and then in case that task died with it.
+            Some(_) => Ok(Action::requeue(Duration::from_secs(30))),
+            // Not copying here, yet Running: this agent restarted (or its task died)
+            // during the copy. libvirt went on without it; ask where the guest is.
+            None => settle_interrupted(&m, &ctx).await,
+        };
     }
-    if phase != MigrationPhase::Scheduling {
+    if phase == MigrationPhase::Running && is_target {
+        return watch_arrival(&m, &ctx).await;
+    }
+    if phase == MigrationPhase::Succeeded && is_source {
+        return clean_departed(&m, &ctx).await;
+    }
+    if m.metadata.deletion_timestamp.is_some() || phase != MigrationPhase::Scheduling {
         return Ok(Action::await_change());
     }
     let ready = conditions::is_true(&status.conditions, "TargetReady");
@@ -321,70 +353,24 @@ async fn finish(
 ) -> Result<(), Error> {
     let vm_uid = vm.uid().unwrap_or_default();
     let took = t.elapsed();
-    let mut status = VirtualMachineMigrationStatus {
-        start_time: Some(started),
-        completion_time: Some(Time(Timestamp::now())),
-        ..Default::default()
-    };
-    match res {
+    let outcome = match res {
         Ok(()) => {
             let (downtime, bytes) = ctx.lv.completed_job(&vm_uid).await.unwrap_or_default();
-            // The binding moves in one write, with the resource version the copy began
-            // with as its precondition: status.nodeName changes exactly once.
-            let api: Api<VirtualMachine> =
-                Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-            // The guest runs on the target now: the binding must follow, however long the
-            // API server takes. Retried with backoff (conflicts at once) until it lands;
-            // giving up would leave the VM bound to a node that no longer runs it.
-            let mut wait = Duration::from_millis(200);
-            loop {
-                let attempt = async {
-                    let fresh = api.get(&vm.name_any()).await?;
-                    let patch = json!({
-                        "metadata": {"resourceVersion": fresh.resource_version()},
-                        "status": {"nodeName": target},
-                    });
-                    api.patch_status(
-                        &vm.name_any(),
-                        &crate::patch::by(REBIND_MANAGER),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                };
-                match attempt.await {
-                    Ok(_) => break,
-                    Err(kube::Error::Api(s)) if s.code == 409 => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(kube::Error::Api(s)) if s.code == 404 => {
-                        // The VM was deleted meanwhile: nothing is left to bind.
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(vm = %vm.name_any(), error = %e, retry_in_s = wait.as_secs_f64(), "rebinding after a migration failed; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(10));
-                    }
-                }
-            }
-            // The source's definition, kept for the job statistics, goes now.
-            let _ = ctx.lv.undefine(&vm_uid).await;
-            let _ = disks::remove(&render::vm_dir(&ctx.facts.state_dir, &vm_uid)).await;
-            ctx.runtime.lock().expect("not poisoned").remove(&vm_uid);
-            status.phase = Some(MigrationPhase::Succeeded);
-            status.reason = Some("Migrated".into());
-            status.message = Some(format!(
-                "moved to {target} in {:.2} s{}",
-                took.as_secs_f64(),
-                downtime
-                    .map(|d| format!(", guest paused {d} ms"))
-                    .unwrap_or_default()
-            ));
-            status.downtime_milliseconds = downtime.map(|d| d as i64);
-            status.data_transferred_bytes = bytes.map(|b| b as i64);
             ctx.metrics
                 .migration_done(true, took, downtime.map(|d| d as f64 / 1000.0));
             tracing::info!(migration = %m.name_any(), %target, took_s = took.as_secs_f64(), ?downtime, "live migration succeeded");
+            Outcome::Succeeded {
+                message: format!(
+                    "moved to {target} in {:.2} s{}",
+                    took.as_secs_f64(),
+                    downtime
+                        .map(|d| format!(", guest paused {d} ms"))
+                        .unwrap_or_default()
+                ),
+                downtime,
+                bytes,
+                stop_source: false,
+            }
         }
         Err(e) => {
             let cancelled = m.metadata.deletion_timestamp.is_some()
@@ -397,18 +383,88 @@ async fn finish(
                 .ok()
                 .flatten()
                 .is_none_or(|f| f.metadata.deletion_timestamp.is_some());
-            status.phase = Some(MigrationPhase::Failed);
-            status.reason = Some(
-                if cancelled {
+            ctx.metrics.migration_done(false, took, None);
+            tracing::warn!(migration = %m.name_any(), error = %e, "live migration failed");
+            Outcome::Failed {
+                reason: if cancelled {
                     "Aborted"
                 } else {
                     "MigrationFailed"
-                }
-                .into(),
-            );
-            status.message = Some(format!("the VM keeps running on {}: {e}", ctx.node));
-            ctx.metrics.migration_done(false, took, None);
-            tracing::warn!(migration = %m.name_any(), error = %e, "live migration failed");
+                },
+                message: format!("the VM keeps running on {}: {e}", ctx.node),
+                resume_source: false,
+            }
+        }
+    };
+    conclude(m, ctx, vm, target, outcome, Some(started)).await
+}
+
+/// How a migration ended, and what the source still has to do about it.
+enum Outcome {
+    Succeeded {
+        message: String,
+        downtime: Option<u64>,
+        bytes: Option<u64>,
+        /// The source still holds a paused copy (libvirt's last step did not run).
+        stop_source: bool,
+    },
+    Failed {
+        reason: &'static str,
+        message: String,
+        /// The source's copy is paused for a switch-over that will not come.
+        resume_source: bool,
+    },
+}
+
+/// The source's last steps, the same after a copy it watched and after one it settled
+/// on restart: on success the binding follows the guest and the source's definition and
+/// files go; then the outcome is written and the migration lets go of its finalizer.
+async fn conclude(
+    m: &VirtualMachineMigration,
+    ctx: &Context,
+    vm: &VirtualMachine,
+    target: &str,
+    outcome: Outcome,
+    started: Option<Time>,
+) -> Result<(), Error> {
+    let vm_uid = vm.uid().unwrap_or_default();
+    let mut status = VirtualMachineMigrationStatus {
+        start_time: started,
+        completion_time: Some(Time(Timestamp::now())),
+        ..Default::default()
+    };
+    match outcome {
+        Outcome::Succeeded {
+            message,
+            downtime,
+            bytes,
+            stop_source,
+        } => {
+            if stop_source {
+                ctx.lv.destroy(&vm_uid).await?;
+            }
+            rebind(ctx, vm, target).await;
+            // The source's definition, kept for the job statistics, goes now.
+            let _ = ctx.lv.undefine(&vm_uid).await;
+            let _ = disks::remove(&render::vm_dir(&ctx.facts.state_dir, &vm_uid)).await;
+            ctx.runtime.lock().expect("not poisoned").remove(&vm_uid);
+            status.phase = Some(MigrationPhase::Succeeded);
+            status.reason = Some("Migrated".into());
+            status.message = Some(message);
+            status.downtime_milliseconds = downtime.map(|d| d as i64);
+            status.data_transferred_bytes = bytes.map(|b| b as i64);
+        }
+        Outcome::Failed {
+            reason,
+            message,
+            resume_source,
+        } => {
+            if resume_source {
+                ctx.lv.resume(&vm_uid).await?;
+            }
+            status.phase = Some(MigrationPhase::Failed);
+            status.reason = Some(reason.into());
+            status.message = Some(message);
         }
     }
     let value = serde_json::to_value(&status).map_err(|e| Error::Other(e.to_string()))?;
@@ -418,6 +474,242 @@ async fn finish(
     }
     release(m, ctx).await?;
     Ok(())
+}
+
+/// Moves the VM's binding to `target` in one write, with a fresh resource version as its
+/// precondition, so status.nodeName changes exactly once. The guest runs on the target
+/// now: the binding must follow however long the API server takes, so this retries with
+/// backoff (conflicts at once) until it lands; giving up would leave the VM bound to a
+/// node that no longer runs it.
+async fn rebind(ctx: &Context, vm: &VirtualMachine, target: &str) {
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let fresh = api.get(&vm.name_any()).await?;
+            if fresh.uid() != vm.uid() {
+                // Deleted and created again under the same name: not the VM that moved.
+                return Ok(());
+            }
+            if fresh.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(target) {
+                return Ok(());
+            }
+            let patch = json!({
+                "metadata": {"resourceVersion": fresh.resource_version()},
+                "status": {"nodeName": target},
+            });
+            api.patch_status(
+                &vm.name_any(),
+                &crate::patch::by(REBIND_MANAGER),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map(|_| ())
+        };
+        match attempt.await {
+            Ok(()) => return,
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // The VM was deleted meanwhile: nothing is left to bind.
+            Err(kube::Error::Api(s)) if s.code == 404 => return,
+            Err(e) => {
+                tracing::warn!(vm = %vm.name_any(), error = %e, retry_in_s = wait.as_secs_f64(), "rebinding after a migration failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// What to do with a migration left Running by a source agent that stopped watching it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Settle {
+    /// libvirt has not finished, or cannot be asked: look again later.
+    Wait(&'static str),
+    /// The guest runs on the target (or its definition is there: libvirt persists it on
+    /// the destination only once the copy is done).
+    Succeeded { stop_source: bool },
+    /// The guest is on the source (or nowhere): the VM stays bound there.
+    Failed {
+        message: &'static str,
+        resume_source: bool,
+    },
+}
+
+/// Settles an interrupted migration from what the two libvirts hold (None: could not ask)
+/// and the VM's binding. Pure; the table is in the tests.
+pub fn settle(bound_to_target: bool, src: Option<Guest>, dst: Option<Guest>) -> Settle {
+    use Guest::*;
+    let live = |g: Option<Guest>| matches!(g, Some(Active));
+    match (src, dst) {
+        (None, _) => Settle::Wait("this node's libvirt cannot be asked"),
+        (Some(Migrating), _) | (_, Some(Migrating | PausedForMigration)) => {
+            Settle::Wait("libvirt is still copying the guest")
+        }
+        // Never made by libvirt's pre-copy migration: not ours to pick one.
+        _ if live(src) && live(dst) => Settle::Wait("the guest runs on both nodes"),
+        // The rebind is written only after libvirt reported success.
+        _ if bound_to_target => Settle::Succeeded {
+            stop_source: matches!(src, Some(Active | PausedForMigration)),
+        },
+        (Some(Active), _) => Settle::Failed {
+            message: "libvirt ended the copy with the guest running on the source",
+            resume_source: false,
+        },
+        (Some(s), Some(Active | Stopped)) => Settle::Succeeded {
+            stop_source: s == PausedForMigration,
+        },
+        (Some(MigratedAway), _) => Settle::Succeeded { stop_source: false },
+        (Some(_), None) => Settle::Wait("the target's libvirt cannot be asked"),
+        (Some(PausedForMigration), Some(_)) => Settle::Failed {
+            message: "the target never took the guest; it resumes on the source",
+            resume_source: true,
+        },
+        (Some(Absent | Stopped), Some(Absent | MigratedAway)) => Settle::Failed {
+            message: "the guest runs on neither node; it starts again on the source as its runStrategy says",
+            resume_source: false,
+        },
+    }
+}
+
+/// Whether the target settles a migration by itself: the guest it received has run
+/// here, unpaused, for [`SOURCE_SILENCE`] while nobody moved the binding. libvirt
+/// resumes an arriving guest only after the copy is complete, so it runs here and only
+/// here; the source (its node lost, its agent gone) did not finish the migration.
+pub fn target_settles(here: Guest, running_for: Duration) -> bool {
+    here == Guest::Active && running_for >= SOURCE_SILENCE
+}
+
+/// The target's look at a Running migration: when [`target_settles`], the binding moves
+/// here and the migration ends Succeeded (the source's leftovers stay until its agent
+/// returns; see [`clean_departed`]).
+async fn watch_arrival(m: &VirtualMachineMigration, ctx: &Context) -> Result<Action, Error> {
+    let uid = m.uid().unwrap_or_default();
+    let Ok(vm) = get_vm(m, ctx).await else {
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    };
+    let vm_uid = vm.uid().unwrap_or_default();
+    let here = ctx.lv.guest(&vm_uid).await?;
+    let running_for = ctx.migrations.arrived_for(&uid, here == Guest::Active);
+    if !target_settles(here, running_for) {
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    // A fresh read: the source may have finished it a moment ago.
+    let api: Api<VirtualMachineMigration> =
+        Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+    let fresh = api.get(&m.name_any()).await?;
+    if fresh.status.as_ref().and_then(|s| s.phase) != Some(MigrationPhase::Running) {
+        return Ok(Action::await_change());
+    }
+    tracing::warn!(migration = %m.name_any(), vm = %vm.name_any(), running_for_s = running_for.as_secs(), "the guest runs here and the source has not finished its migration: settling it here");
+    rebind(ctx, &vm, &ctx.node).await;
+    let done = json!({"phase": "Succeeded", "reason": "Migrated",
+        "message": format!("the guest runs on {}; the source did not finish the migration, so its target settled it after {} s", ctx.node, running_for.as_secs()),
+        "completionTime": Time(Timestamp::now())});
+    patch_status(m, ctx, SETTLE_MANAGER, done).await?;
+    release(m, ctx).await?;
+    ctx.metrics.migration("settled-by-target");
+    Ok(Action::await_change())
+}
+
+/// A source back after its target settled the migration: the definition libvirt shut
+/// off here and the files it ran from are stale copies of what the target has; they go
+/// once a fresh read shows the VM bound elsewhere.
+async fn clean_departed(m: &VirtualMachineMigration, ctx: &Context) -> Result<Action, Error> {
+    let Ok(vm) = get_vm(m, ctx).await else {
+        // The VM's deletion (or the orphan sweep) cleans up.
+        return Ok(Action::await_change());
+    };
+    let vm_uid = vm.uid().unwrap_or_default();
+    let bound_here =
+        vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(ctx.node.as_str());
+    let left = ctx.lv.lookup(&vm_uid).await?;
+    if bound_here || left.as_ref().is_none_or(|d| d.state.active()) {
+        return Ok(Action::await_change());
+    }
+    tracing::info!(migration = %m.name_any(), vm = %vm.name_any(), "removing the definition and files a settled migration left here");
+    ctx.lv.undefine(&vm_uid).await?;
+    disks::remove(&render::vm_dir(&ctx.facts.state_dir, &vm_uid))
+        .await
+        .map_err(|e| Error::Other(e.to_string()))?;
+    ctx.runtime.lock().expect("not poisoned").remove(&vm_uid);
+    Ok(Action::await_change())
+}
+
+/// The source agent's look at a Running migration it is not copying: both libvirts are
+/// asked where the guest is (the target's through its migration URI, read-only), and the
+/// migration is finished or failed accordingly, or looked at again in a few seconds.
+async fn settle_interrupted(m: &VirtualMachineMigration, ctx: &Context) -> Result<Action, Error> {
+    let status = m.status.clone().unwrap_or_default();
+    let target = status.target_node.clone().unwrap_or_default();
+    let vm = match get_vm(m, ctx).await {
+        Ok(vm) => vm,
+        Err(Error::Other(_)) => {
+            // The VM is gone: its own deletion cleans both nodes.
+            let failed = json!({"phase": "Failed", "reason": "VMNotFound",
+                "message": format!("VirtualMachine {} was deleted", m.spec.vm_name),
+                "completionTime": Time(Timestamp::now())});
+            patch_status(m, ctx, SOURCE_MANAGER, failed).await?;
+            release(m, ctx).await?;
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e),
+    };
+    let vm_uid = vm.uid().unwrap_or_default();
+    let bound_to_target =
+        vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(target.as_str());
+    let src = ctx.lv.guest(&vm_uid).await.ok();
+    let hvs: Api<Hypervisor> = Api::all(ctx.client.clone());
+    let dst = match hvs
+        .get_opt(&target)
+        .await?
+        .and_then(|h| h.status)
+        .and_then(|s| s.migration_uri)
+    {
+        Some(uri) => match super::libvirt::peek_guest(&uri, &vm_uid).await {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::warn!(migration = %m.name_any(), %uri, error = %e, "cannot ask the target's libvirt");
+                None
+            }
+        },
+        None => None,
+    };
+    let verdict = settle(bound_to_target, src, dst);
+    tracing::warn!(migration = %m.name_any(), vm = %vm.name_any(), ?src, ?dst, bound_to_target, ?verdict, "settling a migration this agent stopped watching");
+    let outcome = match verdict {
+        Settle::Wait(why) => {
+            tracing::info!(migration = %m.name_any(), why, "not settled yet");
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        Settle::Succeeded { stop_source } => {
+            ctx.metrics.migration("settled-succeeded");
+            Outcome::Succeeded {
+                message: format!("moved to {target}; settled after the source agent restarted"),
+                downtime: None,
+                bytes: None,
+                stop_source,
+            }
+        }
+        Settle::Failed {
+            message,
+            resume_source,
+        } => {
+            ctx.metrics.migration("settled-failed");
+            Outcome::Failed {
+                reason: "Interrupted",
+                message: format!(
+                    "{message} ({}); settled after the source agent restarted",
+                    ctx.node
+                ),
+                resume_source,
+            }
+        }
+    };
+    conclude(m, ctx, &vm, &target, outcome, status.start_time).await?;
+    Ok(Action::await_change())
 }
 
 #[cfg(test)]
@@ -443,5 +735,78 @@ mod tests {
         // escaped text stays escaped.
         assert!(out.contains(r#"path="/state-other/x &amp; y""#), "{out}");
         assert!(out.contains("<name>vmlet_ns_a</name>"), "{out}");
+    }
+
+    #[test]
+    fn target_settles_only_a_guest_that_runs_here_for_long() {
+        let long = SOURCE_SILENCE;
+        let short = SOURCE_SILENCE - Duration::from_secs(1);
+        // (guest here, running for) -> settles
+        for (here, running_for, settles) in [
+            (Guest::Active, long, true),
+            (Guest::Active, short, false),
+            (Guest::PausedForMigration, long, false),
+            (Guest::Migrating, long, false),
+            (Guest::Absent, long, false),
+            (Guest::Stopped, long, false),
+            (Guest::MigratedAway, long, false),
+        ] {
+            assert_eq!(target_settles(here, running_for), settles, "{here:?}");
+        }
+    }
+
+    #[test]
+    fn settle_table() {
+        use Guest::*;
+        let wait = |s: Settle| matches!(s, Settle::Wait(_));
+        let ok = |stop| Settle::Succeeded { stop_source: stop };
+        let failed = |s: Settle| matches!(s, Settle::Failed { .. });
+        // (bound to target, source, target) -> verdict
+        assert!(wait(settle(false, None, Some(Active))));
+        assert!(wait(settle(
+            false,
+            Some(Migrating),
+            Some(PausedForMigration)
+        )));
+        assert!(wait(settle(false, Some(Active), Some(PausedForMigration))));
+        assert!(wait(settle(
+            false,
+            Some(MigratedAway),
+            Some(PausedForMigration)
+        )));
+        assert!(
+            wait(settle(true, Some(Active), Some(Active))),
+            "two copies: no pick"
+        );
+        // libvirt says it left, or the target holds the definition it persists on success.
+        assert_eq!(settle(false, Some(MigratedAway), Some(Active)), ok(false));
+        assert_eq!(settle(false, Some(MigratedAway), None), ok(false));
+        assert_eq!(settle(false, Some(MigratedAway), Some(Absent)), ok(false));
+        assert_eq!(settle(false, Some(Absent), Some(Active)), ok(false));
+        assert_eq!(settle(false, Some(Stopped), Some(Stopped)), ok(false));
+        assert_eq!(
+            settle(false, Some(PausedForMigration), Some(Active)),
+            ok(true)
+        );
+        // The previous agent rebound before it died.
+        assert_eq!(settle(true, Some(Absent), None), ok(false));
+        assert_eq!(settle(true, Some(MigratedAway), Some(Absent)), ok(false));
+        // The guest is on the source, or nowhere.
+        assert!(failed(settle(false, Some(Active), Some(Absent))));
+        assert!(failed(settle(false, Some(Active), None)));
+        assert!(failed(settle(false, Some(Active), Some(Stopped))));
+        assert_eq!(
+            settle(false, Some(PausedForMigration), Some(Absent)),
+            Settle::Failed {
+                message: "the target never took the guest; it resumes on the source",
+                resume_source: true
+            }
+        );
+        assert!(failed(settle(false, Some(Absent), Some(Absent))));
+        assert!(failed(settle(false, Some(Stopped), Some(Absent))));
+        // Without the target's word, a guest that is not on the source is not placed.
+        assert!(wait(settle(false, Some(Absent), None)));
+        assert!(wait(settle(false, Some(Stopped), None)));
+        assert!(wait(settle(false, Some(PausedForMigration), None)));
     }
 }

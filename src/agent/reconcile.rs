@@ -427,19 +427,24 @@ async fn apply_steps(
 
     let mut existing = ctx.lv.lookup(&uid).await?;
     let ran_before = vm.status.as_ref().is_some_and(|s| s.start_time.is_some());
-    if existing.is_none()
-        && ran_before
-        && migrating(
-            ctx,
-            &vm.namespace().unwrap_or_default(),
-            &vm.name_any(),
-            Side::Source,
-        )
-        .await?
+    // libvirt may have moved the guest while this agent was down: the definition it left
+    // here (shut off, or gone) must not start a second copy. The migration settles first
+    // (see agent::migration::settle), and then this definition goes.
+    let moved_away = existing
+        .as_ref()
+        .is_some_and(|d| d.state == RunState::MigratedAway);
+    if moved_away
+        || (!existing.as_ref().is_some_and(|d| d.state.active())
+            && ran_before
+            && migrating(
+                ctx,
+                &vm.namespace().unwrap_or_default(),
+                &vm.name_any(),
+                Side::Source,
+            )
+            .await?)
     {
-        // libvirt may have moved it while this agent was down: a start here would make a
-        // second copy. The migration must settle first.
-        tracing::warn!(vm = %vm.name_any(), "not starting: a migration from this node is unfinished");
+        tracing::warn!(vm = %vm.name_any(), moved_away, "not starting: a migration from this node is unsettled");
         return Ok(Ok(Action::requeue(Duration::from_secs(5))));
     }
     let gate = ctx.fence_gate.read().await;

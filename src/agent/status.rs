@@ -152,7 +152,8 @@ fn phase_of(o: &Observed, problem: Option<&Problem>) -> Phase {
     }
     match o.state {
         None => Phase::Pending,
-        Some(RunState::Running | RunState::Paused) => Phase::Running,
+        // Moved by a migration not yet settled: the guest runs, on the target.
+        Some(RunState::Running | RunState::Paused | RunState::MigratedAway) => Phase::Running,
         Some(RunState::ShuttingDown) => Phase::Stopping,
         Some(RunState::Other) => Phase::Unknown,
         Some(s @ (RunState::ShutOff | RunState::Crashed | RunState::Destroyed)) => {

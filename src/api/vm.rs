@@ -218,9 +218,10 @@ pub struct Boot {
     /// A VirtualMachineImage of format initrd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<ImageRef>,
-    /// Kernel command line (printable characters only, at most 2048).
+    /// Kernel command line: one line of printable characters, at most 2048 (no control
+    /// characters, nor U+2028/U+2029, which XML readers turn into line feeds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("!self.matches('[\\\\x00-\\\\x1f\\\\x7f-\\\\x9f]')").message("boot.cmdline must not contain control characters"))]
+    #[x_kube(validation = Rule::new("!self.matches('[\\\\x00-\\\\x1f\\\\x7f-\\\\x9f\\\\x{2028}\\\\x{2029}]')").message("boot.cmdline must be one line without control characters"))]
     #[schemars(length(max = 2048))]
     pub cmdline: Option<String>,
 }
