@@ -193,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
             fence_after_seconds: 60,
             kubeconfig: Some(kc.clone()),
             peer_key_file: None,
+            downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
         };
         agents.push(tokio::spawn(vmlet::agent::run_with(
             args,

@@ -253,6 +253,7 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
         fence_after_seconds: 15,
         kubeconfig: Some(common::kubeconfig_path()),
         peer_key_file: None,
+        downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
     };
     let agent = tokio::spawn(vmlet::agent::run_with(
         args,

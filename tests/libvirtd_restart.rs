@@ -77,6 +77,7 @@ async fn agent_reconnects_after_libvirtd_is_killed_and_restarted() {
         fence_after_seconds: 60,
         kubeconfig: Some(common::kubeconfig_path()),
         peer_key_file: None,
+        downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
     };
     let agent = tokio::spawn(vmlet::agent::run_with(args, lv, std::future::pending()));
     common::tiny_guest_images(&client, &ns).await;

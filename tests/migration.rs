@@ -117,6 +117,7 @@ fn agent_process(node: &str, uri: &str, state: &Path) -> std::process::Child {
         ])
         .args(["--reserved-memory", "0", "--orphan-grace-seconds", "5"])
         .args(["--heartbeat-seconds", "2", "--fence-after-seconds", "0"])
+        .args(["--image-source-allow", "127.0.0.0/8"])
         .arg("--state-dir")
         .arg(state)
         .arg("--image-root")
@@ -169,6 +170,7 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
             fence_after_seconds: 0,
             kubeconfig: Some(common::kubeconfig_path()),
             peer_key_file: None,
+            downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
         };
         let mut child = None;
         if process == Some(i) {

@@ -93,6 +93,9 @@ async fn sigkilled_agent_and_leader_recover() {
         "127.0.0.1:0",
         "--reserved-memory",
         "0",
+        // The images are served from this test, on loopback.
+        "--image-source-allow",
+        "127.0.0.0/8",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -1,28 +1,27 @@
-//! VirtualMachineImages on this node: downloaded once, verified before use, cached by
-//! checksum; host paths confined to the image root.
+//! VirtualMachineImages on this node: downloaded once per namespace in the background,
+//! verified before use, cached by checksum; host paths confined to the image root; every
+//! image inspected (under limits) before QEMU opens it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
-
+use super::download::{DownloadError, DownloadPolicy, Downloader};
 use super::render::LocalImage;
 use crate::api::image::{ImageFormat, VirtualMachineImageSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("download of {url} failed: {reason}")]
-    Download { url: String, reason: String },
-    #[error("checksum mismatch for {url}: got sha256 {got}, want {want}")]
-    Checksum {
+    /// The phrase only: what answered the URL is not the tenant's to read.
+    #[error("download of {url}: {error}")]
+    Download {
         url: String,
-        got: String,
-        want: String,
+        error: Arc<DownloadError>,
     },
+    /// Started, or under way, in the background: the VM waits, nothing blocks.
+    #[error("downloading {0}")]
+    Downloading(String),
     #[error("hostPath {path} does not exist or cannot be read: {reason}")]
     Missing { path: String, reason: String },
     #[error("hostPath {path} resolves to {resolved}, outside the image root {root}")]
@@ -31,10 +30,16 @@ pub enum ImageError {
         resolved: String,
         root: String,
     },
+    #[error("hostPath {0} lies among the agent's own files (VM disks, downloaded images)")]
+    InStateDir(String),
     #[error("hostPath {0} is not a regular file")]
     NotAFile(String),
     #[error("image {0} has a backing file ({1}): base images must be self-contained")]
     BackingFile(String, String),
+    #[error(
+        "image {0} keeps its data in an external file ({1}): base images must be self-contained"
+    )]
+    DataFile(String, String),
     #[error("image {path} is {actual}, but the VirtualMachineImage says {declared}")]
     WrongFormat {
         path: String,
@@ -53,24 +58,33 @@ impl ImageError {
     /// Whether trying again may work without a change to the VirtualMachineImage: the
     /// network, a file the admin has yet to copy, a package to install, the node's disk.
     pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            ImageError::Download { .. }
-                | ImageError::Missing { .. }
-                | ImageError::Tool(_)
-                | ImageError::Inspect(..)
-                | ImageError::Io(_)
-        )
+        match self {
+            ImageError::Download { error, .. } => !error.permanent(),
+            ImageError::Downloading(_)
+            | ImageError::Missing { .. }
+            | ImageError::Tool(_)
+            | ImageError::Inspect(..)
+            | ImageError::Io(_) => true,
+            _ => false,
+        }
     }
 
     /// A condition reason for this failure.
     pub fn reason(&self) -> &'static str {
         match self {
-            ImageError::Download { .. } => "ImageDownloadFailed",
-            ImageError::Checksum { .. } => "ImageChecksumMismatch",
+            ImageError::Download { error, .. } => match **error {
+                DownloadError::Checksum => "ImageChecksumMismatch",
+                DownloadError::Refused { .. } => "ImageSourceRefused",
+                DownloadError::TooLarge { .. } => "ImageTooLarge",
+                _ => "ImageDownloadFailed",
+            },
+            ImageError::Downloading(_) => "ImageDownloading",
             ImageError::Missing { .. } => "ImageNotFound",
-            ImageError::OutsideRoot { .. } | ImageError::NotAFile(_) => "ImagePathRefused",
+            ImageError::OutsideRoot { .. }
+            | ImageError::NotAFile(_)
+            | ImageError::InStateDir(_) => "ImagePathRefused",
             ImageError::BackingFile(..) => "ImageHasBackingFile",
+            ImageError::DataFile(..) => "ImageHasDataFile",
             ImageError::WrongFormat { .. } => "ImageFormatMismatch",
             ImageError::Tool(super::tools::ToolError::Missing(_)) => "ToolMissing",
             ImageError::Inspect(..) | ImageError::Io(_) | ImageError::Tool(_) => "ImageError",
@@ -78,31 +92,59 @@ impl ImageError {
     }
 }
 
+/// (namespace, sha256, url).
+type FetchKey = (String, String, String);
+
+/// A download's place in its life: running, or failed and waiting for its next try.
+enum Fetch {
+    Running(tokio::task::JoinHandle<()>),
+    Failed {
+        error: Arc<DownloadError>,
+        attempts: u32,
+        retry_at: Instant,
+    },
+}
+
+/// Backoff after a failed download: 10 s doubling to 10 min.
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(10)
+        .saturating_mul(1 << attempts.saturating_sub(1).min(6))
+        .min(Duration::from_secs(600))
+}
+
 pub struct ImageCache {
+    /// `<state dir>/image-cache/<namespace>/sha256-<hex>`: outside any image root a
+    /// hostPath may name, and one directory per namespace (a tenant never boots what
+    /// another fetched by knowing its hash).
     cache_dir: PathBuf,
+    state_dir: PathBuf,
     image_root: PathBuf,
-    http: reqwest::Client,
-    /// One lock per checksum: concurrent VMs share one download.
-    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    downloader: Arc<Downloader>,
+    /// By (namespace, sha256, url): a slow source never holds up the same image from
+    /// another URL, nor any reconcile.
+    fetches: Arc<std::sync::Mutex<HashMap<FetchKey, Fetch>>>,
 }
 
 impl ImageCache {
-    pub fn new(state_dir: &Path, image_root: PathBuf) -> Self {
+    pub fn new(state_dir: &Path, image_root: PathBuf, policy: DownloadPolicy) -> Self {
         ImageCache {
-            cache_dir: state_dir.join("images"),
+            cache_dir: state_dir.join("image-cache"),
+            state_dir: state_dir.to_path_buf(),
             image_root,
-            http: reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(10))
-                .build()
-                .expect("http client"),
-            locks: Mutex::default(),
+            downloader: Arc::new(Downloader::new(policy)),
+            fetches: Default::default(),
         }
     }
 
-    /// The local, verified file for an image; fetches it on first use.
-    pub async fn ensure(&self, spec: &VirtualMachineImageSpec) -> Result<LocalImage, ImageError> {
+    /// The local, verified file for an image of namespace `ns`; starts its download on
+    /// first use and says Downloading until it is there.
+    pub async fn ensure(
+        &self,
+        ns: &str,
+        spec: &VirtualMachineImageSpec,
+    ) -> Result<LocalImage, ImageError> {
         let path = if let Some(http) = &spec.source.http {
-            self.fetch(&http.url, &http.sha256).await?
+            self.fetch(ns, &http.url, &http.sha256).await?
         } else if let Some(hp) = &spec.source.host_path {
             self.confine(&hp.path)?
         } else {
@@ -121,7 +163,8 @@ impl ImageCache {
         Ok(LocalImage { path, format })
     }
 
-    /// Resolves symlinks and refuses anything outside the image root.
+    /// Resolves symlinks and refuses anything outside the image root, or among the VMs'
+    /// files and the download cache (should the root contain them).
     pub fn confine(&self, path: &str) -> Result<PathBuf, ImageError> {
         let root = std::fs::canonicalize(&self.image_root).map_err(|e| ImageError::Missing {
             path: self.image_root.display().to_string(),
@@ -138,76 +181,109 @@ impl ImageCache {
                 root: root.display().to_string(),
             });
         }
+        // The default image root lies in the state directory; the VMs' own files and the
+        // download cache beside it are never images.
+        let private = [self.state_dir.join("vms"), self.cache_dir.clone()];
+        if private
+            .iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .any(|d| resolved.starts_with(d))
+        {
+            return Err(ImageError::InStateDir(path.to_string()));
+        }
         if !std::fs::metadata(&resolved)?.is_file() {
             return Err(ImageError::NotAFile(path.to_string()));
         }
         Ok(resolved)
     }
 
-    async fn fetch(&self, url: &str, sha256: &str) -> Result<PathBuf, ImageError> {
-        let final_path = self.cache_dir.join(format!("sha256-{sha256}"));
-        let lock = self
-            .locks
-            .lock()
-            .await
-            .entry(sha256.to_string())
-            .or_default()
-            .clone();
-        let _guard = lock.lock().await;
+    async fn fetch(&self, ns: &str, url: &str, sha256: &str) -> Result<PathBuf, ImageError> {
+        let dir = self.cache_dir.join(ns);
+        let final_path = dir.join(format!("sha256-{sha256}"));
         // Only verified downloads are ever renamed to their final name.
         if tokio::fs::metadata(&final_path).await.is_ok() {
             return Ok(final_path);
         }
-        tokio::fs::create_dir_all(&self.cache_dir).await?;
-        let partial = self.cache_dir.join(format!("sha256-{sha256}.partial"));
-        let fail = |reason: String| ImageError::Download {
-            url: url.to_string(),
-            reason,
+        let key = (ns.to_string(), sha256.to_string(), url.to_string());
+        // Held while the task is spawned and recorded: it records its own end after.
+        let mut fetches = self.fetches.lock().expect("not poisoned");
+        let attempts = match fetches.get(&key) {
+            Some(Fetch::Running(task)) if !task.is_finished() => {
+                return Err(ImageError::Downloading(url.to_string()));
+            }
+            Some(Fetch::Failed {
+                error,
+                attempts,
+                retry_at,
+            }) => {
+                if Instant::now() < *retry_at {
+                    return Err(ImageError::Download {
+                        url: url.to_string(),
+                        error: error.clone(),
+                    });
+                }
+                *attempts
+            }
+            // Finished without a record (it succeeded a moment ago, or panicked).
+            Some(Fetch::Running(_)) if final_path.exists() => return Ok(final_path),
+            Some(Fetch::Running(_)) | None => 0,
         };
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(fail(format!("HTTP {}", resp.status())));
-        }
-        let mut file = tokio::fs::File::create(&partial).await?;
-        let mut hasher = Sha256::new();
-        let mut body = resp.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| fail(e.to_string()))?;
-            hasher.update(&chunk);
-            file.write_all(&chunk).await?;
-        }
-        file.sync_all().await?;
-        drop(file);
-        let got = hex::encode(hasher.finalize());
-        if got != sha256 {
-            let _ = tokio::fs::remove_file(&partial).await;
-            return Err(ImageError::Checksum {
-                url: url.to_string(),
-                got,
-                want: sha256.to_string(),
-            });
-        }
-        tokio::fs::rename(&partial, &final_path).await?;
-        tracing::info!(url, path = %final_path.display(), "image cached");
-        Ok(final_path)
+        let downloader = self.downloader.clone();
+        let fetches_after = self.fetches.clone();
+        let (url_owned, sha, dest) = (url.to_string(), sha256.to_string(), final_path);
+        let task_key = key.clone();
+        let task = tokio::spawn(async move {
+            let res = async {
+                tokio::fs::create_dir_all(&dir).await?;
+                downloader.fetch(&url_owned, &sha, &dest).await
+            }
+            .await;
+            let mut fetches = fetches_after.lock().expect("not poisoned");
+            match res {
+                Ok(()) => {
+                    tracing::info!(url = %url_owned, path = %dest.display(), "image cached");
+                    fetches.remove(&task_key);
+                }
+                Err(e) => {
+                    let attempts = attempts + 1;
+                    let wait = backoff(attempts);
+                    tracing::warn!(url = %url_owned, error = %e.detail(), attempts, retry_in_s = wait.as_secs(), "image download failed");
+                    fetches.insert(
+                        task_key,
+                        Fetch::Failed {
+                            error: Arc::new(e),
+                            attempts,
+                            retry_at: Instant::now() + wait,
+                        },
+                    );
+                }
+            }
+        });
+        fetches.insert(key, Fetch::Running(task));
+        Err(ImageError::Downloading(url.to_string()))
     }
 }
 
-/// Refuses base images that carry a backing file (they could point anywhere on the host)
-/// or whose real format differs from the declared one.
+/// What `qemu-img info` may use on an untrusted image.
+const INSPECT_MEMORY: u64 = 1 << 30;
+const INSPECT_CPU_SECONDS: u64 = 30;
+
+/// Refuses base images QEMU must not open as given: a real format other than the declared
+/// one (a "raw" image with a qcow2 header would be read as qcow2 by anything that probes),
+/// a backing file or an external data file (either names a host file QEMU would open for
+/// the guest). Inspected by `qemu-img info` under memory and CPU limits.
 async fn check_base_image(path: &Path, format: &str) -> Result<(), ImageError> {
     let out = super::tools::QEMU_IMG
-        .output([
-            std::ffi::OsStr::new("info"),
-            "--output=json".as_ref(),
-            "-U".as_ref(),
-            path.as_os_str(),
-        ])
+        .output_limited(
+            [
+                std::ffi::OsStr::new("info"),
+                "--output=json".as_ref(),
+                "-U".as_ref(),
+                path.as_os_str(),
+            ],
+            INSPECT_MEMORY,
+            INSPECT_CPU_SECONDS,
+        )
         .await?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
@@ -215,22 +291,29 @@ async fn check_base_image(path: &Path, format: &str) -> Result<(), ImageError> {
     }
     let info: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| ImageError::Inspect(path.display().to_string(), e.to_string()))?;
+    inspect_verdict(path, format, &info)
+}
+
+/// The decision on `qemu-img info`'s JSON, pure.
+fn inspect_verdict(path: &Path, format: &str, info: &serde_json::Value) -> Result<(), ImageError> {
+    let shown = || path.display().to_string();
     let actual = info
         .get("format")
         .and_then(|f| f.as_str())
         .unwrap_or("unknown");
     if actual != format {
         return Err(ImageError::WrongFormat {
-            path: path.display().to_string(),
+            path: shown(),
             actual: actual.to_string(),
             declared: format.to_string(),
         });
     }
     if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
-        return Err(ImageError::BackingFile(
-            path.display().to_string(),
-            backing.to_string(),
-        ));
+        return Err(ImageError::BackingFile(shown(), backing.to_string()));
+    }
+    if let Some(data) = info.pointer("/format-specific/data/data-file") {
+        let name = data.as_str().unwrap_or("unnamed").to_string();
+        return Err(ImageError::DataFile(shown(), name));
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod accel;
 mod console;
 pub mod disks;
 pub mod domain;
+pub mod download;
 pub mod images;
 pub mod libvirt;
 mod metrics;
@@ -89,6 +90,9 @@ pub struct Args {
     /// Unset: the agent fences without asking.
     #[arg(long, env = "VMLET_PEER_KEY_FILE")]
     pub peer_key_file: Option<PathBuf>,
+    /// What image downloads may reach and take.
+    #[command(flatten)]
+    pub downloads: download::DownloadPolicy,
     /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
     #[arg(long, env = "VMLET_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -265,7 +269,11 @@ pub async fn run_with(
                 instance: Some(args.node.clone()),
             },
         ),
-        images: images::ImageCache::new(&args.state_dir, args.image_root.clone()),
+        images: images::ImageCache::new(
+            &args.state_dir,
+            args.image_root.clone(),
+            args.downloads.clone(),
+        ),
         client,
         node: args.node.clone(),
         lv: lv.clone(),

@@ -9,6 +9,7 @@ use kube::api::{Api, Patch, PatchParams, ResourceExt};
 use kube::runtime::controller::Action;
 use serde_json::json;
 
+use super::images::ImageError;
 use super::libvirt::{DomainInfo, LibvirtError, RunState};
 use super::render::{self, LocalImage};
 use super::status::{Observed, Problem};
@@ -282,9 +283,11 @@ pub(super) async fn resolve_images(
                 ),
             ));
         }
-        let local = ctx.images.ensure(&img.spec).await.map_err(|e| {
+        let local = ctx.images.ensure(&ns, &img.spec).await.map_err(|e| {
             let message = format!("VirtualMachineImage {name}: {e}");
-            if e.retryable() {
+            if matches!(e, ImageError::Downloading(_)) {
+                Problem::retrying(e.reason(), message).after(Duration::from_secs(2))
+            } else if e.retryable() {
                 Problem::retrying(e.reason(), message)
             } else {
                 Problem::needs_change(e.reason(), message)

@@ -72,6 +72,7 @@ impl Node {
             fence_after_seconds: 60,
             kubeconfig: Some(super::kubeconfig_path()),
             peer_key_file: None,
+            downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
         };
         customize(&mut args);
         let mut n = Node {
