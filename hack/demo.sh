@@ -19,13 +19,16 @@ T0=$(date +%s.%N)
 log() { printf '\n[demo] %s\n' "$*"; }
 elapsed() { awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $1}"; }
 
+# A zombie (this machine's PID 1 reaps nothing) is not running.
+running() { [[ -f "$RUN/$1.pid" ]] && [[ "$(ps -o stat= -p "$(cat "$RUN/$1.pid")" 2>/dev/null)" =~ ^[^Z] ]]; }
+
 down() {
   if kubectl get vm tiny -n default >/dev/null 2>&1; then
     log "deleting VM tiny"
     kubectl delete vm tiny -n default --wait=true --timeout=60s || true
   fi
   for p in agent controller; do
-    if [[ -f "$RUN/$p.pid" ]] && kill -0 "$(cat "$RUN/$p.pid")" 2>/dev/null; then
+    if running "$p"; then
       log "stopping the $p"
       kill "$(cat "$RUN/$p.pid")"
     fi
@@ -40,8 +43,6 @@ down() {
     kubectl delete lease -n kube-node-lease "vmlet-$NODE" --ignore-not-found >/dev/null
   fi
 }
-
-running() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
 if [[ "${1:-}" == "down" ]]; then down; exit 0; fi
 

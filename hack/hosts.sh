@@ -12,7 +12,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE="$ROOT/.cache/hosts"
 BR=vmlet-br0
 log() { printf '[hosts] %s\n' "$*" >&2; }
-running() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A zombie (this machine's PID 1 reaps nothing) is not running.
+running() { [[ -f "$1" ]] && [[ "$(ps -o stat= -p "$(cat "$1")" 2>/dev/null)" =~ ^[^Z] ]]; }
 
 net_up() {
   ip link show "$BR" >/dev/null 2>&1 || {
@@ -36,7 +37,13 @@ net_up() {
 
 host_up() { # n
   local n=$1 dir="$STATE/h$1" ns=vmlet-h$1
-  running "$dir/libvirtd.pid" && return 0
+  if running "$dir/libvirtd.pid"; then
+    # Started with an older qemu.conf (QEMU as root): start it again with this one.
+    grep -q 'user = "libvirt-qemu"' "$dir/etc/qemu.conf" 2>/dev/null && return 0
+    log "libvirtd $n runs QEMU as root: restarting it"
+    kill "$(cat "$dir/libvirtd.pid")"
+    for _ in $(seq 1 100); do running "$dir/libvirtd.pid" || break; sleep 0.1; done
+  fi
   mkdir -p "$dir"/{etc,lib,run,cache,log}
   cp -a /etc/libvirt/. "$dir/etc/"
   rm -rf "$dir/etc/qemu/networks/autostart" "$dir/etc/qemu/"*.xml
@@ -51,23 +58,25 @@ host_uuid = "$(printf '7a3c0000-0000-4000-8000-%012d' "$n")"
 log_outputs = "3:file:$dir/log/libvirtd.log"
 CONF
   cat > "$dir/etc/qemu.conf" <<CONF
-# managed by vmlet hack/hosts.sh: a root-run test host, console logs to files (no virtlogd)
-user = "root"
-group = "root"
-dynamic_ownership = 0
-security_driver = "none"
+# managed by vmlet hack/hosts.sh: QEMU as Debian's libvirt-qemu user with libvirt's DAC
+# driver (as users run it), console logs to files (no virtlogd)
+user = "libvirt-qemu"
+group = "kvm"
+dynamic_ownership = 1
+remember_owner = 1
 stdio_handler = "file"
 migration_address = "10.77.0.$n"
 CONF
   log "starting libvirtd $n on 10.77.0.$n"
   # ip netns exec gives a mount namespace of its own already; the binds stay inside it.
-  ip netns exec "$ns" unshare -m --propagation private sh -c "
+  # Under tini as a subreaper, as in hack/libvirt.sh: exited QEMUs must be reaped.
+  setsid ip netns exec "$ns" unshare -m --propagation private sh -c "
     mount --bind '$dir/etc' /etc/libvirt &&
     mount --bind '$dir/lib' /var/lib/libvirt &&
     mount --bind '$dir/run' /run/libvirt &&
     mount --bind '$dir/cache' /var/cache/libvirt &&
     mount --bind '$dir/log' /var/log/libvirt &&
-    exec libvirtd -d --listen -p '$dir/libvirtd.pid'"
+    exec tini -s -- libvirtd --listen -p '$dir/libvirtd.pid'" </dev/null >>"$dir/log/stdout" 2>&1 &
   for _ in $(seq 1 100); do
     virsh -c "qemu+tcp://10.77.0.$n/system" version >/dev/null 2>&1 && {
       log "host $n ready: qemu+tcp://10.77.0.$n/system"

@@ -8,24 +8,39 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE="$ROOT/.cache/libvirt"
 log() { printf '[libvirt] %s\n' "$*" >&2; }
 
-running() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A zombie (this machine's PID 1 reaps nothing) is not running.
+running() { [[ -f "$1" ]] && [[ "$(ps -o stat= -p "$(cat "$1")" 2>/dev/null)" =~ ^[^Z] ]]; }
 
 configure() {
   mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt /var/lib/vmlet/images
   getent group kvm >/dev/null || groupadd -r kvm
   getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
   getent passwd libvirt-qemu >/dev/null || useradd -r -g kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
-  # A root-run test host: QEMU runs as root, no relabelling, no security driver.
-  local conf=/etc/libvirt/qemu.conf
-  if ! grep -q "managed by vmlet hack/libvirt.sh" "$conf" 2>/dev/null; then
-    [[ -f "$conf" && ! -f "$conf.vmlet-orig" ]] && cp "$conf" "$conf.vmlet-orig"
-    cat > "$conf" <<CONF
-# managed by vmlet hack/libvirt.sh (original kept as qemu.conf.vmlet-orig)
-user = "root"
-group = "root"
-dynamic_ownership = 0
-security_driver = "none"
+  # What Debian's udev rule does on a real host (KERNEL=="kvm", GROUP="kvm", MODE="0660"):
+  # QEMU's user reaches KVM through its group. Without it libvirt probes QEMU's
+  # capabilities again on every start (about 15 s each here).
+  if [[ -c /dev/kvm ]]; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; fi
+  # QEMU runs as Debian's own user for it (libvirt-qemu, group kvm), never as root;
+  # libvirt's DAC driver chowns each file a domain needs to that user while it runs and
+  # gives it back after (dynamic_ownership, remember_owner). This is what users get.
+  local conf=/etc/libvirt/qemu.conf want
+  want=$(cat <<CONF
+# managed by vmlet hack/libvirt.sh v2 (original kept as qemu.conf.vmlet-orig)
+user = "libvirt-qemu"
+group = "kvm"
+dynamic_ownership = 1
+remember_owner = 1
 CONF
+)
+  if [[ "$(cat "$conf" 2>/dev/null)" != "$want" ]]; then
+    [[ -f "$conf" && ! -f "$conf.vmlet-orig" ]] && ! grep -q "managed by vmlet" "$conf" && cp "$conf" "$conf.vmlet-orig"
+    printf '%s\n' "$want" > "$conf"
+    # A running daemon reads qemu.conf only when it starts.
+    if running /run/libvirtd.pid; then
+      log "qemu.conf changed: restarting libvirtd"
+      kill "$(cat /run/libvirtd.pid)"
+      for _ in $(seq 1 100); do running /run/libvirtd.pid || break; sleep 0.1; done
+    fi
   fi
 }
 
@@ -40,7 +55,10 @@ up() {
   fi
   if ! running /run/libvirtd.pid; then
     log "starting libvirtd"
-    libvirtd -d -p /run/libvirtd.pid
+    # Under tini as a subreaper: QEMU daemonizes, and an orphaned QEMU that exits must be
+    # reaped by someone. This machine's PID 1 reaps nothing, and libvirtd waits for a
+    # killed capability-probe QEMU to vanish (a zombie never does): it hung that way.
+    setsid tini -s -- libvirtd -p /run/libvirtd.pid </dev/null >>/var/log/libvirt/libvirtd.stdout 2>&1 &
     touch "$STATE/started-libvirtd"
   fi
   # After a crash libvirtd first reconnects to every QEMU it left running: give it time.

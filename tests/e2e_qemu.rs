@@ -192,7 +192,9 @@ async fn tiny_guest_boots_to_userspace_and_is_cleaned_up() {
     );
     assert!(!vm_dir.exists(), "VM files left behind");
     assert_eq!(
-        std::fs::read_dir(state.join("images")).unwrap().count(),
+        std::fs::read_dir(state.join("image-cache").join(&ns))
+            .unwrap()
+            .count(),
         2,
         "cached images removed"
     );
@@ -227,13 +229,14 @@ struct Setup {
 }
 
 async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
+    vmlet::telemetry::init();
     let client = common::client().await;
     common::ensure_crds(&client).await;
     let lv = Libvirt::open("qemu:///system")
         .await
         .expect("libvirtd (hack/libvirt.sh up)");
     let ns = common::namespace(&client, prefix).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::qemu_tempdir();
     let state = dir.path().join("state");
     std::fs::create_dir_all(dir.path().join("images")).unwrap();
     let node = format!("{prefix}-{}", std::process::id());
@@ -329,6 +332,24 @@ async fn killed_qemu_is_restarted_with_backoff() {
             .trim()
             .parse()
             .unwrap();
+        if round == 1 {
+            // QEMU runs as Debian's libvirt-qemu user, not root, and its disks are lent
+            // to that user only while it runs.
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+            let qemu_uid = uid_line.split_whitespace().nth(1).unwrap().to_string();
+            let want = Command::new("id")
+                .args(["-u", "libvirt-qemu"])
+                .output()
+                .unwrap();
+            assert_eq!(
+                qemu_uid,
+                String::from_utf8_lossy(&want.stdout).trim(),
+                "{uid_line}"
+            );
+            assert_ne!(qemu_uid, "0", "QEMU runs as root");
+            println!("QEMU pid {pid} runs as uid {qemu_uid} (libvirt-qemu)");
+        }
         let killed = Instant::now();
         assert!(
             Command::new("kill")

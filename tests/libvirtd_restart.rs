@@ -51,7 +51,7 @@ async fn agent_reconnects_after_libvirtd_is_killed_and_restarted() {
     let lv = Libvirt::open("qemu:///system")
         .await
         .expect("libvirtd (hack/libvirt.sh up)");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::qemu_tempdir();
     std::fs::create_dir_all(dir.path().join("images")).unwrap();
     let node = format!("lvrestart-{}", std::process::id());
     // A fixed free port, so that the test knows where /healthz is.

@@ -135,7 +135,7 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
     let client = common::client().await;
     common::ensure_crds(&client).await;
     let ns = common::namespace(&client, prefix).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::qemu_tempdir();
     let run = format!("{prefix}-{}", std::process::id());
     let nodes: Api<Node> = Api::all(client.clone());
     let mut hosts = Vec::new();

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 use serde_json::json;
-use vmlet::api::{Hypervisor, VirtualMachine};
+use vmlet::api::{Hypervisor, VirtualMachine, VirtualMachineMigration};
 
 fn tool(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -127,7 +127,7 @@ async fn an_agent_token_writes_only_its_own_node() {
         pods.create(&PostParams::default(), &p).await.unwrap();
     }
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
-    for (vm, node) in [("vm-a", &node_a), ("vm-b", &node_b)] {
+    for (vm, node) in [("vm-a", &node_a), ("vm-b", &node_b), ("vm-a2", &node_a)] {
         let v = VirtualMachine::new(
             vm,
             serde_json::from_value(json!({"memory": "64Mi"})).unwrap(),
@@ -231,6 +231,132 @@ async fn an_agent_token_writes_only_its_own_node() {
         .patch_status("vm-a", &PatchParams::default(), &Patch::Merge(&give))
         .await
         .expect("hand own VM to another node");
+
+    // Its own VM's spec, labels and annotations are the tenant's: refused. Its own
+    // finalizer comes and goes.
+    let own_only = "may change only its own finalizer there";
+    for (what, body) in [
+        ("spec", json!({"spec": {"memory": "128Mi"}})),
+        (
+            "cloud-init",
+            json!({"spec": {"disks": [{"name": "s", "cloudInit": {"userData": "#cloud-config\nruncmd: [id]"}}]}}),
+        ),
+        ("labels", json!({"metadata": {"labels": {"team": "other"}}})),
+        (
+            "annotations",
+            json!({"metadata": {"annotations": {"vmlet.dev/power": "on"}}}),
+        ),
+        (
+            "another finalizer",
+            json!({"metadata": {"finalizers": ["example.com/hold"]}}),
+        ),
+    ] {
+        eventually_denied(own_only, || {
+            let (api, body) = (a_vms.clone(), body.clone());
+            async move {
+                api.patch("vm-a2", &PatchParams::default(), &Patch::Merge(body))
+                    .await
+            }
+        })
+        .await;
+        println!("refused: the agent changing its own VM's {what}");
+    }
+    a_vms
+        .patch(
+            "vm-a2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["vmlet.dev/domain"]}})),
+        )
+        .await
+        .expect("add its finalizer");
+    a_vms
+        .patch(
+            "vm-a2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("remove its finalizer");
+
+    // Migrations: never moved by an agent; each phase written only by its role.
+    let migs: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), &ns);
+    let a_migs: Api<VirtualMachineMigration> = Api::namespaced(agent.clone(), &ns);
+    for (name, source, target) in [("from-a", &node_a, &node_b), ("to-a", &node_b, &node_a)] {
+        let m = VirtualMachineMigration::new(
+            name,
+            serde_json::from_value(json!({"vmName": "vm-a"})).unwrap(),
+        );
+        migs.create(&PostParams::default(), &m).await.unwrap();
+        let st = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachineMigration",
+            "status": {"phase": "Scheduling", "sourceNode": source, "targetNode": target}});
+        migs.patch_status(
+            name,
+            &PatchParams::apply("vmlet-controller"),
+            &Patch::Apply(&st),
+        )
+        .await
+        .unwrap();
+    }
+    let mig_status = |v: serde_json::Value| json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachineMigration", "status": v});
+    let role = "may not move a migration or set a phase its role does not write";
+    for (name, body, what) in [
+        (
+            "from-a",
+            mig_status(json!({"targetNode": node_a})),
+            "retarget a migration",
+        ),
+        (
+            "to-a",
+            mig_status(json!({"phase": "Running"})),
+            "start a copy as its target",
+        ),
+        (
+            "to-a",
+            mig_status(json!({"phase": "Failed"})),
+            "fail a migration as its target",
+        ),
+    ] {
+        eventually_denied(role, || {
+            let (api, body, pp) = (a_migs.clone(), body.clone(), pp.clone());
+            async move { api.patch_status(name, &pp, &Patch::Apply(body)).await }
+        })
+        .await;
+        println!("refused: the agent trying to {what}");
+    }
+    denied(
+        a_migs
+            .patch(
+                "to-a",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+            )
+            .await,
+        own_only,
+    )
+    .unwrap();
+    a_migs
+        .patch_status(
+            "from-a",
+            &pp,
+            &Patch::Apply(mig_status(json!({"phase": "Running"}))),
+        )
+        .await
+        .expect("the source starts its copy");
+    migs.patch_status(
+        "to-a",
+        &PatchParams::apply("vmlet-agent-migration-source").force(),
+        &Patch::Apply(mig_status(json!({"phase": "Running"}))),
+    )
+    .await
+    .unwrap();
+    a_migs
+        .patch_status(
+            "to-a",
+            &PatchParams::apply("vmlet-agent-migration-target-settle").force(),
+            &Patch::Apply(mig_status(json!({"phase": "Succeeded"}))),
+        )
+        .await
+        .expect("the target settles a migration its source left");
 
     // A token of the same ServiceAccount not bound to a Pod carries no node: refused.
     let loose = run("kubectl", &["create", "token", &sa, "-n", &ns], None);

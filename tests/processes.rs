@@ -51,7 +51,7 @@ async fn sigkilled_agent_and_leader_recover() {
     let client = common::client().await;
     common::ensure_crds(&client).await;
     let ns = common::namespace(&client, "procs").await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::qemu_tempdir();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     assert!(
         Command::new(root.join("hack/tiny-guest.sh"))

@@ -2,7 +2,7 @@
 //! cloud-init seed. All inside the VM's own directory, so removing it removes them all
 //! and never touches a cached base.
 
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
 use super::render::DiskFile;
@@ -46,10 +46,8 @@ pub async fn prepare(
 ) -> Result<(), DiskError> {
     let dir = vm_dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
+        traversable_dir(dir.parent().unwrap_or(&dir))?;
+        traversable_dir(&dir)
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
@@ -76,6 +74,7 @@ pub async fn prepare(
                     path,
                 )
                 .await?;
+                private_file(path).await?;
             }
             DiskFile::Blank { path, size } if !exists => {
                 qemu_img(
@@ -83,6 +82,7 @@ pub async fn prepare(
                     path,
                 )
                 .await?;
+                private_file(path).await?;
             }
             DiskFile::Seed { path } => {
                 let ci = disk.cloud_init.as_ref();
@@ -94,12 +94,30 @@ pub async fn prepare(
                 );
                 let tmp = path.with_extension("iso.tmp");
                 tokio::fs::write(&tmp, seed::iso9660(&files)).await?;
+                private_file(&tmp).await?;
                 tokio::fs::rename(&tmp, path).await?;
             }
             _ => {}
         }
     }
     Ok(())
+}
+
+/// Creates `dir` and its missing parents with mode 0711: QEMU runs as its own user
+/// (Debian's libvirt-qemu) and must reach the files libvirt hands it (libvirt's DAC
+/// driver chowns each to that user while the domain runs); nobody may list them.
+pub fn traversable_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)?;
+    // An existing directory keeps its mode: made by an older agent (0700), or by umask.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+}
+
+/// Readable and writable by its owner only: root, or QEMU's user while libvirt lends it.
+pub async fn private_file(path: &Path) -> std::io::Result<()> {
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).await
 }
 
 /// Removes the VM's directory: overlays, blank disks, seed and console log.

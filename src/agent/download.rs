@@ -267,6 +267,8 @@ impl Downloader {
         let partial = Partial(dest.with_extension("partial"));
         let res = self.fetch_into(url, sha256, &partial.0).await;
         if res.is_ok() {
+            // Root's alone; libvirt lends it to QEMU's user while a domain uses it.
+            super::disks::private_file(&partial.0).await?;
             tokio::fs::rename(&partial.0, dest).await?;
         }
         res

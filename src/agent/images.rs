@@ -97,13 +97,17 @@ type FetchKey = (String, String, String);
 
 /// A download's place in its life: running, or failed and waiting for its next try.
 enum Fetch {
-    Running(tokio::task::JoinHandle<()>),
+    /// Notified when the task ends.
+    Running(tokio::task::JoinHandle<()>, Arc<tokio::sync::Notify>),
     Failed {
         error: Arc<DownloadError>,
         attempts: u32,
         retry_at: Instant,
     },
 }
+
+/// How long a reconcile waits for a download under way before it says Downloading.
+const DOWNLOAD_WAIT: Duration = Duration::from_secs(3);
 
 /// Backoff after a failed download: 10 s doubling to 10 min.
 fn backoff(attempts: u32) -> Duration {
@@ -198,19 +202,27 @@ impl ImageCache {
     }
 
     async fn fetch(&self, ns: &str, url: &str, sha256: &str) -> Result<PathBuf, ImageError> {
-        let dir = self.cache_dir.join(ns);
-        let final_path = dir.join(format!("sha256-{sha256}"));
+        let final_path = self.cache_dir.join(ns).join(format!("sha256-{sha256}"));
         // Only verified downloads are ever renamed to their final name.
         if tokio::fs::metadata(&final_path).await.is_ok() {
             return Ok(final_path);
         }
         let key = (ns.to_string(), sha256.to_string(), url.to_string());
+        let done = self.start_or_join(&key, &final_path)?;
+        self.await_fetch(done, &key, &final_path).await
+    }
+
+    /// The download of `key` under way (started now if there is none, or if its last
+    /// failure's backoff has passed); the error of that failure while it has not.
+    fn start_or_join(
+        &self,
+        key: &FetchKey,
+        final_path: &Path,
+    ) -> Result<Arc<tokio::sync::Notify>, ImageError> {
         // Held while the task is spawned and recorded: it records its own end after.
         let mut fetches = self.fetches.lock().expect("not poisoned");
-        let attempts = match fetches.get(&key) {
-            Some(Fetch::Running(task)) if !task.is_finished() => {
-                return Err(ImageError::Downloading(url.to_string()));
-            }
+        let attempts = match fetches.get(key) {
+            Some(Fetch::Running(task, done)) if !task.is_finished() => return Ok(done.clone()),
             Some(Fetch::Failed {
                 error,
                 attempts,
@@ -218,49 +230,90 @@ impl ImageCache {
             }) => {
                 if Instant::now() < *retry_at {
                     return Err(ImageError::Download {
-                        url: url.to_string(),
+                        url: key.2.clone(),
                         error: error.clone(),
                     });
                 }
                 *attempts
             }
-            // Finished without a record (it succeeded a moment ago, or panicked).
-            Some(Fetch::Running(_)) if final_path.exists() => return Ok(final_path),
-            Some(Fetch::Running(_)) | None => 0,
+            // Finished without a record (it panicked).
+            Some(Fetch::Running(..)) | None => 0,
         };
         let downloader = self.downloader.clone();
         let fetches_after = self.fetches.clone();
-        let (url_owned, sha, dest) = (url.to_string(), sha256.to_string(), final_path);
+        let dir = final_path.parent().expect("in a directory").to_path_buf();
+        let (url_owned, sha, dest) = (key.2.clone(), key.1.clone(), final_path.to_path_buf());
         let task_key = key.clone();
+        let done = Arc::new(tokio::sync::Notify::new());
+        let done_task = done.clone();
         let task = tokio::spawn(async move {
             let res = async {
-                tokio::fs::create_dir_all(&dir).await?;
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    super::disks::traversable_dir(d.parent().unwrap_or(&d))?;
+                    super::disks::traversable_dir(&d)
+                })
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
                 downloader.fetch(&url_owned, &sha, &dest).await
             }
             .await;
-            let mut fetches = fetches_after.lock().expect("not poisoned");
-            match res {
-                Ok(()) => {
-                    tracing::info!(url = %url_owned, path = %dest.display(), "image cached");
-                    fetches.remove(&task_key);
-                }
-                Err(e) => {
-                    let attempts = attempts + 1;
-                    let wait = backoff(attempts);
-                    tracing::warn!(url = %url_owned, error = %e.detail(), attempts, retry_in_s = wait.as_secs(), "image download failed");
-                    fetches.insert(
-                        task_key,
-                        Fetch::Failed {
-                            error: Arc::new(e),
-                            attempts,
-                            retry_at: Instant::now() + wait,
-                        },
-                    );
+            {
+                let mut fetches = fetches_after.lock().expect("not poisoned");
+                match res {
+                    Ok(()) => {
+                        tracing::info!(url = %url_owned, path = %dest.display(), "image cached");
+                        fetches.remove(&task_key);
+                    }
+                    Err(e) => {
+                        let attempts = attempts + 1;
+                        let wait = backoff(attempts);
+                        tracing::warn!(url = %url_owned, error = %e.detail(), attempts, retry_in_s = wait.as_secs(), "image download failed");
+                        fetches.insert(
+                            task_key,
+                            Fetch::Failed {
+                                error: Arc::new(e),
+                                attempts,
+                                retry_at: Instant::now() + wait,
+                            },
+                        );
+                    }
                 }
             }
+            done_task.notify_waiters();
         });
-        fetches.insert(key, Fetch::Running(task));
-        Err(ImageError::Downloading(url.to_string()))
+        fetches.insert(key.clone(), Fetch::Running(task, done.clone()));
+        Ok(done)
+    }
+
+    /// Waits a little for a running download: a small image is there within the same
+    /// reconcile; a large or stalled one says Downloading and is looked at again soon.
+    async fn await_fetch(
+        &self,
+        done: Arc<tokio::sync::Notify>,
+        key: &FetchKey,
+        final_path: &Path,
+    ) -> Result<PathBuf, ImageError> {
+        let notified = done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let finished = |fetches: &HashMap<FetchKey, Fetch>| match fetches.get(key) {
+            Some(Fetch::Running(task, _)) => task.is_finished(),
+            _ => true,
+        };
+        if !finished(&self.fetches.lock().expect("not poisoned")) {
+            let _ = tokio::time::timeout(DOWNLOAD_WAIT, notified).await;
+        }
+        if final_path.exists() {
+            return Ok(final_path.to_path_buf());
+        }
+        match self.fetches.lock().expect("not poisoned").get(key) {
+            Some(Fetch::Failed { error, .. }) => Err(ImageError::Download {
+                url: key.2.clone(),
+                error: error.clone(),
+            }),
+            _ => Err(ImageError::Downloading(key.2.clone())),
+        }
     }
 }
 

@@ -267,3 +267,13 @@ pub async fn forget_node(client: &Client, name: &str) {
     .delete(&format!("vmlet-{name}"), &dp)
     .await;
 }
+
+/// A temporary directory for an agent's state where real QEMU runs: traversable (0711)
+/// like /var/lib, since QEMU runs as its own user and must reach the files libvirt hands
+/// it. (tempfile makes directories 0700.)
+pub fn qemu_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    dir
+}
