@@ -200,6 +200,7 @@ async fn tiny_guest_boots_to_userspace_and_is_cleaned_up() {
     );
     common::delete_vms_and_namespace(&client, &ns).await;
     agent.abort();
+    common::forget_node(&client, &node).await;
     let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
     let _ = hvs.delete(&node, &DeleteParams::default()).await;
 }
@@ -240,6 +241,9 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
     let state = dir.path().join("state");
     std::fs::create_dir_all(dir.path().join("images")).unwrap();
     let node = format!("{prefix}-{}", std::process::id());
+    // Not a hypervisor for any controller (no label): the agent's VMs are bound by hand.
+    // Its address is the one the agent publishes, so `kubectl vm console` trusts it.
+    common::node_with_address(&client, &node, serde_json::json!({}), "127.0.0.1").await;
     let args = vmlet::agent::Args {
         node: node.clone(),
         libvirt_uri: "qemu:///system".into(),
@@ -388,6 +392,7 @@ async fn killed_qemu_is_restarted_with_backoff() {
     }
     common::delete_vms_and_namespace(&client, &ns).await;
     agent.abort();
+    common::forget_node(&client, &node).await;
     let _ = Api::<vmlet::api::Hypervisor>::all(client.clone())
         .delete(&node, &DeleteParams::default())
         .await;

@@ -112,3 +112,85 @@ async fn start_stop_restart_and_nodes() {
     common::delete_vms_and_namespace(&client, &ns).await;
     node.forget().await;
 }
+
+/// A Hypervisor whose agentURL is not its Node's address (what a stolen agent token could
+/// write): `kubectl vm console` refuses and the user's token never leaves; at the Node's
+/// own address it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sends_the_token_only_to_the_nodes_own_address() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "console-trust").await;
+    let node = format!("console-trust-{}", std::process::id());
+    common::node_with_address(&client, &node, json!({}), "127.0.0.1").await;
+    // Two listeners that count the requests with a bearer token they receive.
+    let listen = |ip: &'static str| async move {
+        let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let tokens = Arc::new(AtomicUsize::new(0));
+        let seen = tokens.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if String::from_utf8_lossy(&buf[..n]).contains("Bearer secret-token") {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nConnection: close\r\n\r\nguest says hi")
+                    .await;
+            }
+        });
+        (url, tokens)
+    };
+    let (elsewhere, stolen) = listen("127.0.0.2").await;
+    let (own, received) = listen("127.0.0.1").await;
+    let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
+    let set_url = |url: String| {
+        let (hvs, node) = (hvs.clone(), node.clone());
+        async move {
+            let hv = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor",
+                "metadata": {"name": node}, "spec": {}});
+            hvs.patch(
+                &node,
+                &kube::api::PatchParams::apply("vmlet-test"),
+                &kube::api::Patch::Apply(&hv),
+            )
+            .await
+            .unwrap();
+            let st = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor", "status": {"agentURL": url}});
+            hvs.patch_status(
+                &node,
+                &kube::api::PatchParams::apply("vmlet-test").force(),
+                &kube::api::Patch::Apply(&st),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    create_vm(&vms, "vm", json!({"memory": "64Mi"}), &node).await;
+
+    set_url(elsewhere.clone()).await;
+    let (ok, out, err) = kubectl(&["vm", "console", "vm", "-n", &ns, "--token", "secret-token"]);
+    assert!(!ok, "console went to {elsewhere}: {out}");
+    assert!(err.contains("not sending your token"), "{err}");
+    println!("refused: {}", err.trim());
+    assert_eq!(
+        stolen.load(Ordering::SeqCst),
+        0,
+        "the token reached {elsewhere}"
+    );
+
+    set_url(own.clone()).await;
+    let (ok, out, err) = kubectl(&["vm", "console", "vm", "-n", &ns, "--token", "secret-token"]);
+    assert!(ok && out.contains("guest says hi"), "{out} {err}");
+    assert_eq!(received.load(Ordering::SeqCst), 1);
+
+    common::delete_vms_and_namespace(&client, &ns).await;
+    common::forget_node(&client, &node).await;
+}

@@ -137,7 +137,6 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
     let ns = common::namespace(&client, prefix).await;
     let dir = common::qemu_tempdir();
     let run = format!("{prefix}-{}", std::process::id());
-    let nodes: Api<Node> = Api::all(client.clone());
     let mut hosts = Vec::new();
     let mut tasks = Vec::new();
     for (i, uri) in HOSTS.iter().enumerate() {
@@ -145,12 +144,14 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
             .await
             .unwrap_or_else(|e| panic!("{uri}: {e} (run hack/hosts.sh up)"));
         let node = format!("{run}-h{}", i + 1);
-        let n = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node,
-            "labels": {"vmlet.dev/hypervisor": "true", "vmlet.dev/migration-test": run}}});
-        nodes
-            .patch(&node, &PatchParams::apply("vmlet-test"), &Patch::Apply(&n))
-            .await
-            .unwrap();
+        // Its address is its libvirt host's: the migration URI its agent publishes.
+        common::node_with_address(
+            &client,
+            &node,
+            json!({"vmlet.dev/hypervisor": "true", "vmlet.dev/migration-test": run}),
+            &format!("10.77.0.{}", i + 1),
+        )
+        .await;
         let base = dir.path().join(format!("h{}", i + 1));
         let state = base.join("state");
         std::fs::create_dir_all(base.join("images")).unwrap();

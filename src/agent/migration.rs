@@ -284,6 +284,23 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
         .migration_uri
         .clone()
         .ok_or_else(|| Error::Other(format!("{target} has no migration URI")))?;
+    // The guest goes only to an address kubelet vouches for as the target's.
+    let target_node = Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
+        .get_opt(&target)
+        .await?;
+    if let Err(why) = target_node
+        .as_ref()
+        .ok_or_else(|| format!("node {target} does not exist"))
+        .and_then(|n| crate::api::hypervisor::endpoint_on_node(&dest_uri, n))
+    {
+        tracing::warn!(migration = %m.name_any(), %why, "refusing the target's migration URI");
+        let failed = json!({"phase": "Failed", "reason": "UntrustedTarget",
+            "message": format!("the VM keeps running on {}: {why}", ctx.node),
+            "completionTime": Time(Timestamp::now())});
+        patch_status(&m, &ctx, SOURCE_MANAGER, failed).await?;
+        release(&m, &ctx).await?;
+        return Ok(());
+    }
     let host = reqwest::Url::parse(&dest_uri)
         .ok()
         .and_then(|u| u.host_str().map(str::to_string))
@@ -638,6 +655,16 @@ async fn clean_departed(m: &VirtualMachineMigration, ctx: &Context) -> Result<Ac
     Ok(Action::await_change())
 }
 
+/// Whether `uri` is an address of node `target` (see `endpoint_on_node`).
+async fn target_vouches(ctx: &Context, target: &str, uri: &str) -> bool {
+    Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
+        .get_opt(target)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|n| crate::api::hypervisor::endpoint_on_node(uri, &n).is_ok())
+}
+
 /// The source agent's look at a Running migration it is not copying: both libvirts are
 /// asked where the guest is (the target's through its migration URI, read-only), and the
 /// migration is finished or failed accordingly, or looked at again in a few seconds.
@@ -668,6 +695,10 @@ async fn settle_interrupted(m: &VirtualMachineMigration, ctx: &Context) -> Resul
         .and_then(|h| h.status)
         .and_then(|s| s.migration_uri)
     {
+        Some(uri) if !target_vouches(ctx, &target, &uri).await => {
+            tracing::warn!(migration = %m.name_any(), %uri, "the target's migration URI is not its node's address: not asking it");
+            None
+        }
         Some(uri) => match super::libvirt::peek_guest(&uri, &vm_uid).await {
             Ok(g) => Some(g),
             Err(e) => {

@@ -102,3 +102,86 @@ pub struct HypervisorStatus {
     #[schemars(schema_with = "super::schema::conditions")]
     pub conditions: Vec<Condition>,
 }
+
+/// Whether an endpoint a Hypervisor's status publishes (`agentURL`, `migrationURI`) points
+/// at its own node: its host must be one of the Node's InternalIP or ExternalIP addresses.
+/// Those are written by kubelet; an agent's token cannot write Nodes, but it writes its
+/// Hypervisor, so without this check a stolen agent token could send users' tokens
+/// (`kubectl vm console`) and migrating guests to an address of its choosing.
+pub fn endpoint_on_node(
+    endpoint: &str,
+    node: &k8s_openapi::api::core::v1::Node,
+) -> Result<(), String> {
+    let url = url::Url::parse(endpoint).map_err(|e| format!("{endpoint}: {e}"))?;
+    let host = url
+        .host_str()
+        .ok_or_else(|| format!("{endpoint} names no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let own: Vec<&str> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .map(|a| a.address.as_str())
+        .collect();
+    let same = |a: &str| match (
+        a.parse::<std::net::IpAddr>(),
+        host.parse::<std::net::IpAddr>(),
+    ) {
+        (Ok(a), Ok(h)) => a == h,
+        _ => a == host,
+    };
+    if own.iter().any(|a| same(a)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{endpoint} is not an address of node {} ({}): an agent may publish only its own node's addresses",
+            node.metadata.name.as_deref().unwrap_or_default(),
+            if own.is_empty() {
+                "it lists none".to_string()
+            } else {
+                own.join(", ")
+            }
+        ))
+    }
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_must_be_the_nodes_own_addresses() {
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "10.0.0.5"},
+                {"type": "ExternalIP", "address": "2001:db8::5"},
+                {"type": "Hostname", "address": "n1.example"}
+            ]}
+        }))
+        .unwrap();
+        // (endpoint, accepted)
+        for (endpoint, ok) in [
+            ("http://10.0.0.5:9464", true),
+            ("qemu+tls://10.0.0.5/system", true),
+            ("qemu+tcp://10.0.0.5/system", true),
+            ("http://[2001:db8::5]:9464", true),
+            ("http://10.0.0.6:9464", false),
+            ("http://attacker.example:9464", false),
+            // A hostname is whatever DNS says: not an address kubelet vouches for.
+            ("http://n1.example:9464", false),
+            ("http://10.0.0.5.attacker.example/", false),
+            ("not a url", false),
+        ] {
+            assert_eq!(endpoint_on_node(endpoint, &node).is_ok(), ok, "{endpoint}");
+        }
+        let bare: k8s_openapi::api::core::v1::Node =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n2"}})).unwrap();
+        let err = endpoint_on_node("http://10.0.0.5:1", &bare).unwrap_err();
+        assert!(err.contains("lists none"), "{err}");
+    }
+}

@@ -190,6 +190,12 @@ async fn console(
         .status
         .and_then(|st| st.agent_url)
         .ok_or_else(|| anyhow::anyhow!("the agent on {node} does not say where to reach it"))?;
+    // The token goes only to an address kubelet vouches for.
+    let node_obj = Api::<k8s_openapi::api::core::v1::Node>::all(s.client.clone())
+        .get(&node)
+        .await?;
+    crate::api::hypervisor::endpoint_on_node(&url, &node_obj)
+        .map_err(|e| anyhow::anyhow!("not sending your token: {e}"))?;
     let token = token.or_else(|| s.token.clone()).ok_or_else(|| {
         anyhow::anyhow!(
             "the agent needs a bearer token: use --token or a kubeconfig user with a token"

@@ -277,3 +277,21 @@ pub fn qemu_tempdir() -> tempfile::TempDir {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     dir
 }
+
+/// Creates (or updates) Node `name` with `labels` and, as kubelet would, `ip` as its
+/// InternalIP: the address an agent on it may publish (see `endpoint_on_node`).
+pub async fn node_with_address(client: &Client, name: &str, labels: serde_json::Value, ip: &str) {
+    use kube::api::{Patch, PatchParams};
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let n = serde_json::json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": labels}});
+    nodes
+        .patch(name, &PatchParams::apply("vmlet-test"), &Patch::Apply(&n))
+        .await
+        .unwrap();
+    let st = serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}});
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&st))
+        .await
+        .unwrap();
+}
