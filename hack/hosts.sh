@@ -35,23 +35,60 @@ net_up() {
   done
 }
 
+# A CA and, per host, a certificate for 10.77.0.N used both as server (its libvirtd's TLS
+# listener, its QEMU receiving a migration) and as client (its libvirtd and QEMU sending
+# one): libvirt's `pkipath` layout (cacert.pem, servercert.pem, serverkey.pem,
+# clientcert.pem, clientkey.pem) plus QEMU's (ca-cert.pem, server-cert.pem, ...), the same
+# files under both names. Keys are root:kvm 0640: QEMU runs as libvirt-qemu (group kvm).
+pki() { # n
+  local n=$1 ca="$STATE/pki-ca" dir="$STATE/h$1/pki"
+  if [[ ! -f "$ca/cacert.pem" ]]; then
+    mkdir -p "$ca"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vmlet test hosts CA" \
+      -keyout "$ca/cakey.pem" -out "$ca/cacert.pem" 2>/dev/null
+  fi
+  [[ -f "$dir/servercert.pem" ]] && return 0
+  mkdir -p "$dir"
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=10.77.0.$n" \
+    -keyout "$dir/serverkey.pem" -out "$dir/host.csr" 2>/dev/null
+  printf 'subjectAltName=IP:10.77.0.%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$n" > "$dir/ext.cnf"
+  openssl x509 -req -in "$dir/host.csr" -CA "$ca/cacert.pem" -CAkey "$ca/cakey.pem" \
+    -CAcreateserial -days 3650 -extfile "$dir/ext.cnf" -out "$dir/servercert.pem" 2>/dev/null
+  cp "$ca/cacert.pem" "$dir/cacert.pem"
+  cp "$dir/servercert.pem" "$dir/clientcert.pem"
+  cp "$dir/serverkey.pem" "$dir/clientkey.pem"
+  for f in cacert:ca-cert servercert:server-cert serverkey:server-key clientcert:client-cert clientkey:client-key; do
+    cp "$dir/${f%%:*}.pem" "$dir/${f##*:}.pem"
+  done
+  rm -f "$dir/host.csr" "$dir/ext.cnf"
+  chgrp -R kvm "$dir" && chmod 0750 "$dir" && chmod 0640 "$dir"/*.pem
+}
+
 host_up() { # n
   local n=$1 dir="$STATE/h$1" ns=vmlet-h$1
   if running "$dir/libvirtd.pid"; then
-    # Started with an older qemu.conf (QEMU as root): start it again with this one.
-    grep -q 'user = "libvirt-qemu"' "$dir/etc/qemu.conf" 2>/dev/null && return 0
-    log "libvirtd $n runs QEMU as root: restarting it"
+    # Started with an older configuration (QEMU as root, no TLS): start it again.
+    grep -q 'migrate_tls_x509_cert_dir' "$dir/etc/qemu.conf" 2>/dev/null && return 0
+    log "libvirtd $n runs an older configuration: restarting it"
     kill "$(cat "$dir/libvirtd.pid")"
     for _ in $(seq 1 100); do running "$dir/libvirtd.pid" || break; sleep 0.1; done
   fi
   mkdir -p "$dir"/{etc,lib,run,cache,log}
+  pki "$n"
   cp -a /etc/libvirt/. "$dir/etc/"
   rm -rf "$dir/etc/qemu/networks/autostart" "$dir/etc/qemu/"*.xml
   cat > "$dir/etc/libvirtd.conf" <<CONF
 # managed by vmlet hack/hosts.sh
-listen_tls = 0
+# TCP for the tests' and agents' own connections (a private bridge); TLS, with client
+# certificates, for the migration connections between the hosts.
+listen_tls = 1
 listen_tcp = 1
 listen_addr = "10.77.0.$n"
+ca_file = "$dir/pki/cacert.pem"
+cert_file = "$dir/pki/servercert.pem"
+key_file = "$dir/pki/serverkey.pem"
+tls_no_verify_certificate = 0
+auth_tls = "none"
 auth_tcp = "none"
 auth_unix_rw = "none"
 host_uuid = "$(printf '7a3c0000-0000-4000-8000-%012d' "$n")"
@@ -66,6 +103,10 @@ dynamic_ownership = 1
 remember_owner = 1
 stdio_handler = "file"
 migration_address = "10.77.0.$n"
+# Guest memory and disks in flight go over TLS (VIR_MIGRATE_TLS), client certificates
+# required on both ends.
+migrate_tls_x509_cert_dir = "$dir/pki"
+migrate_tls_x509_verify = 1
 CONF
   log "starting libvirtd $n on 10.77.0.$n"
   # ip netns exec gives a mount namespace of its own already; the binds stay inside it.
@@ -95,6 +136,7 @@ up() {
   host_up 1
   host_up 2
   echo "qemu+tcp://10.77.0.1/system qemu+tcp://10.77.0.2/system"
+  echo "migration: qemu+tls://10.77.0.N/system?pkipath=$STATE/hN/pki"
 }
 
 down() {

@@ -254,6 +254,7 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
         metrics_addr: metrics_addr.into(),
         advertise_address: None,
         migration_uri: None,
+        migration_tls: true,
         orphan_grace_seconds: 30,
         lease_duration_seconds: 15,
         heartbeat_seconds: 5,

@@ -185,6 +185,7 @@ async fn an_image_with_an_external_data_file_is_refused() {
         assert!(!node.state_dir().join("vms").join(&uid).exists());
     }
     common::delete_vms_and_namespace(&client, &ns).await;
+    node.forget().await;
 }
 
 /// With the default policy, a download cannot reach this node or the cluster: not by
@@ -293,6 +294,7 @@ async fn downloads_reach_only_what_the_policy_allows() {
     );
     assert_eq!(partial_files(&node).await, Vec::<String>::new());
     common::delete_vms_and_namespace(&client, &ns).await;
+    node.forget().await;
 }
 
 /// A server that stalls mid-body holds neither the VM's deletion nor another VM whose
@@ -338,6 +340,7 @@ async fn a_stalled_download_blocks_neither_deletion_nor_other_vms() {
         t.elapsed().as_secs_f64()
     );
     common::delete_vms_and_namespace(&client, &ns).await;
+    node.forget().await;
 }
 
 /// The cache is per namespace: a tenant who names another namespace's image by its hash
@@ -383,4 +386,5 @@ async fn the_download_cache_is_private_to_a_namespace() {
     assert!(c.message.contains("HTTP 404"), "{}", c.message);
     common::delete_vms_and_namespace(&client, &ns1).await;
     common::delete_vms_and_namespace(&client, &ns2).await;
+    node.forget().await;
 }

@@ -71,6 +71,7 @@ async fn agent_reconnects_after_libvirtd_is_killed_and_restarted() {
         metrics_addr: format!("127.0.0.1:{port}"),
         advertise_address: None,
         migration_uri: None,
+        migration_tls: true,
         orphan_grace_seconds: 30,
         lease_duration_seconds: 15,
         heartbeat_seconds: 1,

@@ -97,6 +97,18 @@ async fn lab(prefix: &str) -> Lab {
     lab_with(prefix, None).await
 }
 
+/// What host `uri`'s agent publishes for migrations to it: libvirt's TLS listener, with
+/// the test PKI hack/hosts.sh made for that host (guest memory and disks go over TLS).
+fn tls_uri(uri: &str) -> String {
+    let n = uri
+        .trim_start_matches("qemu+tcp://10.77.0.")
+        .trim_end_matches("/system");
+    format!(
+        "qemu+tls://10.77.0.{n}/system?pkipath={}/.cache/hosts/h{n}/pki",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
 /// The real `vmlet agent` binary for one host, logging to `<state>/../agent.log`.
 fn agent_process(node: &str, uri: &str, state: &Path) -> std::process::Child {
     let base = state.parent().unwrap();
@@ -111,7 +123,7 @@ fn agent_process(node: &str, uri: &str, state: &Path) -> std::process::Child {
             "--libvirt-uri",
             uri,
             "--migration-uri",
-            uri,
+            &tls_uri(uri),
             "--accel",
             "tcg",
         ])
@@ -164,7 +176,8 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
             reserved_memory: "0".into(),
             metrics_addr: "127.0.0.1:0".into(),
             advertise_address: None,
-            migration_uri: Some(uri.to_string()),
+            migration_uri: Some(tls_uri(uri)),
+            migration_tls: true,
             orphan_grace_seconds: 5,
             lease_duration_seconds: 15,
             heartbeat_seconds: 2,
@@ -283,7 +296,15 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
     let lab = lab("mig").await;
     let (client, ns, hosts) = (lab.client.clone(), lab.ns.clone(), &lab.hosts);
     let api = lab.vms();
-    let uid = lab.create_vm("tiny", json!({})).await;
+    // A string in guest memory (the kernel keeps its command line, and logs it).
+    let marker = format!("vmlet.marker=m{}x{}", std::process::id(), uid_suffix());
+    let uid = lab
+        .create_vm(
+            "tiny",
+            json!({"boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"},
+                   "cmdline": format!("console=ttyS0 panic=-1 {marker}")}}),
+        )
+        .await;
 
     // Every nodeName the VM ever shows, from a watch.
     let bindings: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -318,6 +339,20 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
     .await
     .expect("the guest never reached userspace");
 
+    // Everything that crosses the hosts' bridge while it moves, but the hosts' plain-TCP
+    // listener (port 16509), which only the tests' and agents' own connections use here
+    // (an agent reaches its libvirt through a local socket in a real cluster).
+    let pcap = lab._dir.path().join("migration.pcap");
+    let mut capture = Command::new("tcpdump")
+        .args(["-i", "vmlet-br0", "-U", "-s", "0", "-w"])
+        .arg(&pcap)
+        .args(["tcp and not port 16509"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump (hack/deps.sh)");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
     // Move it.
     let migs: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), &ns);
     let before = last_uptime(&src_console).unwrap();
@@ -340,6 +375,23 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
     );
     assert_eq!(done.source_node.as_deref(), Some(src.node.as_str()));
     assert_eq!(done.target_node.as_deref(), Some(dst.node.as_str()));
+    common::signal("-INT", &capture.id().to_string());
+    let _ = capture.wait();
+    let captured = std::fs::read(&pcap).unwrap();
+    let has = |needle: &[u8]| captured.windows(needle.len()).any(|w| w == needle);
+    println!(
+        "captured {} bytes of migration traffic on the hosts' bridge",
+        captured.len()
+    );
+    assert!(
+        captured.len() > 2 << 20,
+        "the migration did not cross the bridge: {} bytes",
+        captured.len()
+    );
+    assert!(
+        !has(marker.as_bytes()),
+        "guest memory crossed the network in clear text"
+    );
     println!(
         "migration {} -> {}: {:.2} s from create to Succeeded; libvirt downtime {:?} ms, {:?} bytes",
         src.node,
@@ -742,4 +794,12 @@ async fn interrupted_copy(prefix: &str, source_returns: bool) {
     let (n, seen) = most.lock().unwrap().clone();
     assert_eq!(n, 1, "running copies at once: {seen:?}");
     lab.teardown().await;
+}
+
+/// A few characters that differ between runs.
+fn uid_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
 }

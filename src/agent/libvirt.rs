@@ -475,15 +475,20 @@ impl Libvirt {
         dest_uri: &str,
         data_uri: &str,
         dest_xml: String,
+        tls: bool,
     ) -> Result<()> {
         let (uuid, dest_uri, data_uri) =
             (uuid.to_string(), dest_uri.to_string(), data_uri.to_string());
         self.call(move |c| {
             let d = c.lookup_domain_by_uuid_string(&uuid)?;
-            let flags = sys::VIR_MIGRATE_LIVE
+            let mut flags = sys::VIR_MIGRATE_LIVE
                 | sys::VIR_MIGRATE_PEER2PEER
                 | sys::VIR_MIGRATE_PERSIST_DEST
                 | sys::VIR_MIGRATE_NON_SHARED_INC;
+            if tls {
+                // Memory and the disks' NBD stream, both over TLS.
+                flags |= sys::VIR_MIGRATE_TLS;
+            }
             d.migrate_to_uri2(
                 Some(&dest_uri),
                 Some(&data_uri),

@@ -344,7 +344,13 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
         let data_uri = format!("tcp://{host}");
         let res = ctx
             .lv
-            .migrate(&vm_uid, &dest_uri, &data_uri, dest_xml)
+            .migrate(
+                &vm_uid,
+                &dest_uri,
+                &data_uri,
+                dest_xml,
+                ctx.args.migration_tls,
+            )
             .await;
         let outcome = finish(&m, &ctx, &vm, &target, res, t, started).await;
         ctx.migrations

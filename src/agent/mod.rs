@@ -70,6 +70,11 @@ pub struct Args {
     /// VMs cannot migrate to this node.
     #[arg(long, env = "VMLET_MIGRATION_URI")]
     pub migration_uri: Option<String>,
+    /// Live migrations this node sends go over TLS (VIR_MIGRATE_TLS): guest memory and
+    /// disks are encrypted in flight. Needs QEMU's migration PKI on both nodes
+    /// (qemu.conf `migrate_tls_x509_cert_dir`); `--migration-tls=false` sends them in clear.
+    #[arg(long, env = "VMLET_MIGRATION_TLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migration_tls: bool,
     /// Seconds a domain with vmlet metadata but no VM is kept before it is removed.
     #[arg(long, default_value = "30")]
     pub orphan_grace_seconds: u64,

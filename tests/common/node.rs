@@ -66,6 +66,7 @@ impl Node {
             metrics_addr: "127.0.0.1:0".into(),
             advertise_address: None,
             migration_uri: None,
+            migration_tls: true,
             orphan_grace_seconds: 2,
             lease_duration_seconds: 15,
             heartbeat_seconds: 5,
