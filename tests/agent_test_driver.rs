@@ -306,18 +306,18 @@ async fn bad_images_keep_the_vm_off_and_say_why() {
     // A qcow2 base whose backing file points at a host path, and the same file declared
     // raw (which would hand the guest the qcow2 header and its backing reference).
     let evil = node.image_root().join("evil.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&secret)
-        .arg(&evil)
-        .arg("1M")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        secret.to_str().unwrap(),
+        evil.to_str().unwrap(),
+        "1M",
+    ]);
     for (name, format, reason, text) in [
         (
             "backed",

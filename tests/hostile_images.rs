@@ -145,18 +145,17 @@ async fn an_image_with_an_external_data_file_is_refused() {
     let secret = node.dir.path().join("host-disk");
     std::fs::write(&secret, vec![0u8; 1 << 20]).unwrap();
     let evil = node.image_root().join("evil.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o"])
-        .arg(format!("data_file={},data_file_raw=on", secret.display()))
-        .arg(&evil)
-        .arg("1M")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let data_file = format!("data_file={},data_file_raw=on", secret.display());
+    common::qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &data_file,
+        evil.to_str().unwrap(),
+        "1M",
+    ]);
     let bytes = std::fs::read(&evil).unwrap();
     let (base, _) = server("127.0.0.1", {
         let bytes = bytes.clone();

@@ -295,3 +295,20 @@ pub async fn node_with_address(client: &Client, name: &str, labels: serde_json::
         .await
         .unwrap();
 }
+
+/// Runs `qemu-img` with `args` and asserts it succeeded.
+pub fn qemu_img<I, S>(args: I)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (hack/deps.sh)");
+    assert!(
+        out.status.success(),
+        "qemu-img: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
