@@ -193,6 +193,45 @@ fn start_event_loop() {
     });
 }
 
+/// Whether domain capabilities XML offers firmware `efi`:
+/// `<os supported='yes'><enum name='firmware'><value>efi</value>…`.
+pub fn uefi_in_domcaps(xml: &str) -> bool {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut in_firmware_enum = false;
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(e)) => {
+                let name = e.local_name().as_ref().to_vec();
+                if name == b"enum"
+                    && path.last().map(Vec::as_slice) == Some(b"os")
+                    && e.attributes()
+                        .flatten()
+                        .any(|a| a.key.as_ref() == b"name" && a.value.as_ref() == b"firmware")
+                {
+                    in_firmware_enum = true;
+                }
+                path.push(name);
+            }
+            Ok(Event::End(_)) => {
+                if path.pop().as_deref() == Some(b"enum") {
+                    in_firmware_enum = false;
+                }
+            }
+            Ok(Event::Text(t))
+                if in_firmware_enum && path.last().map(Vec::as_slice) == Some(b"value") =>
+            {
+                if t.decode().is_ok_and(|v| v.trim() == "efi") {
+                    return true;
+                }
+            }
+            Ok(Event::Eof) | Err(_) => return false,
+            _ => {}
+        }
+    }
+}
+
 fn uuid_of(dom: &Domain) -> Result<String> {
     Ok(dom.uuid_string()?)
 }
@@ -514,6 +553,18 @@ impl Libvirt {
         .await
     }
 
+    /// Whether this libvirt can boot `virttype` (kvm or qemu) guests with UEFI firmware:
+    /// its domain capabilities list `efi` among the firmware it auto-selects (the
+    /// descriptors OVMF installs). Read from libvirt, not from the agent's container.
+    pub async fn uefi(&self, virttype: &str) -> Result<bool> {
+        let virttype = virttype.to_string();
+        self.call(move |c| {
+            let xml = c.domain_capabilities(None, Some("x86_64"), None, Some(&virttype), 0)?;
+            Ok(uefi_in_domcaps(&xml))
+        })
+        .await
+    }
+
     /// Where this libvirt holds the guest, for settling a migration.
     pub async fn guest(&self, uuid: &str) -> Result<Guest> {
         let uuid = uuid.to_string();
@@ -698,4 +749,27 @@ unsafe extern "C" fn on_lifecycle(
 unsafe extern "C" fn free_sender(opaque: *mut c_void) {
     // SAFETY: created by Box::into_raw in lifecycle_events.
     drop(unsafe { Box::from_raw(opaque as *mut Sender<String>) });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uefi_is_read_from_the_firmware_libvirt_offers() {
+        // What this machine's libvirt 9.0 answered without and with Debian's ovmf.
+        let without = "<domainCapabilities><os supported='yes'><enum name='firmware'/><loader supported='yes'><enum name='type'><value>rom</value><value>pflash</value></enum></loader></os></domainCapabilities>";
+        let with = "<domainCapabilities><os supported='yes'><enum name='firmware'>\n      <value>efi</value>\n    </enum><loader supported='yes'><value>/usr/share/OVMF/OVMF_CODE_4M.fd</value></loader></os></domainCapabilities>";
+        // An `efi` elsewhere (another enum, another element) is not the firmware list.
+        let elsewhere = "<domainCapabilities><os supported='yes'><enum name='firmware'/><enum name='other'><value>efi</value></enum></os><features><enum name='firmware'><value>efi</value></enum></features></domainCapabilities>";
+        for (xml, uefi) in [
+            (without, false),
+            (with, true),
+            (elsewhere, false),
+            ("<broken", false),
+            ("", false),
+        ] {
+            assert_eq!(uefi_in_domcaps(xml), uefi, "{xml}");
+        }
+    }
 }

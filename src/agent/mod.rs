@@ -212,7 +212,19 @@ pub async fn run_with(
         node: args.node.clone(),
         state_dir: args.state_dir.clone(),
         accel,
-        uefi: uefi_available(),
+        uefi: if node_info.driver.eq_ignore_ascii_case("test") {
+            false
+        } else {
+            let virttype = if accel == render::Accel::Kvm {
+                "kvm"
+            } else {
+                "qemu"
+            };
+            lv.uefi(virttype).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read libvirt's domain capabilities: reporting no UEFI");
+                false
+            })
+        },
         test_driver: node_info.driver.eq_ignore_ascii_case("test"),
     };
 
@@ -388,17 +400,6 @@ fn tokio_stream_from<T: Clone + Send + 'static>(
             }
         }
     })
-}
-
-/// OVMF, as Debian and Fedora install it.
-fn uefi_available() -> bool {
-    [
-        "/usr/share/OVMF/OVMF_CODE.fd",
-        "/usr/share/OVMF/OVMF_CODE_4M.fd",
-        "/usr/share/edk2/ovmf/OVMF_CODE.fd",
-    ]
-    .iter()
-    .any(|p| std::path::Path::new(p).exists())
 }
 
 pub(crate) const REQUEUE: Duration = Duration::from_secs(300);

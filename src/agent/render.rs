@@ -46,7 +46,9 @@ pub enum RenderError {
     NoMemory,
     #[error("{0}")]
     BadQuantity(#[from] quantity::ParseError),
-    #[error("firmware uefi is asked for, but this node has no OVMF firmware")]
+    #[error(
+        "firmware uefi is asked for, but this node's libvirt offers no UEFI firmware (install OVMF: the Debian package ovmf)"
+    )]
     NoUefi,
     #[error("VirtualMachineImage {0:?} is not available on this node")]
     ImageMissing(String),
@@ -88,10 +90,7 @@ impl Hardware {
                 .machine
                 .or(class.and_then(|c| c.machine))
                 .unwrap_or_default(),
-            firmware: vm
-                .firmware
-                .or(class.and_then(|c| c.firmware))
-                .unwrap_or_default(),
+            firmware: vm.effective_firmware(class),
         })
     }
 }

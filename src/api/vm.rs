@@ -490,6 +490,16 @@ impl VirtualMachineSpec {
             .or(class.and_then(|c| c.memory.as_deref()))
     }
 
+    /// The firmware the VM boots: its own, else its class's, else BIOS.
+    pub fn effective_firmware(
+        &self,
+        class: Option<&crate::api::VirtualMachineClassSpec>,
+    ) -> Firmware {
+        self.firmware
+            .or(class.and_then(|c| c.firmware))
+            .unwrap_or_default()
+    }
+
     /// What the VM takes from a hypervisor: vCPUs and memory bytes; None when its memory
     /// cannot be known (no memory and no class, or the class is missing).
     pub fn requests(

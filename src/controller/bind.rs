@@ -33,8 +33,13 @@ impl Error {
 /// Unschedulable VMs get another try at least this often, besides every hypervisor change.
 const RETRY_UNSCHEDULABLE: Duration = Duration::from_secs(30);
 
-pub(super) fn request(vm: &VirtualMachine, requests: (i64, u64)) -> Request {
+pub(super) fn request(
+    vm: &VirtualMachine,
+    class: Option<&crate::api::VirtualMachineClassSpec>,
+    requests: (i64, u64),
+) -> Request {
     Request {
+        uefi: vm.spec.effective_firmware(class) == crate::api::vm::Firmware::Uefi,
         namespace: vm.namespace().unwrap_or_default(),
         labels: vm.labels().clone(),
         cpu: requests.0,
@@ -246,7 +251,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         // deciding again would count the VM twice.
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    let req = request(&vm, requests);
+    let req = request(&vm, class.as_ref(), requests);
     let decision = {
         let mut view = ctx.view.lock().await;
         let epoch = ctx.epoch.load(std::sync::atomic::Ordering::SeqCst);

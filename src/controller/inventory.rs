@@ -276,6 +276,7 @@ impl Caches {
                         .unwrap_or(0),
                     allocated_cpu: cpu,
                     allocated_memory: mem,
+                    uefi: status.uefi.unwrap_or(false),
                     name,
                 }
             })

@@ -318,7 +318,7 @@ pub async fn reconcile(
         let class = class.clone()?;
         vm.spec
             .requests(class.as_ref())
-            .map(|r| super::bind::request(vm, r))
+            .map(|r| super::bind::request(vm, class.as_ref(), r))
     });
     let all = ctx.caches.migrations.state();
     let hv = |name: &str| {

@@ -217,7 +217,7 @@ pub async fn rebalance_loop(ctx: Arc<Context>, s: Settings) {
                     namespace: vm.metadata.namespace.clone()?,
                     name: vm.metadata.name.clone()?,
                     node,
-                    request: super::bind::request(vm, r),
+                    request: super::bind::request(vm, class.as_ref(), r),
                 })
             })
             .collect();

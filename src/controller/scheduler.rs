@@ -47,6 +47,8 @@ pub struct Candidate {
     pub allocatable_memory: u64,
     pub allocated_cpu: i64,
     pub allocated_memory: u64,
+    /// Whether its libvirt offers UEFI firmware (Hypervisor status.uefi).
+    pub uefi: bool,
 }
 
 /// A VM already placed, for anti-affinity.
@@ -68,6 +70,8 @@ pub struct Request {
     pub node_selector: BTreeMap<String, String>,
     pub tolerations: Vec<Toleration>,
     pub anti_affinity: Vec<AntiAffinityTerm>,
+    /// It boots UEFI firmware: only nodes that offer it can run it.
+    pub uefi: bool,
 }
 
 /// Why a hypervisor was filtered out; the order is the order of the message.
@@ -78,6 +82,7 @@ pub enum Reason {
     NotReady,
     LeaseStale,
     NodeSelector,
+    NoUefi,
     Taint,
     AntiAffinity,
     InsufficientCpu,
@@ -92,6 +97,7 @@ impl Reason {
             Reason::NotReady => "hypervisor not ready",
             Reason::LeaseStale => "heartbeat lease stale",
             Reason::NodeSelector => "node selector mismatch",
+            Reason::NoUefi => "no UEFI firmware",
             Reason::Taint => "untolerated taint",
             Reason::AntiAffinity => "anti-affinity conflict",
             Reason::InsufficientCpu => "insufficient cpu",
@@ -201,6 +207,9 @@ fn filter(req: &Request, c: &Candidate, forbidden: &BTreeSet<(String, String)>) 
     {
         return Some(Reason::NodeSelector);
     }
+    if req.uefi && !c.uefi {
+        return Some(Reason::NoUefi);
+    }
     let hard = |t: &&Taint| {
         (t.effect == "NoSchedule" || t.effect == "NoExecute")
             && !KUBELET_HEALTH_TAINTS.contains(&t.key.as_str())
@@ -309,6 +318,46 @@ mod tests {
             memory: mem_gi * GI,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_uefi_vm_goes_only_where_libvirt_offers_uefi() {
+        let bios_only = node("bios", 8, 16);
+        let mut with_ovmf = node("ovmf", 8, 16);
+        with_ovmf.uefi = true;
+        let uefi = Request {
+            uefi: true,
+            ..req(1, 1)
+        };
+        // (nodes, request) -> placement
+        let err = schedule(
+            &uefi,
+            std::slice::from_ref(&bios_only),
+            &[],
+            Strategy::Spread,
+            Weights::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.reasons.get(&Reason::NoUefi), Some(&1), "{err:?}");
+        assert!(err.to_string().contains("no UEFI firmware"), "{err}");
+        let both = [bios_only.clone(), with_ovmf.clone()];
+        for strategy in [Strategy::Spread, Strategy::Pack] {
+            assert_eq!(
+                schedule(&uefi, &both, &[], strategy, Weights::default()).unwrap(),
+                "ovmf"
+            );
+        }
+        // A BIOS VM may go to either.
+        assert!(
+            schedule(
+                &req(1, 1),
+                std::slice::from_ref(&bios_only),
+                &[],
+                Strategy::Spread,
+                Weights::default()
+            )
+            .is_ok()
+        );
     }
 
     #[test]
