@@ -214,10 +214,8 @@ pub fn uefi_in_domcaps(xml: &str) -> bool {
                 }
                 path.push(name);
             }
-            Ok(Event::End(_)) => {
-                if path.pop().as_deref() == Some(b"enum") {
-                    in_firmware_enum = false;
-                }
+            Ok(Event::End(_)) if path.pop().as_deref() == Some(b"enum") => {
+                in_firmware_enum = false;
             }
             Ok(Event::Text(t))
                 if in_firmware_enum && path.last().map(Vec::as_slice) == Some(b"value") =>
