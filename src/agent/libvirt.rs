@@ -218,11 +218,11 @@ pub fn uefi_in_domcaps(xml: &str) -> bool {
                 in_firmware_enum = false;
             }
             Ok(Event::Text(t))
-                if in_firmware_enum && path.last().map(Vec::as_slice) == Some(b"value") =>
+                if in_firmware_enum
+                    && path.last().map(Vec::as_slice) == Some(b"value")
+                    && t.decode().is_ok_and(|v| v.trim() == "efi") =>
             {
-                if t.decode().is_ok_and(|v| v.trim() == "efi") {
-                    return true;
-                }
+                return true;
             }
             Ok(Event::Eof) | Err(_) => return false,
             _ => {}
