@@ -8,6 +8,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends libvirt-dev pkg
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Cargo.toml declares them: cargo refuses the manifest without their files.
+COPY benches ./benches
 RUN cargo build --release --locked --bins
 
 # glibc base with the libvirt client library (the agent links libvirt.so) and the tools
