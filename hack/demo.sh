@@ -77,17 +77,28 @@ explain() {
     fi
   fi
   for p in agent controller; do
-    if [[ -s "$RUN/$p.log" ]]; then
+    # Only logs of this run: before the step that starts them, they are an older run's.
+    if [[ -v "LOG_START[$p]" && -s "$RUN/$p.log" ]]; then
       printf '\n[demo] last lines of the %s log (%s):\n' "$p" "$RUN/$p.log" >&2
       tail -n "+$((${LOG_START[$p]:-0} + 1))" "$RUN/$p.log" | tail -n 15 >&2
     fi
   done
-  cat >&2 <<HINT
+  if grep -qs "address already in use" "$ROOT"/.cache/cluster/logs/*.log; then
+    cat >&2 <<HINT
+
+[demo] A port the control plane needs is taken: another control plane runs on this
+       machine (another vmlet checkout's? stop it there with hack/cluster.sh down).
+HINT
+  fi
+  # Only a VM that was applied can have met its accelerator.
+  if kubectl get vm tiny -n default >/dev/null 2>&1; then
+    cat >&2 <<HINT
 
 [demo] If the guest never printed a line, its accelerator may be the cause: force TCG
        (QEMU's software CPU, slower but works everywhere) with
          make demo-down && VMLET_DEMO_ACCEL=tcg make demo
 HINT
+  fi
   exit "$rc"
 }
 trap explain ERR
