@@ -4,7 +4,7 @@ export KUBECONFIG ?= $(CURDIR)/.cache/cluster/kubeconfig
 export PATH := $(CURDIR)/.cache/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: all deps build cluster-up cluster-down libvirt-up libvirt-down hosts-up hosts-down crds lint test test-unit demo demo-down bench clean
+.PHONY: all deps build cluster-up cluster-down libvirt-up libvirt-down hosts-up hosts-down node-up node-down crds lint test test-unit demo demo-down bench clean
 
 all: build
 
@@ -33,6 +33,13 @@ hosts-up: deps
 hosts-down:
 	hack/hosts.sh down
 
+## node-up: a real worker node (kubelet, containerd, runc, CNI) on this machine
+node-up: cluster-up
+	hack/node.sh up
+
+node-down:
+	hack/node.sh down
+
 ## crds: regenerate crds/ from the code
 crds:
 	VMLET_UPDATE_CRDS=1 $(CARGO) test --test crds
@@ -44,7 +51,7 @@ lint:
 
 ## test: the whole suite, against the real local control plane and libvirt. A running
 ## demo is stopped first: its controller would be a second scheduler beside the tests'.
-test: cluster-up libvirt-up hosts-up lint
+test: cluster-up libvirt-up hosts-up node-up lint
 	@if [[ -f .cache/demo/controller.pid ]]; then echo "[test] stopping the demo (make demo starts it again)"; hack/demo.sh down; fi
 	$(CARGO) test --lib --bins --tests -- --test-threads=4
 

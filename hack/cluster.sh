@@ -63,8 +63,8 @@ build() {
       ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
       ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
     done
-    log "building kubernetes $v (kube-apiserver, kube-controller-manager, kubectl)"
-    (cd "$MODS/kubernetes" && for cmd in kube-apiserver kube-controller-manager kubectl; do
+    log "building kubernetes $v (kube-apiserver, kube-controller-manager, kubectl, kubelet)"
+    (cd "$MODS/kubernetes" && for cmd in kube-apiserver kube-controller-manager kubectl kubelet; do
       CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$cache/$cmd" "k8s.io/kubernetes/cmd/$cmd"
     done)
     log "building etcd"
@@ -86,7 +86,7 @@ build() {
     touch "$cache/.complete"
   fi
   mkdir -p "$BIN"
-  for b in etcd kube-apiserver kube-controller-manager kubectl helm; do
+  for b in etcd kube-apiserver kube-controller-manager kubectl kubelet helm; do
     cp -f "$cache/$b" "$BIN/$b"
   done
   echo "$hash" > "$BIN/.pins"
@@ -221,6 +221,8 @@ up() {
     --tls-cert-file "$PKI/serving.crt" --tls-private-key-file "$PKI/serving.key" \
     --client-ca-file "$PKI/ca.crt" \
     --authorization-mode Node,RBAC \
+    --kubelet-preferred-address-types InternalIP \
+    --kubelet-client-certificate "$PKI/admin.crt" --kubelet-client-key "$PKI/admin.key" \
     --service-account-issuer "https://kubernetes.default.svc.cluster.local" \
     --service-account-key-file "$PKI/sa.pub" \
     --service-account-signing-key-file "$PKI/sa.key" \

@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# A real worker node on this machine, registered with the local control plane
+# (hack/cluster.sh): kubelet (built with the control plane, hack/cluster.sh build),
+# Debian's containerd and runc, the CNI plugins (bridge, host-local, loopback).
+#   hack/node.sh up      start it (idempotent) and wait until the Node is Ready
+#   hack/node.sh down    stop what this script started and remove the Node
+#   hack/node.sh status
+# The Node is $NODE (not labelled a hypervisor until an agent runs there: a labelled
+# Node without an agent would count as a lost hypervisor for every controller) at $NODE_IP on a bridge
+# interface of its own (a bridge: this kernel has no dummy links): kubelet refuses a loopback node IP (no address in the Node's
+# status, no `kubectl logs`). Pods get 10.79.0.0/24 on the bridge vmlet-cni0.
+# What this machine needs and why (docs/environment facts): cgroup v1 (hybrid) needs
+# failCgroupV1: false; the sandbox lacks CAP_SYS_RESOURCE, so containerd must not write
+# negative oom_score_adj (restrict_oom_score_adj); no registry is reachable, so the pause
+# image is built here from busybox and imported.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE="$ROOT/.cache/node"
+RUN=/run/vmlet-node
+NODE=${VMLET_NODE_NAME:-vmlet-node}
+NODE_IP=10.78.0.1
+POD_CIDR=10.79.0.0/24
+PKI="$ROOT/.cache/cluster/pki"
+BIN="$ROOT/.cache/bin"
+SOCK="$RUN/containerd.sock"
+PAUSE=vmlet.dev/pause:local
+export KUBECONFIG=${KUBECONFIG:-$ROOT/.cache/cluster/kubeconfig}
+log() { printf '[node] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+# A zombie (this machine's PID 1 reaps nothing) is not running.
+running() { [[ -f "$1" ]] && [[ "$(ps -o stat= -p "$(cat "$1")" 2>/dev/null)" =~ ^[^Z] ]]; }
+
+net_up() {
+  ip link show vmlet-node0 >/dev/null 2>&1 || {
+    ip link add vmlet-node0 type bridge
+    ip addr add "$NODE_IP/32" dev vmlet-node0
+    ip link set vmlet-node0 up
+  }
+}
+
+# The kubelet's client certificate: CN=system:node:NAME, O=system:nodes, signed by the
+# cluster CA, so that the Node authorizer and NodeRestriction treat it as that node.
+kubelet_pki() {
+  [[ -f "$STATE/kubelet.kubeconfig" ]] && return
+  mkdir -p "$STATE"
+  openssl req -newkey rsa:2048 -nodes -subj "/O=system:nodes/CN=system:node:$NODE" \
+    -keyout "$STATE/kubelet-client.key" -out "$STATE/kubelet-client.csr" 2>/dev/null
+  printf 'extendedKeyUsage=clientAuth\n' > "$STATE/client.ext"
+  openssl x509 -req -in "$STATE/kubelet-client.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$STATE/client.ext" -out "$STATE/kubelet-client.crt" 2>/dev/null
+  local server
+  server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+  cat > "$STATE/kubelet.kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster: {server: "$server", certificate-authority: "$PKI/ca.crt"}
+users:
+- name: kubelet
+  user: {client-certificate: "$STATE/kubelet-client.crt", client-key: "$STATE/kubelet-client.key"}
+contexts:
+- name: kubelet
+  context: {cluster: local, user: kubelet}
+current-context: kubelet
+KC
+}
+
+containerd_up() {
+  running "$RUN/containerd.pid" && return
+  mkdir -p "$RUN" "$STATE/containerd" "$STATE/cni"
+  cat > "$STATE/cni/10-vmlet.conflist" <<CNI
+{"cniVersion": "1.0.0", "name": "vmlet-pods", "plugins": [
+  {"type": "bridge", "bridge": "vmlet-cni0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]],
+            "dataDir": "$STATE/cni-ipam"}},
+  {"type": "loopback"}]}
+CNI
+  cat > "$STATE/containerd.toml" <<TOML
+version = 2
+root = "$STATE/containerd/root"
+state = "$RUN/state"
+[grpc]
+  address = "$SOCK"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$STATE/cni"
+TOML
+  log "starting containerd"
+  setsid tini -s -- containerd --config "$STATE/containerd.toml" \
+    </dev/null >>"$STATE/containerd.log" 2>&1 &
+  echo $! > "$RUN/containerd.tini.pid"
+  for _ in $(seq 1 100); do
+    ctr --address "$SOCK" version >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  ctr --address "$SOCK" version >/dev/null 2>&1 || die "containerd did not answer; see $STATE/containerd.log"
+  pgrep -f "containerd --config $STATE/containerd.toml" | grep -v "$(cat "$RUN/containerd.tini.pid")" | head -1 > "$RUN/containerd.pid"
+}
+
+# The sandbox ("pause") image: busybox sleeping, as a docker-archive imported into the
+# CRI namespace.
+pause_image() {
+  ctr --address "$SOCK" -n k8s.io images ls -q | grep -qx "$PAUSE" && return
+  local d
+  d=$(mktemp -d)
+  mkdir -p "$d/root/bin"
+  cp /bin/busybox "$d/root/bin/busybox"
+  tar -C "$d/root" -cf "$d/layer.tar" .
+  local diff cfg
+  diff=$(sha256sum "$d/layer.tar" | cut -d' ' -f1)
+  printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/bin/busybox","sleep","2147483647"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+    "$diff" > "$d/config.json"
+  cfg=$(sha256sum "$d/config.json" | cut -d' ' -f1)
+  mv "$d/config.json" "$d/$cfg.json"
+  printf '[{"Config":"%s.json","RepoTags":["%s"],"Layers":["layer.tar"]}]' "$cfg" "$PAUSE" > "$d/manifest.json"
+  tar -C "$d" -cf "$d/pause.tar" manifest.json "$cfg.json" layer.tar
+  ctr --address "$SOCK" -n k8s.io images import "$d/pause.tar" >/dev/null
+  rm -rf "$d"
+  log "imported $PAUSE"
+}
+
+kubelet_up() {
+  running "$RUN/kubelet.pid" && return
+  [[ -x "$BIN/kubelet" ]] || die "no $BIN/kubelet: run hack/cluster.sh build"
+  mkdir -p "$STATE/kubelet"
+  cat > "$STATE/kubelet.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupsPerQOS: false
+enforceNodeAllocatable: []
+failSwapOn: false
+containerRuntimeEndpoint: unix://$SOCK
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: "$PKI/ca.crt"}
+authorization: {mode: Webhook}
+address: $NODE_IP
+readOnlyPort: 0
+resolvConf: /etc/resolv.conf
+YAML
+  log "starting kubelet ($NODE at $NODE_IP)"
+  setsid "$BIN/kubelet" --config "$STATE/kubelet.yaml" --kubeconfig "$STATE/kubelet.kubeconfig" \
+    --root-dir "$STATE/kubelet" --cert-dir "$STATE/kubelet-pki" \
+    --hostname-override "$NODE" --node-ip "$NODE_IP" \
+    </dev/null >>"$STATE/kubelet.log" 2>&1 &
+  echo $! > "$RUN/kubelet.pid"
+}
+
+up() {
+  command -v containerd >/dev/null || die "containerd is not installed: run hack/deps.sh"
+  [[ -f "$PKI/ca.key" ]] || die "no control plane: run hack/cluster.sh up"
+  local t0=$SECONDS
+  net_up
+  kubelet_pki
+  containerd_up
+  pause_image
+  kubelet_up
+  for _ in $(seq 1 120); do
+    if kubectl get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True; then
+      log "node $NODE Ready in $((SECONDS - t0)) s"
+      return 0
+    fi
+    sleep 1
+  done
+  tail -n 20 "$STATE/kubelet.log" >&2
+  die "node $NODE not Ready after 120 s; see $STATE/kubelet.log"
+}
+
+stop() { # pidfile
+  if running "$1"; then kill "$(cat "$1")" 2>/dev/null || true; fi
+  rm -f "$1"
+}
+
+down() {
+  stop "$RUN/kubelet.pid"
+  # Pods' containers go with containerd's shims: ask the runtime to stop them first.
+  if [[ -S "$SOCK" ]]; then
+    for c in $(ctr --address "$SOCK" -n k8s.io tasks ls -q 2>/dev/null); do
+      ctr --address "$SOCK" -n k8s.io tasks kill -s SIGKILL "$c" >/dev/null 2>&1 || true
+    done
+  fi
+  stop "$RUN/containerd.pid"
+  stop "$RUN/containerd.tini.pid"
+  kubectl delete node "$NODE" --ignore-not-found >/dev/null 2>&1 || true
+  ip link del vmlet-cni0 2>/dev/null || true
+  ip link del vmlet-node0 2>/dev/null || true
+  log "node $NODE down"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) if running "$RUN/kubelet.pid"; then echo "kubelet: up ($NODE)"; else echo "kubelet: down"; fi ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
