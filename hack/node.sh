@@ -128,10 +128,10 @@ pause_image() {
 }
 
 kubelet_up() {
-  running "$RUN/kubelet.pid" && return
   [[ -x "$BIN/kubelet" ]] || die "no $BIN/kubelet: run hack/cluster.sh build"
   mkdir -p "$STATE/kubelet"
-  cat > "$STATE/kubelet.yaml" <<YAML
+  local want
+  want=$(cat <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 failCgroupV1: false
@@ -148,7 +148,20 @@ authorization: {mode: Webhook}
 address: $NODE_IP
 readOnlyPort: 0
 resolvConf: /etc/resolv.conf
+# This machine's disk reads as 85 % full to the kubelet: at the default thresholds it
+# deletes every unused image (the pause image too) and evicts Pods. A test node keeps its
+# images and evicts nothing for disk.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
 YAML
+)
+  if running "$RUN/kubelet.pid"; then
+    [[ "$(cat "$STATE/kubelet.yaml" 2>/dev/null)" == "$want" ]] && return
+    log "kubelet configuration changed: restarting it"
+    stop "$RUN/kubelet.pid"
+  fi
+  printf '%s\n' "$want" > "$STATE/kubelet.yaml"
   log "starting kubelet ($NODE at $NODE_IP)"
   setsid "$BIN/kubelet" --config "$STATE/kubelet.yaml" --kubeconfig "$STATE/kubelet.kubeconfig" \
     --root-dir "$STATE/kubelet" --cert-dir "$STATE/kubelet-pki" \
