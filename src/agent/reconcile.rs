@@ -499,6 +499,17 @@ async fn apply_steps(
         .await
         .map_err(|e| disk_problem(&e))
     };
+    // A VM that ran and has no domain here may just have moved away (a settled migration
+    // undefined it a moment before the cache saw the new binding): files and a
+    // definition made from a stale cache would be a stranded copy. Ask the API server.
+    if existing.is_none()
+        && ran_before
+        && read == Freshness::Cached
+        && !still_bound_here(vm, ctx).await?
+    {
+        tracing::info!(vm = %vm.name_any(), "not defining: no longer bound to this node");
+        return Ok(Ok(Action::await_change()));
+    }
     if existing.is_none() || (!running && defined_hash.as_deref() != Some(hash.as_str())) {
         // New, or stopped with an outdated definition: (re)define.
         if let Err(p) = prepare().await {
