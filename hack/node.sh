@@ -162,6 +162,9 @@ YAML
     stop "$RUN/kubelet.pid"
   fi
   printf '%s\n' "$want" > "$STATE/kubelet.yaml"
+  # A Node left from an earlier run still says Ready: let this kubelet register anew, so
+  # that Ready below is its own.
+  kubectl delete node "$NODE" --ignore-not-found >/dev/null 2>&1 || true
   log "starting kubelet ($NODE at $NODE_IP)"
   setsid "$BIN/kubelet" --config "$STATE/kubelet.yaml" --kubeconfig "$STATE/kubelet.kubeconfig" \
     --root-dir "$STATE/kubelet" --cert-dir "$STATE/kubelet-pki" \
@@ -205,6 +208,11 @@ down() {
   fi
   stop "$RUN/containerd.pid"
   stop "$RUN/containerd.tini.pid"
+  # kubelet makes its root directory a mount (Pod volumes are mounts below it), and
+  # containerd mounts each sandbox's /dev/shm under its state: deepest first.
+  awk -v a="$STATE/kubelet" -v b="$RUN/" '$2 == a || index($2, a "/") == 1 || index($2, b) == 1 {print $2}' /proc/mounts |
+    sort -r | while read -r m; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
+  rm -rf "$RUN"
   kubectl delete node "$NODE" --ignore-not-found >/dev/null 2>&1 || true
   ip link del vmlet-cni0 2>/dev/null || true
   ip link del vmlet-node0 2>/dev/null || true
