@@ -208,6 +208,10 @@ down() {
   fi
   stop "$RUN/containerd.pid"
   stop "$RUN/containerd.tini.pid"
+  # Shims outlive containerd by design (live restore); this node is going away.
+  pkill -f -- "containerd-shim-runc-v2 .*-address $SOCK" 2>/dev/null || true
+  # Pod network namespaces the CNI plugins made.
+  for n in $(ip netns list 2>/dev/null | awk '/^cni-/ {print $1}'); do ip netns del "$n" 2>/dev/null || true; done
   # kubelet makes its root directory a mount (Pod volumes are mounts below it), and
   # containerd mounts each sandbox's /dev/shm under its state: deepest first.
   awk -v a="$STATE/kubelet" -v b="$RUN/" '$2 == a || index($2, a "/") == 1 || index($2, b) == 1 {print $2}' /proc/mounts |
