@@ -44,13 +44,7 @@ pub async fn prepare(
     uid: &str,
     hostname: &str,
 ) -> Result<(), DiskError> {
-    let dir = vm_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        traversable_dir(dir.parent().unwrap_or(&dir))?;
-        traversable_dir(&dir)
-    })
-    .await
-    .map_err(|e| std::io::Error::other(e.to_string()))??;
+    traversable(vm_dir).await?;
     for (disk, file) in files {
         let exists = tokio::fs::metadata(file.path()).await.is_ok();
         match file {
@@ -103,16 +97,25 @@ pub async fn prepare(
     Ok(())
 }
 
-/// Creates `dir` and its missing parents with mode 0711: QEMU runs as its own user
-/// (Debian's libvirt-qemu) and must reach the files libvirt hands it (libvirt's DAC
-/// driver chowns each to that user while the domain runs); nobody may list them.
-pub fn traversable_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o711)
-        .create(dir)?;
-    // An existing directory keeps its mode: made by an older agent (0700), or by umask.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+/// Creates `dir` and its missing parents with mode 0711, and gives `dir` and its parent
+/// (`vms/`, `image-cache/`) that mode: QEMU runs as its own user (Debian's libvirt-qemu)
+/// and must reach the files libvirt hands it (libvirt's DAC driver chowns each to that
+/// user while the domain runs); nobody may list them.
+pub async fn traversable(dir: &Path) -> std::io::Result<()> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&dir)?;
+        // An existing directory keeps its mode: made by an older agent (0700), or by umask.
+        for d in dir.parent().into_iter().chain([dir.as_path()]) {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
 /// Readable and writable by its owner only: root, or QEMU's user while libvirt lends it.

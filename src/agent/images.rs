@@ -248,13 +248,7 @@ impl ImageCache {
         let done_task = done.clone();
         let task = tokio::spawn(async move {
             let res = async {
-                let d = dir.clone();
-                tokio::task::spawn_blocking(move || {
-                    super::disks::traversable_dir(d.parent().unwrap_or(&d))?;
-                    super::disks::traversable_dir(&d)
-                })
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
+                super::disks::traversable(&dir).await?;
                 downloader.fetch(&url_owned, &sha, &dest).await
             }
             .await;

@@ -70,12 +70,7 @@ pub enum Guest {
 }
 
 fn guest_of(dom: &Domain) -> Result<Guest> {
-    let (mut state, mut reason) = (-1i32, -1i32);
-    // SAFETY: a live domain handle and two out-parameters.
-    if unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) } < 0 {
-        return Err(virt::error::Error::last_error().into());
-    }
-    let (state, reason) = (state as sys::virDomainState, reason as u32);
+    let (state, reason) = state_and_reason(dom)?;
     if state == sys::VIR_DOMAIN_SHUTOFF || state == sys::VIR_DOMAIN_CRASHED {
         return Ok(if reason == sys::VIR_DOMAIN_SHUTOFF_MIGRATED {
             Guest::MigratedAway
@@ -196,57 +191,55 @@ fn start_event_loop() {
 /// Whether domain capabilities XML offers firmware `efi`:
 /// `<os supported='yes'><enum name='firmware'><value>efi</value>…`.
 pub fn uefi_in_domcaps(xml: &str) -> bool {
-    use quick_xml::events::Event;
-    let mut reader = quick_xml::Reader::from_str(xml);
-    let mut path: Vec<Vec<u8>> = Vec::new();
-    let mut in_firmware_enum = false;
-    loop {
-        match reader.read_event() {
-            Ok(Event::Start(e)) => {
-                let name = e.local_name().as_ref().to_vec();
-                if name == b"enum"
-                    && path.last().map(Vec::as_slice) == Some(b"os")
-                    && e.attributes()
-                        .flatten()
-                        .any(|a| a.key.as_ref() == b"name" && a.value.as_ref() == b"firmware")
-                {
-                    in_firmware_enum = true;
-                }
-                path.push(name);
-            }
-            Ok(Event::End(_)) if path.pop().as_deref() == Some(b"enum") => {
-                in_firmware_enum = false;
-            }
-            Ok(Event::Text(t))
-                if in_firmware_enum
-                    && path.last().map(Vec::as_slice) == Some(b"value")
-                    && t.decode().is_ok_and(|v| v.trim() == "efi") =>
-            {
-                return true;
-            }
-            Ok(Event::Eof) | Err(_) => return false,
-            _ => {}
-        }
+    #[derive(serde::Deserialize)]
+    struct DomainCapabilities {
+        os: Option<Os>,
     }
+    #[derive(serde::Deserialize)]
+    struct Os {
+        #[serde(rename = "enum", default)]
+        enums: Vec<Enum>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Enum {
+        #[serde(rename = "@name")]
+        name: String,
+        #[serde(rename = "value", default)]
+        values: Vec<String>,
+    }
+    quick_xml::de::from_str::<DomainCapabilities>(xml)
+        .ok()
+        .and_then(|c| c.os)
+        .is_some_and(|os| {
+            os.enums
+                .iter()
+                .any(|e| e.name == "firmware" && e.values.iter().any(|v| v.trim() == "efi"))
+        })
 }
 
 fn uuid_of(dom: &Domain) -> Result<String> {
     Ok(dom.uuid_string()?)
 }
 
-fn run_state(dom: &Domain) -> Result<RunState> {
+/// virDomainGetState: the state and its reason (the virt crate's `state()` drops the
+/// reason, and can say Unknown for an undefined handle instead of failing).
+fn state_and_reason(dom: &Domain) -> Result<(sys::virDomainState, u32)> {
     let (mut state, mut reason) = (-1i32, -1i32);
     // SAFETY: a live domain handle and two out-parameters.
     if unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) } < 0 {
         return Err(virt::error::Error::last_error().into());
     }
-    let state = state as sys::virDomainState;
+    Ok((state as sys::virDomainState, reason as u32))
+}
+
+fn run_state(dom: &Domain) -> Result<RunState> {
+    let (state, reason) = state_and_reason(dom)?;
     Ok(match state {
         sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => RunState::Running,
         sys::VIR_DOMAIN_PAUSED | sys::VIR_DOMAIN_PMSUSPENDED => RunState::Paused,
         sys::VIR_DOMAIN_SHUTDOWN => RunState::ShuttingDown,
         sys::VIR_DOMAIN_CRASHED => RunState::Crashed,
-        sys::VIR_DOMAIN_SHUTOFF => match reason as u32 {
+        sys::VIR_DOMAIN_SHUTOFF => match reason {
             sys::VIR_DOMAIN_SHUTOFF_CRASHED | sys::VIR_DOMAIN_SHUTOFF_FAILED => RunState::Crashed,
             sys::VIR_DOMAIN_SHUTOFF_DESTROYED => RunState::Destroyed,
             sys::VIR_DOMAIN_SHUTOFF_MIGRATED => RunState::MigratedAway,

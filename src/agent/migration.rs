@@ -285,14 +285,7 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
         .clone()
         .ok_or_else(|| Error::Other(format!("{target} has no migration URI")))?;
     // The guest goes only to an address kubelet vouches for as the target's.
-    let target_node = Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
-        .get_opt(&target)
-        .await?;
-    if let Err(why) = target_node
-        .as_ref()
-        .ok_or_else(|| format!("node {target} does not exist"))
-        .and_then(|n| crate::api::hypervisor::endpoint_on_node(&dest_uri, n))
-    {
+    if let Err(why) = target_endpoint(&ctx, &target, &dest_uri).await? {
         tracing::warn!(migration = %m.name_any(), %why, "refusing the target's migration URI");
         let failed = json!({"phase": "Failed", "reason": "UntrustedTarget",
             "message": format!("the VM keeps running on {}: {why}", ctx.node),
@@ -467,10 +460,11 @@ async fn conclude(
                 ctx.lv.destroy(&vm_uid).await?;
             }
             rebind(ctx, vm, target).await;
-            // The source's definition, kept for the job statistics, goes now.
-            let _ = ctx.lv.undefine(&vm_uid).await;
-            let _ = disks::remove(&render::vm_dir(&ctx.facts.state_dir, &vm_uid)).await;
-            ctx.runtime.lock().expect("not poisoned").remove(&vm_uid);
+            // The source's definition, kept for the job statistics, goes now; what
+            // fails here is retried by `clean_departed`.
+            if let Err(e) = forget_departed(ctx, &vm_uid).await {
+                tracing::warn!(migration = %m.name_any(), error = %e, "removing the source's copy failed");
+            }
             status.phase = Some(MigrationPhase::Succeeded);
             status.reason = Some("Migrated".into());
             status.message = Some(message);
@@ -653,22 +647,34 @@ async fn clean_departed(m: &VirtualMachineMigration, ctx: &Context) -> Result<Ac
         return Ok(Action::await_change());
     }
     tracing::info!(migration = %m.name_any(), vm = %vm.name_any(), "removing the definition and files a settled migration left here");
-    ctx.lv.undefine(&vm_uid).await?;
-    disks::remove(&render::vm_dir(&ctx.facts.state_dir, &vm_uid))
-        .await
-        .map_err(|e| Error::Other(e.to_string()))?;
-    ctx.runtime.lock().expect("not poisoned").remove(&vm_uid);
+    forget_departed(ctx, &vm_uid).await?;
     Ok(Action::await_change())
 }
 
-/// Whether `uri` is an address of node `target` (see `endpoint_on_node`).
-async fn target_vouches(ctx: &Context, target: &str, uri: &str) -> bool {
-    Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
+/// Removes what this node keeps of a VM that migrated away: its shut-off definition, its
+/// files (stale copies of the target's) and its runtime record. Each step is tried; the
+/// first failure is returned.
+async fn forget_departed(ctx: &Context, vm_uid: &str) -> Result<(), Error> {
+    let undefined = ctx.lv.undefine(vm_uid).await;
+    let removed = disks::remove(&render::vm_dir(&ctx.facts.state_dir, vm_uid)).await;
+    ctx.runtime.lock().expect("not poisoned").remove(vm_uid);
+    undefined?;
+    removed.map_err(|e| Error::Other(e.to_string()))
+}
+
+/// Whether `uri` is an address of node `target` (see `endpoint_on_node`), or why not.
+async fn target_endpoint(
+    ctx: &Context,
+    target: &str,
+    uri: &str,
+) -> Result<Result<(), String>, kube::Error> {
+    let node = Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
         .get_opt(target)
-        .await
-        .ok()
-        .flatten()
-        .is_some_and(|n| crate::api::hypervisor::endpoint_on_node(uri, &n).is_ok())
+        .await?;
+    Ok(node
+        .as_ref()
+        .ok_or_else(|| format!("node {target} does not exist"))
+        .and_then(|n| crate::api::hypervisor::endpoint_on_node(uri, n)))
 }
 
 /// The source agent's look at a Running migration it is not copying: both libvirts are
@@ -701,7 +707,7 @@ async fn settle_interrupted(m: &VirtualMachineMigration, ctx: &Context) -> Resul
         .and_then(|h| h.status)
         .and_then(|s| s.migration_uri)
     {
-        Some(uri) if !target_vouches(ctx, &target, &uri).await => {
+        Some(uri) if !matches!(target_endpoint(ctx, &target, &uri).await, Ok(Ok(()))) => {
             tracing::warn!(migration = %m.name_any(), %uri, "the target's migration URI is not its node's address: not asking it");
             None
         }
