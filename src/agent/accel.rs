@@ -6,8 +6,12 @@
 //! paging) and reports each step on the debug port; KVM is trusted only when every step
 //! ran. The firmware's source is `probe/kvm_probe.S` beside this file.
 
+use std::path::Path;
 use std::time::Duration;
 
+use serde::Serialize;
+
+use super::libvirt::Libvirt;
 use super::render::Accel;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,12 +35,15 @@ const STEPS: [(u8, &str); 3] = [
 /// KVM works; QEMU's own start-up dominates).
 const PROBE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// The accelerator and why, for the Hypervisor status and the start-up log.
-pub async fn detect(choice: AccelChoice) -> (Accel, String) {
+/// The accelerator and why, for the Hypervisor status and the start-up log. The probe
+/// runs as a libvirt domain, so it tests what guests will get: the host's QEMU, as
+/// libvirt's QEMU user, with libvirt's view of /dev/kvm. The agent itself needs no
+/// /dev/kvm and no QEMU (in a container it has neither).
+pub async fn detect(choice: AccelChoice, lv: &Libvirt, state_dir: &Path) -> (Accel, String) {
     match choice {
         AccelChoice::Kvm => (Accel::Kvm, "forced by --accel kvm".into()),
         AccelChoice::Tcg => (Accel::Tcg, "forced by --accel tcg".into()),
-        AccelChoice::Auto => match probe_kvm().await {
+        AccelChoice::Auto => match probe_kvm(lv, state_dir).await {
             Ok(()) => (
                 Accel::Kvm,
                 "KVM probe guest reached 64-bit long mode with paging".into(),
@@ -50,7 +57,7 @@ pub async fn detect(choice: AccelChoice) -> (Accel, String) {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ProbeRun {
     pub markers: Vec<u8>,
-    /// QEMU's exit status and the last line of its stderr, when it exited by itself.
+    /// Why the probe domain did not start, or that it stopped by itself.
     pub exited: Option<String>,
 }
 
@@ -81,32 +88,161 @@ pub fn judge(run: &ProbeRun) -> Result<(), String> {
     })
 }
 
-async fn probe_kvm() -> Result<(), String> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        return Err(format!("/dev/kvm cannot be opened: {e}"));
+/// The probe's domain: 16 MiB, the probe firmware as its BIOS, COM1 into a file.
+#[derive(serde::Serialize)]
+#[serde(rename = "domain")]
+struct ProbeDomain {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    name: String,
+    memory: ProbeMemory,
+    vcpu: u32,
+    os: ProbeOs,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu: Option<ProbeCpu>,
+    on_poweroff: &'static str,
+    devices: ProbeDevices,
+}
+
+#[derive(serde::Serialize)]
+struct ProbeMemory {
+    #[serde(rename = "@unit")]
+    unit: &'static str,
+    #[serde(rename = "$text")]
+    value: u32,
+}
+
+#[derive(serde::Serialize)]
+struct ProbeOs {
+    #[serde(rename = "type")]
+    os_type: ProbeOsType,
+    loader: ProbeLoader,
+}
+
+#[derive(serde::Serialize)]
+struct ProbeOsType {
+    #[serde(rename = "@arch")]
+    arch: &'static str,
+    #[serde(rename = "$text")]
+    value: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct ProbeLoader {
+    /// `rom`: QEMU's `-bios`.
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    #[serde(rename = "$text")]
+    path: String,
+}
+
+#[derive(serde::Serialize)]
+struct ProbeCpu {
+    #[serde(rename = "@mode")]
+    mode: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct ProbeDevices {
+    serial: ProbeSerial,
+    memballoon: ProbeModel,
+}
+
+#[derive(serde::Serialize)]
+struct ProbeSerial {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    source: ProbeSource,
+}
+
+#[derive(serde::Serialize)]
+struct ProbeSource {
+    #[serde(rename = "@path")]
+    path: String,
+}
+
+#[derive(serde::Serialize)]
+struct ProbeModel {
+    #[serde(rename = "@model")]
+    model: &'static str,
+}
+
+/// Pure: the probe domain's XML. `host_cpu` gives the guest the host's CPU, as KVM guests
+/// get (host-model); without it QEMU's default CPU.
+pub fn probe_xml(name: &str, firmware: &Path, out: &Path, host_cpu: bool) -> String {
+    let dom = ProbeDomain {
+        kind: "kvm",
+        name: name.to_string(),
+        memory: ProbeMemory {
+            unit: "MiB",
+            value: 16,
+        },
+        vcpu: 1,
+        os: ProbeOs {
+            os_type: ProbeOsType {
+                arch: "x86_64",
+                value: "hvm",
+            },
+            loader: ProbeLoader {
+                kind: "rom",
+                path: firmware.display().to_string(),
+            },
+        },
+        cpu: host_cpu.then_some(ProbeCpu {
+            mode: "host-passthrough",
+        }),
+        on_poweroff: "destroy",
+        devices: ProbeDevices {
+            serial: ProbeSerial {
+                kind: "file",
+                source: ProbeSource {
+                    path: out.display().to_string(),
+                },
+            },
+            memballoon: ProbeModel { model: "none" },
+        },
+    };
+    let mut xml = String::new();
+    let mut ser = quick_xml::se::Serializer::new(&mut xml);
+    ser.indent(' ', 2);
+    dom.serialize(ser)
+        .expect("the probe domain has only plain fields");
+    xml.push('\n');
+    xml
+}
+
+async fn probe_kvm(lv: &Libvirt, state_dir: &Path) -> Result<(), String> {
+    if let Err(e) = lv.domain_capabilities("kvm").await {
+        return Err(format!("libvirt offers no KVM domains: {e}"));
     }
-    let dir = tempfile_dir().map_err(|e| e.to_string())?;
-    // `-cpu host` is what KVM guests get (host-model); when QEMU cannot even start with
-    // it, a second run on QEMU's default CPU tells whether KVM runs guests at all, so that
-    // the reason names the boot step that fails.
-    let verdict = match run_probe(&dir, Some("host")).await {
+    // QEMU runs as libvirt's user: the firmware must be readable to it, and the output
+    // file's directory traversable.
+    let dir = state_dir.join("kvm-probe");
+    let prepare = || -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+        let fw = dir.join("probe.bin");
+        std::fs::write(&fw, PROBE_FIRMWARE)?;
+        std::fs::set_permissions(&fw, std::fs::Permissions::from_mode(0o644))
+    };
+    prepare().map_err(|e| format!("cannot write the probe firmware in {}: {e}", dir.display()))?;
+    let verdict = match run_probe(lv, &dir, true).await {
         Err(e) => Err(e),
         Ok(run) => match judge(&run) {
             Ok(()) => Ok(()),
             Err(why) if run.exited.is_none() => Err(why),
+            // The host's CPU cannot be given to a guest: whether KVM runs guests at all
+            // (on QEMU's default CPU) tells which boot step fails.
             Err(why) => {
-                let default = match run_probe(&dir, None).await {
+                let default = match run_probe(lv, &dir, false).await {
                     Ok(run) => match judge(&run) {
                         Ok(()) => "it runs only QEMU's default CPU".to_string(),
                         Err(d) => format!("with QEMU's default CPU {d}"),
                     },
                     Err(e) => e,
                 };
-                Err(format!("with -cpu host {why}; {default}"))
+                Err(format!("with the host's CPU {why}; {default}"))
             }
         },
     };
@@ -114,31 +250,27 @@ async fn probe_kvm() -> Result<(), String> {
     verdict
 }
 
-async fn run_probe(dir: &std::path::Path, cpu: Option<&str>) -> Result<ProbeRun, String> {
-    let fw = dir.join("probe.bin");
+async fn run_probe(lv: &Libvirt, dir: &Path, host_cpu: bool) -> Result<ProbeRun, String> {
     let out = dir.join("probe.out");
-    std::fs::write(&fw, PROBE_FIRMWARE).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(&out);
-    let mut cmd = tokio::process::Command::new(super::tools::QEMU_SYSTEM.program);
-    cmd.args(["-accel", "kvm", "-nodefaults", "-display", "none"]);
-    if let Some(cpu) = cpu {
-        cmd.args(["-cpu", cpu]);
-    }
-    let mut child = cmd
-        .args(["-m", "16", "-bios"])
-        .arg(&fw)
-        .arg("-chardev")
-        .arg(format!("file,id=dbg,path={}", out.display()))
-        .args(["-device", "isa-debugcon,iobase=0xe9,chardev=dbg"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| super::tools::QEMU_SYSTEM.spawn_error(e).to_string())?;
+    // Unique per run: agents of several test nodes (processes, or tasks of one) can
+    // share one libvirtd.
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("vmlet-kvm-probe-{}-{run}", std::process::id());
+    let xml = probe_xml(&name, &dir.join("probe.bin"), &out, host_cpu);
+    let uuid = match lv.create_transient(xml).await {
+        Ok(uuid) => uuid,
+        Err(e) => {
+            return Ok(ProbeRun {
+                markers: Vec::new(),
+                exited: Some(format!("libvirt could not start it: {e}")),
+            });
+        }
+    };
     let read = || std::fs::read(&out).unwrap_or_default();
     let deadline = tokio::time::Instant::now() + PROBE_DEADLINE;
-    loop {
+    let run = loop {
         let markers = read();
         if judge(&ProbeRun {
             markers: markers.clone(),
@@ -146,49 +278,34 @@ async fn run_probe(dir: &std::path::Path, cpu: Option<&str>) -> Result<ProbeRun,
         })
         .is_ok()
         {
-            let _ = child.kill().await;
-            return Ok(ProbeRun {
+            break ProbeRun {
                 markers,
                 exited: None,
-            });
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let stderr = match child.stderr.take() {
-                Some(mut e) => {
-                    let mut s = String::new();
-                    let _ = tokio::io::AsyncReadExt::read_to_string(&mut e, &mut s).await;
-                    s
-                }
-                None => String::new(),
             };
-            // QEMU's first "error:" line says why; an assertion that follows does not.
-            let last = stderr
-                .lines()
-                .find(|l| l.contains("error:"))
-                .or_else(|| stderr.lines().last())
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            return Ok(ProbeRun {
-                markers: read(),
-                exited: Some(format!("{status}: {last}")),
-            });
+        }
+        match lv.lookup(&uuid).await {
+            Ok(Some(d)) if d.state.active() => {}
+            Ok(_) => {
+                break ProbeRun {
+                    markers: read(),
+                    exited: Some("the probe domain stopped by itself".into()),
+                };
+            }
+            Err(e) => return Err(format!("libvirt lost the probe domain: {e}")),
         }
         if tokio::time::Instant::now() >= deadline {
-            let _ = child.kill().await;
-            return Ok(ProbeRun {
+            break ProbeRun {
                 markers: read(),
                 exited: None,
-            });
+            };
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Transient: destroying it removes it from libvirt too.
+    if let Err(e) = lv.destroy(&uuid).await {
+        tracing::warn!(error = %e, domain = %name, "cannot destroy the KVM probe domain");
     }
-}
-
-fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("vmlet-kvm-probe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    Ok(run)
 }
 
 #[cfg(test)]
@@ -231,6 +348,25 @@ mod tests {
                 _ => panic!("{markers} {exited:?}: got {got:?}, want {want:?}"),
             }
         }
+    }
+
+    /// The probe domain validates as libvirt domain XML in the golden test's way: here,
+    /// its shape and the escaping of the paths it names.
+    #[test]
+    fn probe_xml_names_firmware_console_and_cpu() {
+        let fw = Path::new("/var/lib/vmlet/kvm-probe/probe.bin");
+        let out = Path::new("/var/lib/vmlet/kvm-probe/<&'out\">");
+        let host = probe_xml("vmlet-kvm-probe-1", fw, out, true);
+        assert!(host.starts_with("<domain type=\"kvm\">"), "{host}");
+        assert!(host.contains("<loader type=\"rom\">/var/lib/vmlet/kvm-probe/probe.bin</loader>"));
+        assert!(host.contains("<cpu mode=\"host-passthrough\"/>"), "{host}");
+        assert!(
+            host.contains("/var/lib/vmlet/kvm-probe/&lt;&amp;'out&quot;&gt;"),
+            "{host}"
+        );
+        assert!(host.contains("<memballoon model=\"none\"/>"));
+        let default = probe_xml("vmlet-kvm-probe-1", fw, out, false);
+        assert!(!default.contains("<cpu"), "{default}");
     }
 
     /// The committed firmware is what its source assembles to, and it reaches long mode
@@ -276,9 +412,8 @@ mod tests {
             ])
             .arg("-bios")
             .arg(&bin)
-            .arg("-chardev")
-            .arg(format!("file,id=dbg,path={}", out.display()))
-            .args(["-device", "isa-debugcon,iobase=0xe9,chardev=dbg"])
+            .arg("-serial")
+            .arg(format!("file:{}", out.display()))
             .spawn()
             .unwrap();
         // The firmware halts forever once in long mode.

@@ -548,12 +548,23 @@ impl Libvirt {
     /// its domain capabilities list `efi` among the firmware it auto-selects (the
     /// descriptors OVMF installs). Read from libvirt, not from the agent's container.
     pub async fn uefi(&self, virttype: &str) -> Result<bool> {
+        Ok(uefi_in_domcaps(&self.domain_capabilities(virttype).await?))
+    }
+
+    /// libvirt's domain capabilities for x86_64 guests of `virttype` (kvm, qemu); an
+    /// error when libvirt cannot run such guests at all (e.g. no usable /dev/kvm).
+    pub async fn domain_capabilities(&self, virttype: &str) -> Result<String> {
         let virttype = virttype.to_string();
         self.call(move |c| {
-            let xml = c.domain_capabilities(None, Some("x86_64"), None, Some(&virttype), 0)?;
-            Ok(uefi_in_domcaps(&xml))
+            Ok(c.domain_capabilities(None, Some("x86_64"), None, Some(&virttype), 0)?)
         })
         .await
+    }
+
+    /// Starts a domain that libvirt forgets once it stops (the KVM probe); its UUID.
+    pub async fn create_transient(&self, xml: String) -> Result<String> {
+        self.call(move |c| uuid_of(&c.create_domain_xml(&xml, 0)?))
+            .await
     }
 
     /// Where this libvirt holds the guest, for settling a migration.

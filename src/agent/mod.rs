@@ -205,7 +205,7 @@ pub async fn run_with(
     let (accel, why) = if node_info.driver.eq_ignore_ascii_case("test") {
         (render::Accel::Tcg, "libvirt test driver".to_string())
     } else {
-        accel::detect(args.accel).await
+        accel::detect(args.accel, &lv, &args.state_dir).await
     };
     tracing::info!(node = %args.node, uri = %args.libvirt_uri, accel = accel.as_str(), accel_reason = %why, "agent starting");
     let facts = render::NodeFacts {

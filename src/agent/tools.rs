@@ -17,11 +17,6 @@ pub const QEMU_IMG: Tool = Tool {
     package: "qemu-utils",
 };
 
-pub const QEMU_SYSTEM: Tool = Tool {
-    program: "qemu-system-x86_64",
-    package: "qemu-system-x86",
-};
-
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
     #[error("{} is not installed on this node (install the Debian package {})", .0.program, .0.package)]

@@ -1,16 +1,18 @@
 /* The KVM probe firmware: the steps a Linux boot takes before its first console line.
  * It starts in real mode at the reset vector, switches to 32-bit protected mode, builds
  * identity page tables and enters 64-bit long mode with paging on, writing a marker to
- * the debug port (0xe9) after each step: 'R' real mode, 'P' protected mode, 'L' long
- * mode. The agent reads how far it got. Rebuild: see tests in src/agent/accel.rs.
+ * the first serial port (COM1, 0x3f8) after each step: 'R' real mode, 'P' protected mode, 'L' long
+ * mode. The agent runs it as a libvirt domain whose serial console is a file, and reads
+ * how far it got (QEMU's 16550 takes a byte at its data register without set-up). Rebuild: see tests in src/agent/accel.rs.
  * Linked at 0xf0000: QEMU maps a 64 KiB BIOS image there (and below 4 GiB). */
 	.text
 	.code16
 	.globl _start
 _start:
 	cli
+	mov	$0x3f8, %dx
 	mov	$'R', %al
-	out	%al, $0xe9
+	out	%al, (%dx)
 	lgdtl	%cs:(gdt_desc - _start)
 	mov	%cr0, %eax
 	or	$1, %eax
@@ -24,8 +26,9 @@ pm32:
 	mov	%ax, %es
 	mov	%ax, %ss
 	mov	$0x9000, %esp
+	mov	$0x3f8, %dx
 	mov	$'P', %al
-	out	%al, $0xe9
+	out	%al, (%dx)
 	/* PML4 at 0x1000 -> PDPT at 0x2000 -> PD at 0x3000: one 2 MiB page at 0. */
 	mov	$0x1000, %edi
 	xor	%eax, %eax
@@ -51,8 +54,9 @@ pm32:
 
 	.code64
 lm64:
+	mov	$0x3f8, %dx
 	mov	$'L', %al
-	out	%al, $0xe9
+	out	%al, (%dx)
 1:	hlt
 	jmp	1b
 
