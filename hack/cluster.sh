@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A real local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)
+# A real local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler)
 # on 127.0.0.1, built from the Go module proxy.
 #
 #   hack/cluster.sh build        build the pinned binaries into .cache/bin (only when a pin changed)
@@ -26,6 +27,7 @@ ETCD_CLIENT_PORT=${VMLET_ETCD_PORT:-23790}
 ETCD_PEER_PORT=$((ETCD_CLIENT_PORT + 1))
 APISERVER_PORT=${VMLET_APISERVER_PORT:-6443}
 KCM_PORT=${VMLET_KCM_PORT:-10257}
+SCHED_PORT=${VMLET_SCHEDULER_PORT:-10259}
 SERVICE_CIDR=10.96.0.0/16
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
@@ -63,8 +65,8 @@ build() {
       ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
       ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
     done
-    log "building kubernetes $v (kube-apiserver, kube-controller-manager, kubectl, kubelet)"
-    (cd "$MODS/kubernetes" && for cmd in kube-apiserver kube-controller-manager kubectl kubelet; do
+    log "building kubernetes $v (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet)"
+    (cd "$MODS/kubernetes" && for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet; do
       CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$cache/$cmd" "k8s.io/kubernetes/cmd/$cmd"
     done)
     log "building etcd"
@@ -86,7 +88,7 @@ build() {
     touch "$cache/.complete"
   fi
   mkdir -p "$BIN"
-  for b in etcd kube-apiserver kube-controller-manager kubectl kubelet helm; do
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet helm; do
     cp -f "$cache/$b" "$BIN/$b"
   done
   echo "$hash" > "$BIN/.pins"
@@ -130,6 +132,20 @@ EOF
     chmod 600 ./*.key
   )
   touch "$PKI/.complete"
+}
+
+# The scheduler's client certificate, also for a PKI made before the scheduler ran here.
+scheduler_pki() {
+  [[ -f "$PKI/scheduler.crt" ]] && return
+  (
+    cd "$PKI"
+    openssl req -newkey rsa:2048 -nodes -keyout scheduler.key -out scheduler.csr \
+      -subj "/CN=system:kube-scheduler" 2>/dev/null
+    openssl x509 -req -in scheduler.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile client.ext -out scheduler.crt 2>/dev/null
+    rm -f scheduler.csr
+    chmod 600 scheduler.key
+  )
 }
 
 kubeconfig() { # out user cert key
@@ -180,7 +196,7 @@ wait_url() { # process url client-cert seconds
 }
 
 healthy() {
-  alive etcd && alive kube-apiserver && alive kube-controller-manager &&
+  alive etcd && alive kube-apiserver && alive kube-controller-manager && alive kube-scheduler &&
     curl -sf --max-time 2 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
       "https://127.0.0.1:$APISERVER_PORT/readyz" >/dev/null 2>&1
 }
@@ -246,11 +262,27 @@ up() {
     --service-cluster-ip-range "$SERVICE_CIDR" \
     --leader-elect=false \
     --profiling=false
+  # Pods of the real node (hack/node.sh: the chart's controller and agent) need a
+  # scheduler; DaemonSet Pods too.
+  scheduler_pki
+  kubeconfig "$STATE/scheduler.kubeconfig" scheduler scheduler
+  start kube-scheduler \
+    --kubeconfig "$STATE/scheduler.kubeconfig" \
+    --authentication-kubeconfig "$STATE/scheduler.kubeconfig" \
+    --authorization-kubeconfig "$STATE/scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" \
+    --leader-elect=false \
+    --profiling=false
   # The controller manager's health endpoint lets any client through (/healthz is always allowed).
   local i
   for ((i = 0; i < 150; i++)); do
     curl -sfk --max-time 2 "https://127.0.0.1:$KCM_PORT/healthz" >/dev/null 2>&1 && break
     alive kube-controller-manager || die "kube-controller-manager exited; log: $LOGS/kube-controller-manager.log"
+    sleep 0.2
+  done
+  for ((i = 0; i < 150; i++)); do
+    curl -sfk --max-time 2 "https://127.0.0.1:$SCHED_PORT/healthz" >/dev/null 2>&1 && break
+    alive kube-scheduler || die "kube-scheduler exited; log: $LOGS/kube-scheduler.log"
     sleep 0.2
   done
   # The default namespace's ServiceAccount shows the token controllers are working.
@@ -275,6 +307,7 @@ stop_one() {
 }
 
 down() {
+  stop_one kube-scheduler
   stop_one kube-controller-manager
   stop_one kube-apiserver
   stop_one etcd
@@ -282,7 +315,7 @@ down() {
 
 status() {
   local n
-  for n in etcd kube-apiserver kube-controller-manager; do
+  for n in etcd kube-apiserver kube-controller-manager kube-scheduler; do
     if alive "$n"; then echo "$n running (pid $(cat "$RUN/$n.pid"))"; else echo "$n stopped"; fi
   done
   healthy && echo "readyz ok" || echo "readyz failing"

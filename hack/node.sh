@@ -20,6 +20,7 @@ RUN=/run/vmlet-node
 NODE=${VMLET_NODE_NAME:-vmlet-node}
 NODE_IP=10.78.0.1
 POD_CIDR=10.79.0.0/24
+SERVICE_CIDR=10.96.0.0/16 # hack/cluster.sh's
 PKI="$ROOT/.cache/cluster/pki"
 BIN="$ROOT/.cache/bin"
 SOCK="$RUN/containerd.sock"
@@ -36,6 +37,59 @@ net_up() {
     ip addr add "$NODE_IP/32" dev vmlet-node0
     ip link set vmlet-node0 up
   }
+  # The Pods' bridge exists before the first Pod, so that it can take route_localnet.
+  ip link show vmlet-cni0 >/dev/null 2>&1 || {
+    ip link add vmlet-cni0 type bridge
+    ip link set vmlet-cni0 up
+  }
+  service_net_up
+}
+
+# Pods (and host-network Pods such as the agent) reach the API server the standard way,
+# through the `kubernetes` Service's cluster IP (KUBERNETES_SERVICE_HOST, which kubelet
+# sets). This node has no kube-proxy: its Endpoints cannot name the API server, which
+# listens on loopback only, and Endpoints refuse loopback addresses. So this script writes
+# the one rule kube-proxy would make for that Service (cluster IP:443 -> the API server),
+# with kube-proxy's guard for DNAT to loopback: route_localnet on the Pods' bridge, and a
+# drop of any other packet from that bridge to 127.0.0.0/8.
+service_net_up() {
+  local svc_ip port
+  svc_ip=$(kubectl get service kubernetes -n default -o jsonpath='{.spec.clusterIP}')
+  port=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}' | sed 's/.*://')
+  [[ -n "$svc_ip" && -n "$port" ]] || die "cannot read the kubernetes Service or the API server's port"
+  # The service range goes to this node's bridge, never out of the machine, whether or
+  # not the rules below are in place.
+  ip route replace "$SERVICE_CIDR" dev vmlet-node0
+  sysctl -qw net.ipv4.conf.vmlet-cni0.route_localnet=1
+  iptables -t nat -N VMLET-SERVICES 2>/dev/null || iptables -t nat -F VMLET-SERVICES
+  iptables -t nat -A VMLET-SERVICES -d "$svc_ip/32" -p tcp --dport 443 \
+    -j DNAT --to-destination "127.0.0.1:$port"
+  for chain in PREROUTING OUTPUT; do
+    iptables -t nat -C "$chain" -j VMLET-SERVICES 2>/dev/null || iptables -t nat -I "$chain" -j VMLET-SERVICES
+  done
+  iptables -N VMLET-FIREWALL 2>/dev/null || iptables -F VMLET-FIREWALL
+  iptables -A VMLET-FIREWALL -i vmlet-cni0 -d 127.0.0.0/8 \
+    -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+  iptables -C INPUT -j VMLET-FIREWALL 2>/dev/null || iptables -I INPUT -j VMLET-FIREWALL
+  # Pods talk to this machine only: nothing from their bridge is forwarded elsewhere.
+  iptables -N VMLET-FORWARD 2>/dev/null || iptables -F VMLET-FORWARD
+  iptables -A VMLET-FORWARD -i vmlet-cni0 ! -o vmlet-cni0 -j DROP
+  iptables -C FORWARD -j VMLET-FORWARD 2>/dev/null || iptables -I FORWARD -j VMLET-FORWARD
+}
+
+service_net_down() {
+  for chain in PREROUTING OUTPUT; do
+    iptables -t nat -D "$chain" -j VMLET-SERVICES 2>/dev/null || true
+  done
+  iptables -t nat -F VMLET-SERVICES 2>/dev/null || true
+  iptables -t nat -X VMLET-SERVICES 2>/dev/null || true
+  iptables -D INPUT -j VMLET-FIREWALL 2>/dev/null || true
+  iptables -F VMLET-FIREWALL 2>/dev/null || true
+  iptables -X VMLET-FIREWALL 2>/dev/null || true
+  iptables -D FORWARD -j VMLET-FORWARD 2>/dev/null || true
+  iptables -F VMLET-FORWARD 2>/dev/null || true
+  iptables -X VMLET-FORWARD 2>/dev/null || true
+  ip route del "$SERVICE_CIDR" dev vmlet-node0 2>/dev/null || true
 }
 
 # The kubelet's client certificate: CN=system:node:NAME, O=system:nodes, signed by the
@@ -71,11 +125,18 @@ containerd_up() {
   mkdir -p "$RUN" "$STATE/containerd" "$STATE/cni"
   cat > "$STATE/cni/10-vmlet.conflist" <<CNI
 {"cniVersion": "1.0.0", "name": "vmlet-pods", "plugins": [
-  {"type": "bridge", "bridge": "vmlet-cni0", "isGateway": true, "ipMasq": false,
+  {"type": "bridge", "bridge": "vmlet-cni0", "isGateway": true, "isDefaultGateway": true, "ipMasq": false,
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]],
             "dataDir": "$STATE/cni-ipam"}},
   {"type": "loopback"}]}
 CNI
+  local r
+  for r in _default docker.io registry.k8s.io quay.io ghcr.io; do
+    mkdir -p "$STATE/registries/$r"
+    # containerd 1.6 refuses a hosts.toml without a host table ("invalid `host` tree").
+    printf 'server = "http://127.0.0.1:9"\n[host."http://127.0.0.1:9"]\n  capabilities = ["pull", "resolve"]\n' \
+      > "$STATE/registries/$r/hosts.toml"
+  done
   cat > "$STATE/containerd.toml" <<TOML
 version = 2
 root = "$STATE/containerd/root"
@@ -89,6 +150,11 @@ state = "$RUN/state"
     snapshotter = "overlayfs"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+  # No registry is reachable, and none may be tried (this machine sends nothing beyond
+  # itself): every pull goes to a closed local port. Images come in by import
+  # (hack/image.sh import); Pods name them with imagePullPolicy Never or IfNotPresent.
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$STATE/registries"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$STATE/cni"
@@ -218,6 +284,7 @@ down() {
     sort -r | while read -r m; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
   rm -rf "$RUN"
   kubectl delete node "$NODE" --ignore-not-found >/dev/null 2>&1 || true
+  service_net_down
   ip link del vmlet-cni0 2>/dev/null || true
   ip link del vmlet-node0 2>/dev/null || true
   log "node $NODE down"
