@@ -1,7 +1,7 @@
 # The single vmlet image: `vmlet` (controller, agent, crd) and `kubectl-vm`.
-# No image can be built on the machines vmlet is developed on (no Docker engine, no
-# registry); this file is what a machine with one would use:
-#   docker build -t REGISTRY/vmlet:0.1.0 . && docker push REGISTRY/vmlet:0.1.0
+# With Docker:  docker build -t REGISTRY/vmlet:0.1.0 . && docker push REGISTRY/vmlet:0.1.0
+# Without Docker or a registry (Debian's mmdebstrap, umoci, skopeo): `make image` builds
+# the same image (hack/image.sh; tests/dockerfile.rs keeps the two in step).
 FROM docker.io/library/rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends libvirt-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
@@ -12,11 +12,12 @@ COPY src ./src
 COPY benches ./benches
 RUN cargo build --release --locked --bins
 
-# glibc base with the libvirt client library (the agent links libvirt.so) and the tools
-# the agent runs: qemu-img for overlays and image checks, qemu-system-x86 for the KVM probe.
+# glibc base with the libvirt client library (the agent links libvirt.so) and the tool
+# the agent runs: qemu-img for overlays and image checks. No QEMU: guests, and the KVM
+# probe, run in the host's QEMU under libvirtd.
 FROM docker.io/library/debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends \
-        libvirt0 qemu-utils qemu-system-x86 ca-certificates \
+        libvirt0 qemu-utils ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/vmlet /usr/local/bin/vmlet
 COPY --from=build /src/target/release/kubectl-vm /usr/local/bin/kubectl-vm

@@ -4,7 +4,7 @@ export KUBECONFIG ?= $(CURDIR)/.cache/cluster/kubeconfig
 export PATH := $(CURDIR)/.cache/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: all deps build cluster-up cluster-down libvirt-up libvirt-down hosts-up hosts-down node-up node-down crds lint test test-unit demo demo-down bench clean
+.PHONY: all deps build image cluster-up cluster-down libvirt-up libvirt-down hosts-up hosts-down node-up node-down crds lint test test-unit demo demo-down bench clean
 
 all: build
 
@@ -40,6 +40,14 @@ node-up: cluster-up
 node-down:
 	hack/node.sh down
 
+## image: the vmlet image, built without a Docker engine or a registry (hack/image.sh:
+## Debian packages -> root filesystem, release binaries, umoci, skopeo), imported into the
+## local node's containerd as vmlet:dev when that node runs (make node-up)
+image: deps
+	hack/image.sh build dev
+	@if hack/node.sh status | grep -q '^kubelet: up'; then hack/image.sh import dev; \
+	 else echo "[image] the local node is not running: hack/image.sh import dev after make node-up"; fi
+
 ## crds: regenerate crds/ from the code
 crds:
 	VMLET_UPDATE_CRDS=1 $(CARGO) test --test crds
@@ -51,7 +59,7 @@ lint:
 
 ## test: the whole suite, against the real local control plane and libvirt. A running
 ## demo is stopped first: its controller would be a second scheduler beside the tests'.
-test: cluster-up libvirt-up hosts-up node-up lint
+test: cluster-up libvirt-up hosts-up node-up image lint
 	@if [[ -f .cache/demo/controller.pid ]]; then echo "[test] stopping the demo (make demo starts it again)"; hack/demo.sh down; fi
 	$(CARGO) test --lib --bins --tests -- --test-threads=4
 

@@ -62,3 +62,49 @@ fn the_build_stage_context_makes_a_valid_manifest() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `make image` (hack/image.sh, no Docker) and the Dockerfile describe one image: the
+/// runtime stage's Debian release and packages, its binaries' paths, user and entrypoint.
+#[test]
+fn image_script_builds_what_the_dockerfile_describes() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let script = std::fs::read_to_string(root.join("hack/image.sh")).unwrap();
+    let runtime = dockerfile.split("\nFROM ").last().expect("a runtime stage");
+    assert!(
+        runtime.starts_with("docker.io/library/debian:bookworm"),
+        "{runtime}"
+    );
+    assert!(script.contains("SUITE=bookworm"));
+    // The packages after `apt-get install ... --no-install-recommends`, up to `&&`.
+    let install = runtime
+        .split("--no-install-recommends")
+        .nth(1)
+        .unwrap()
+        .split("&&")
+        .next()
+        .unwrap();
+    let mut docker_pkgs: Vec<&str> = install.split_whitespace().filter(|w| *w != "\\").collect();
+    docker_pkgs.sort_unstable();
+    let line = script
+        .lines()
+        .find_map(|l| l.strip_prefix("PACKAGES="))
+        .expect("PACKAGES= in hack/image.sh");
+    let mut script_pkgs: Vec<&str> = line.split(',').collect();
+    script_pkgs.sort_unstable();
+    assert_eq!(docker_pkgs, script_pkgs);
+    for (docker, script_has) in [
+        ("USER 65532:65532", "--config.user 65532:65532"),
+        (
+            r#"ENTRYPOINT ["/usr/local/bin/vmlet"]"#,
+            "--config.entrypoint /usr/local/bin/vmlet",
+        ),
+        ("/usr/local/bin/kubectl-vm", "for b in vmlet kubectl-vm"),
+    ] {
+        assert!(runtime.contains(docker), "Dockerfile lacks {docker}");
+        assert!(
+            script.contains(script_has),
+            "hack/image.sh lacks {script_has}"
+        );
+    }
+}
