@@ -202,7 +202,7 @@ async fn report_unready(ctx: &Context, reason: &str, message: String) -> anyhow:
 async fn heartbeat(ctx: &Context) -> anyhow::Result<()> {
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), LEASE_NAMESPACE);
     let name = lease_name(&ctx.node);
-    let mut meta = json!({"name": name});
+    let mut meta = json!({"name": name, "labels": {crate::api::HEARTBEAT_LABEL: ctx.node}});
     if let Some(uid) = ctx.node_uid.lock().expect("not poisoned").clone() {
         meta["ownerReferences"] = node_owner(&ctx.node, &uid);
     }

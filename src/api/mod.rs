@@ -35,6 +35,9 @@ pub const MIGRATION_FINALIZER: &str = "vmlet.dev/migration";
 pub const EVICT_ANNOTATION: &str = "vmlet.dev/evict";
 /// The label that marks a Node as a hypervisor.
 pub const HYPERVISOR_LABEL: &str = "vmlet.dev/hypervisor";
+/// On each agent's heartbeat Lease (value: the node), so that an uninstall can find them
+/// in kube-node-lease, which kubelets share.
+pub const HEARTBEAT_LABEL: &str = "vmlet.dev/heartbeat";
 
 /// Every CRD, with the file name it has under `crds/`.
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {

@@ -312,3 +312,50 @@ where
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A command-line tool of the pinned set (kubectl, helm: .cache/bin, which hack/cluster.sh
+/// fills) or of the machine, run against the test cluster; `stdin` is written to it.
+pub fn cli(cmd: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".cache/bin")
+        .join(cmd);
+    let program = if local.exists() {
+        local
+    } else {
+        std::path::PathBuf::from(cmd)
+    };
+    let mut c = std::process::Command::new(&program);
+    c.args(args)
+        .env("KUBECONFIG", kubeconfig_path())
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (run hack/cluster.sh build)"));
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Its stdout, or a panic that shows both streams.
+pub fn cli_ok(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

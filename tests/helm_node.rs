@@ -1,0 +1,513 @@
+//! The product as its users run it: the chart installed by Helm on the real kubelet node
+//! of hack/node.sh, its own Pods (controller Deployment, agent DaemonSet) running the image
+//! `make image` built and imported, QEMU as libvirt's unprivileged user. A VM applied
+//! after the install boots the tiny guest; the console works against the installed chart;
+//! `helm upgrade` to another image tag rolls the agent and leaves the guest's QEMU alone;
+//! after the VM is deleted, `helm uninstall` and the README's clean-up leave nothing.
+//!
+//! Needs what `make test` starts: the control plane (with kube-scheduler), libvirtd, the
+//! node (hack/node.sh up) and the image (make image). One test: it owns the cluster's
+//! scheduling while it runs (test binaries run one after another).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
+use vmlet::api::{Hypervisor, VirtualMachine, vm::Phase};
+
+const NODE: &str = "vmlet-node";
+const NS: &str = "vmlet-system";
+const RELEASE: &str = "vmlet";
+const SOCK: &str = "/run/vmlet-node/containerd.sock";
+/// The chart's default state directory on the node.
+const STATE: &str = "/var/lib/vmlet";
+
+fn ctr(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("ctr")
+        .args(["--address", SOCK, "-n", "k8s.io"])
+        .args(args)
+        .output()
+        .expect("ctr (hack/deps.sh installs containerd)")
+}
+
+fn helm(args: &[&str]) -> String {
+    common::cli_ok(common::cli("helm", args, None), &format!("helm {args:?}"))
+}
+
+fn kubectl(args: &[&str]) -> std::process::Output {
+    common::cli("kubectl", args, None)
+}
+
+/// Undoes what the test set up on the shared cluster, also when it fails half-way: the
+/// release, its namespace, the hypervisor label, what the agent left for its node.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = common::cli(
+            "helm",
+            &["uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "60s"],
+            None,
+        );
+        let _ = kubectl(&[
+            "delete",
+            "namespace",
+            NS,
+            "--ignore-not-found",
+            "--wait=false",
+        ]);
+        let _ = kubectl(&["label", "node", NODE, "vmlet.dev/hypervisor-"]);
+        let _ = kubectl(&["delete", "hypervisor", NODE, "--ignore-not-found"]);
+        let _ = kubectl(&[
+            "delete",
+            "lease",
+            "-n",
+            "kube-node-lease",
+            "-l",
+            vmlet::api::HEARTBEAT_LABEL,
+        ]);
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// QEMU's pid for a domain, from libvirt's pid file.
+fn qemu_pid(uid: &str) -> Option<u32> {
+    let name = common::virsh(&["domname", uid]);
+    let name = String::from_utf8_lossy(&name.stdout).trim().to_string();
+    if name.is_empty() {
+        return None;
+    }
+    std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Resident memory of the processes whose command line is exactly `cmdline` (the Pods'
+/// processes, seen from the host), in MiB.
+fn rss_mib(args0: &str, args1: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let parts: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if parts.len() > 1 && parts[0] == args0.as_bytes() && parts[1] == args1.as_bytes() {
+            let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            if let Some(kb) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            {
+                out.push(kb / 1024.0);
+            }
+        }
+    }
+    out
+}
+
+async fn agent_pod(pods: &Api<Pod>) -> Option<Pod> {
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await
+        .ok()?;
+    list.items.into_iter().find(|p| {
+        p.metadata.deletion_timestamp.is_none()
+            && p.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
+    let client = common::client().await;
+    let node: Node = Api::all(client.clone())
+        .get(NODE)
+        .await
+        .expect("the real node: run hack/node.sh up (make test does)");
+    assert!(
+        node.status
+            .iter()
+            .flat_map(|s| s.conditions.iter().flatten())
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+        "node {NODE} not Ready"
+    );
+    let images = String::from_utf8(ctr(&["images", "ls", "-q"]).stdout).unwrap();
+    assert!(
+        images.lines().any(|l| l == "docker.io/library/vmlet:dev"),
+        "vmlet:dev is not in the node's containerd: run make image\n{images}"
+    );
+    // The upgrade's "other tag": the same image under a second name, so that the rollout
+    // is the chart's doing, not a new build's.
+    let tagged = ctr(&[
+        "images",
+        "tag",
+        "--force",
+        "docker.io/library/vmlet:dev",
+        "docker.io/library/vmlet:dev-next",
+    ]);
+    assert!(tagged.status.success(), "{tagged:?}");
+
+    let _cleanup = Cleanup;
+    common::ensure_crds(&client).await;
+    // The install's one step per node: mark it a hypervisor.
+    common::cli_ok(
+        kubectl(&[
+            "label",
+            "node",
+            NODE,
+            "vmlet.dev/hypervisor=true",
+            "--overwrite",
+        ]),
+        "label node",
+    );
+
+    // The install command of the README (plus: the tiny guest's images are served on
+    // this machine's loopback, which downloads may not reach by default).
+    let t = Instant::now();
+    helm(&[
+        "install",
+        RELEASE,
+        &format!("{}/charts/vmlet", env!("CARGO_MANIFEST_DIR")),
+        "-n",
+        NS,
+        "--create-namespace",
+        "--set",
+        "image.repository=vmlet",
+        "--set",
+        "image.tag=dev",
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        "agent.images.sourceAllow={127.0.0.0/8}",
+        "--wait",
+        "--timeout",
+        "5m",
+    ]);
+    let installed = t.elapsed();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let dep = deployments.get("vmlet-controller").await.unwrap();
+    assert_eq!(dep.status.as_ref().unwrap().ready_replicas, Some(2));
+    let ds = daemonsets.get("vmlet-agent").await.unwrap();
+    assert_eq!(ds.status.as_ref().unwrap().number_ready, 1);
+    println!(
+        "helm install --wait: {:.1} s to 2 controller Pods and 1 agent Pod Ready",
+        installed.as_secs_f64()
+    );
+
+    // One controller Pod leads.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let holder = common::wait_for(Duration::from_secs(30), || async {
+        leases
+            .get("vmlet-controller")
+            .await
+            .ok()?
+            .spec?
+            .holder_identity
+    })
+    .await
+    .expect("no controller took the leader Lease");
+    let controllers = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+        .await
+        .unwrap();
+    assert!(
+        controllers
+            .items
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(holder.as_str())),
+        "leader {holder} is not a controller Pod"
+    );
+
+    // The agent reports its node: reachable at the Node's address, acceleration and UEFI
+    // read through libvirt.
+    let hvs: Api<Hypervisor> = Api::all(client.clone());
+    let hv = common::wait_for(Duration::from_secs(60), || async {
+        let hv = hvs.get(NODE).await.ok()?;
+        let ready = hv
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(hv)
+    })
+    .await
+    .expect("the agent's Hypervisor never became Ready");
+    let st = hv.status.clone().unwrap();
+    println!(
+        "Hypervisor {NODE}: accel {:?} ({:?}), uefi {:?}, agentURL {:?}",
+        st.accel, st.accel_reason, st.uefi, st.agent_url
+    );
+    assert_eq!(st.agent_url.as_deref(), Some("http://10.78.0.1:9464"));
+    assert!(st.accel_reason.as_deref().is_some_and(|r| !r.is_empty()));
+
+    let ns = common::namespace(&client, "chart-vm").await;
+    common::tiny_guest_images(&client, &ns).await;
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+
+    // firmware: uefi goes only where libvirt offers UEFI.
+    let uefi_spec = json!({
+        "runStrategy": "Always", "memory": "128Mi", "firmware": "uefi",
+        "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"}},
+    });
+    vms.create(
+        &PostParams::default(),
+        &VirtualMachine::new("uefi", serde_json::from_value(uefi_spec).unwrap()),
+    )
+    .await
+    .unwrap();
+    if st.uefi != Some(true) {
+        let why = common::wait_for(Duration::from_secs(30), || async {
+            let vm = vms.get("uefi").await.ok()?;
+            let c = vm
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Scheduled" && c.status == "False")?;
+            c.message.contains("no UEFI firmware").then_some(c.message)
+        })
+        .await
+        .expect("a UEFI VM was not refused on a node without UEFI");
+        println!("uefi VM refused: {why}");
+    }
+    vms.delete("uefi", &DeleteParams::default()).await.unwrap();
+
+    let spec = json!({
+        "runStrategy": "Always",
+        "memory": "128Mi",
+        "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"},
+                 "cmdline": "console=ttyS0 panic=-1"},
+        "disks": [{"name": "data", "blank": {"size": "64Mi"}}],
+    });
+    let t0 = Instant::now();
+    let vm = vms
+        .create(
+            &PostParams::default(),
+            &VirtualMachine::new("tiny", serde_json::from_value(spec).unwrap()),
+        )
+        .await
+        .unwrap();
+    let uid = vm.metadata.uid.clone().unwrap();
+    let console_log = std::path::PathBuf::from(STATE)
+        .join("vms")
+        .join(&uid)
+        .join("console.log");
+    let running = common::wait_for(Duration::from_secs(180), || async {
+        let vm = vms.get("tiny").await.ok()?;
+        (vm.status?.phase? == Phase::Running).then(|| t0.elapsed())
+    })
+    .await;
+    let Some(running) = running else {
+        panic!(
+            "not Running: {:?}",
+            vms.get("tiny").await.ok().and_then(|v| v.status)
+        );
+    };
+    let up = common::wait_for(Duration::from_secs(90), || async {
+        std::fs::read_to_string(&console_log)
+            .ok()?
+            .contains("vmlet-guest-up")
+            .then(|| t0.elapsed())
+    })
+    .await
+    .expect("the guest never reached userspace");
+    println!(
+        "VM under the chart: apply->Running {:.2} s, apply->guest userspace {:.2} s",
+        running.as_secs_f64(),
+        up.as_secs_f64()
+    );
+    let vm = vms.get("tiny").await.unwrap();
+    assert_eq!(vm.status.as_ref().unwrap().node_name.as_deref(), Some(NODE));
+
+    // The console, through the installed agent, with a ServiceAccount's token.
+    console_reads_the_guest(&ns);
+
+    // helm upgrade to another tag: the agent rolls, the guest's QEMU stays.
+    let qemu = qemu_pid(&uid).expect("no QEMU pid for the running VM");
+    let before = agent_pod(&pods).await.expect("no Ready agent Pod");
+    for (what, args0, args1) in [
+        ("controller", "/usr/local/bin/vmlet", "controller"),
+        ("agent", "/usr/local/bin/vmlet", "agent"),
+    ] {
+        println!("RSS {what}: {:?} MiB", rss_mib(args0, args1));
+    }
+    let t = Instant::now();
+    helm(&[
+        "upgrade",
+        RELEASE,
+        &format!("{}/charts/vmlet", env!("CARGO_MANIFEST_DIR")),
+        "-n",
+        NS,
+        "--reuse-values",
+        "--set",
+        "image.tag=dev-next",
+        "--wait",
+        "--timeout",
+        "5m",
+    ]);
+    let after = common::wait_for(Duration::from_secs(120), || async {
+        let p = agent_pod(&pods).await?;
+        let image = p.spec.as_ref()?.containers[0].image.clone()?;
+        (p.metadata.uid != before.metadata.uid && image == "vmlet:dev-next").then_some(p)
+    })
+    .await
+    .expect("the agent did not roll to vmlet:dev-next");
+    println!(
+        "helm upgrade: agent Pod {} -> {} in {:.1} s",
+        before.metadata.name.unwrap(),
+        after.metadata.name.unwrap(),
+        t.elapsed().as_secs_f64()
+    );
+    // The new agent has adopted the domain: its report still says Running, and libvirt
+    // still runs the same QEMU.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let vm = vms.get("tiny").await.unwrap();
+    assert_eq!(vm.status.unwrap().phase, Some(Phase::Running));
+    assert_eq!(
+        qemu_pid(&uid),
+        Some(qemu),
+        "QEMU was restarted by the upgrade"
+    );
+    assert!(pid_alive(qemu), "QEMU {qemu} is gone");
+    let size = std::fs::metadata(&console_log).unwrap().len();
+    assert!(
+        common::wait_for(Duration::from_secs(20), || async {
+            (std::fs::metadata(&console_log).ok()?.len() > size).then_some(())
+        })
+        .await
+        .is_some(),
+        "the guest stopped writing to its console after the upgrade"
+    );
+
+    // Uninstall in the README's order: VMs first (their agent removes domains and disks),
+    // then the release, then what the agents kept for their nodes.
+    vms.delete("tiny", &DeleteParams::default()).await.unwrap();
+    common::wait_for(Duration::from_secs(60), || async {
+        vms.get_opt("tiny").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .expect("the VM was not removed");
+    assert_eq!(qemu_pid(&uid), None, "the VM's domain is still defined");
+    assert!(!pid_alive(qemu), "QEMU {qemu} outlived its VM");
+    assert!(
+        !console_log.parent().unwrap().exists(),
+        "the VM's directory was left on the node"
+    );
+    common::delete_namespace(&client, &ns).await;
+
+    helm(&["uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "2m"]);
+    common::cli_ok(
+        kubectl(&["delete", "hypervisor", NODE, "--ignore-not-found"]),
+        "delete hypervisor",
+    );
+    common::cli_ok(
+        kubectl(&[
+            "delete",
+            "lease",
+            "-n",
+            "kube-node-lease",
+            "-l",
+            vmlet::api::HEARTBEAT_LABEL,
+        ]),
+        "delete the heartbeat Leases",
+    );
+    common::wait_for(Duration::from_secs(60), || async {
+        pods.list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await
+    .expect("Pods left in vmlet-system after helm uninstall");
+    let left = common::cli_ok(
+        kubectl(&[
+            "get",
+            "clusterroles,clusterrolebindings,validatingadmissionpolicies,\
+             validatingadmissionpolicybindings,roles,rolebindings,services,secrets,\
+             serviceaccounts,configmaps,deployments,daemonsets,poddisruptionbudgets",
+            "-A",
+            "-l",
+            &format!("app.kubernetes.io/instance={RELEASE}"),
+            "-o",
+            "name",
+        ]),
+        "list what the release labelled",
+    );
+    assert!(left.trim().is_empty(), "left behind: {left}");
+    let leases_left = common::cli_ok(
+        kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-node-lease",
+            "-l",
+            vmlet::api::HEARTBEAT_LABEL,
+            "-o",
+            "name",
+        ]),
+        "list heartbeat Leases",
+    );
+    assert!(leases_left.trim().is_empty(), "left behind: {leases_left}");
+    let containers = String::from_utf8(ctr(&["containers", "ls", "-q"]).stdout).unwrap();
+    let tasks = String::from_utf8(ctr(&["tasks", "ls"]).stdout).unwrap();
+    println!(
+        "after uninstall: {} containers, tasks:\n{tasks}",
+        containers.lines().count()
+    );
+}
+
+/// `kubectl vm console` against the installed chart: a ServiceAccount allowed
+/// virtualmachines/console reads the guest's console; one without is refused.
+fn console_reads_the_guest(ns: &str) {
+    let rbac = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: console-reader, namespace: {ns}}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: vm-console, namespace: {ns}}}\n\
+         rules: [{{apiGroups: [vmlet.dev], resources: [virtualmachines/console], verbs: [get]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: vm-console, namespace: {ns}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: vm-console}}\n\
+         subjects: [{{kind: ServiceAccount, name: console-reader, namespace: {ns}}}]\n"
+    );
+    common::cli_ok(
+        common::cli("kubectl", &["apply", "-f", "-"], Some(&rbac)),
+        "console RBAC",
+    );
+    let token = common::cli_ok(
+        kubectl(&["create", "token", "console-reader", "-n", ns]),
+        "kubectl create token",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-vm"))
+        .args(["console", "tiny", "-n", ns, "--token", token.trim()])
+        .env("KUBECONFIG", common::kubeconfig_path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("vmlet-guest-up"),
+        "console: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
