@@ -535,7 +535,10 @@ async fn other_pods_reach_the_agent(client: &kube::Client, ns: &str, agent_url: 
             "containers": [{"name": "c", "image": "vmlet.dev/pause:local", "imagePullPolicy": "Never",
                 // (busybox's static wget crashes here; nc and a request line do.)
                 "command": ["/bin/busybox", "sh", "-c",
-                    format!("printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 5 {host} {port} | /bin/busybox grep -x ok")]}]}
+                // Tried a few times: the Pod's first packets can race its network's set-up.
+                    format!("for i in 1 2 3 4 5 6 7 8 9 10; do \
+                        r=$(printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 5 {host} {port} 2>&1); \
+                        echo \"try $i: $r\"; echo \"$r\" | /bin/busybox grep -qx ok && exit 0; /bin/busybox sleep 1; done; exit 1")]}]}
     }))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
@@ -544,10 +547,10 @@ async fn other_pods_reach_the_agent(client: &kube::Client, ns: &str, agent_url: 
         matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
     })
     .await;
-    let log = pods
-        .logs("reach-agent", &Default::default())
-        .await
-        .unwrap_or_default();
+    let log = match pods.logs("reach-agent", &Default::default()).await {
+        Ok(l) => l,
+        Err(e) => format!("(no log: {e})"),
+    };
     assert_eq!(
         phase.as_deref(),
         Some("Succeeded"),

@@ -251,13 +251,14 @@ async fn probe_kvm(lv: &Libvirt, state_dir: &Path) -> Result<(), String> {
 }
 
 async fn run_probe(lv: &Libvirt, dir: &Path, host_cpu: bool) -> Result<ProbeRun, String> {
-    let out = dir.join("probe.out");
-    let _ = std::fs::remove_file(&out);
     // Unique per run: agents of several test nodes (processes, or tasks of one) can
-    // share one libvirtd.
+    // share one libvirtd, and a failed run's clean-up in libvirt must not meet the next
+    // run's console file (seen: "Unable to open file: probe.out" right after a run that
+    // QEMU aborted).
     static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = format!("vmlet-kvm-probe-{}-{run}", std::process::id());
+    let out = dir.join(format!("probe-{run}.out"));
     let xml = probe_xml(&name, &dir.join("probe.bin"), &out, host_cpu);
     let uuid = match lv.create_transient(xml).await {
         Ok(uuid) => uuid,

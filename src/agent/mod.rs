@@ -11,6 +11,7 @@ pub mod libvirt;
 mod metrics;
 pub mod migration;
 pub mod peers;
+pub mod plan;
 mod reconcile;
 pub mod render;
 mod report;
@@ -155,7 +156,7 @@ pub struct Context {
     /// Live migrations this node is sending now.
     pub migrations: migration::InFlight,
     /// Never held across an await: a reconcile takes its VM's entry out and puts it back.
-    pub runtime: std::sync::Mutex<std::collections::HashMap<String, reconcile::VmRuntime>>,
+    pub runtime: std::sync::Mutex<std::collections::HashMap<String, plan::VmRuntime>>,
     /// Reconciles that may start a domain hold it shared; fencing holds it exclusively, so
     /// no start slips in between fencing's flag and its destroys.
     pub fence_gate: tokio::sync::RwLock<()>,

@@ -11,11 +11,11 @@ use serde_json::json;
 
 use super::images::ImageError;
 use super::libvirt::{DomainInfo, LibvirtError, RunState};
+use super::plan::{self, Step, VmRuntime};
 use super::render::{self, LocalImage};
 use super::status::{Observed, Problem};
 use super::{Context, disks};
 use crate::api::image::ImageFormat;
-use crate::api::vm::{Phase, RunStrategy};
 use crate::api::{DOMAIN_FINALIZER, VirtualMachine, VirtualMachineImage};
 
 /// The annotation through which a user starts and stops a VM with runStrategy Manual.
@@ -56,24 +56,6 @@ impl Error {
             Error::Xml(_) => "RenderFailed",
         }
     }
-}
-
-/// What the agent remembers about a VM between reconciles (lost on restart, which only
-/// costs a shorter backoff or a repeated ACPI request).
-#[derive(Debug, Default)]
-pub struct VmRuntime {
-    /// When we asked the guest to shut down; destroy after the grace period.
-    pub shutdown_since: Option<Instant>,
-    /// We stopped the domain ourselves: a destroyed state is not a failure then.
-    pub stopped_by_us: bool,
-    /// Earliest time the next restart after a failure may happen.
-    pub next_restart: Option<Instant>,
-    /// Failures in a row, for the exponential backoff.
-    pub failures: u32,
-    /// When this agent last started the domain.
-    pub started_at: Option<Instant>,
-    /// Why the last start failed, until a start works.
-    pub start_error: Option<String>,
 }
 
 /// A VM's runtime record, taken out of the map for one reconcile (reconciles of one VM
@@ -123,15 +105,6 @@ impl Drop for Taken<'_> {
     }
 }
 
-/// A domain that has run this long since its last start is healthy again: the next
-/// failure's backoff starts over from 1 s.
-const STABLE_AFTER: Duration = Duration::from_secs(60);
-
-/// Restart delay after `failures` failures in a row: 1 s doubling up to 5 minutes.
-pub fn backoff(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.min(9).saturating_sub(1)).min(Duration::from_secs(300))
-}
-
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     let vm = ctx.freshest(vm);
     let ns = vm.namespace().unwrap_or_default();
@@ -174,16 +147,15 @@ async fn finalize_then(
     ctx: &Context,
 ) -> Result<Action, Error> {
     let ours = vm.finalizers().iter().any(|f| f == DOMAIN_FINALIZER);
-    if vm.metadata.deletion_timestamp.is_some() {
-        if !ours {
+    match plan::entry(vm.metadata.deletion_timestamp.is_some(), ours) {
+        plan::Entry::Ignore => return Ok(Action::await_change()),
+        plan::Entry::Cleanup => {
+            cleanup(vm, ctx).await?;
+            crate::patch::remove_finalizer(api, vm, DOMAIN_FINALIZER).await?;
             return Ok(Action::await_change());
         }
-        cleanup(vm, ctx).await?;
-        crate::patch::remove_finalizer(api, vm, DOMAIN_FINALIZER).await?;
-        return Ok(Action::await_change());
-    }
-    if ours {
-        return apply(vm, ctx, Freshness::Cached).await;
+        plan::Entry::Apply => return apply(vm, ctx, Freshness::Cached).await,
+        plan::Entry::Adopt => {}
     }
     let mut ops = vec![
         json!({"op": "test", "path": "/metadata/uid", "value": vm.metadata.uid}),
@@ -350,30 +322,6 @@ async fn migrating(ctx: &Context, ns: &str, name: &str, side: Side) -> Result<bo
     }))
 }
 
-/// Whether the VM should be running now, given its strategy and what happened so far.
-fn want_running(vm: &VirtualMachine, domain: Option<&DomainInfo>, rt: &VmRuntime) -> bool {
-    let status = vm.status.clone().unwrap_or_default();
-    let state = domain.map(|d| d.state);
-    let running = state.is_some_and(RunState::active);
-    let ever_started = status.start_time.is_some();
-    let failed = matches!(state, Some(RunState::Crashed))
-        || (matches!(state, Some(RunState::Destroyed)) && !rt.stopped_by_us);
-    match vm.spec.run_strategy.unwrap_or_default() {
-        RunStrategy::Halted => false,
-        RunStrategy::Always => true,
-        RunStrategy::Manual => {
-            vm.annotations().get(POWER_ANNOTATION).map(String::as_str) == Some("on")
-        }
-        RunStrategy::Once => running || !ever_started,
-        RunStrategy::RerunOnFailure => {
-            // A guest that powered itself off has finished: it stays stopped.
-            let finished = !running && ever_started && !failed && !rt.stopped_by_us;
-            let was_finished = status.phase == Some(Phase::Stopped) && ever_started;
-            running || failed || !(finished || was_finished)
-        }
-    }
-}
-
 /// Brings the domain to what the spec asks, and writes the status: a step that cannot be
 /// done shows on the VM as a Problem.
 async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Action, Error> {
@@ -387,226 +335,187 @@ async fn apply(vm: &VirtualMachine, ctx: &Context, read: Freshness) -> Result<Ac
 }
 
 /// Ok(Err(problem)) when a step failed in a way the VM's status must show; Err(error)
-/// for failures of the agent's own connections (logged and retried).
+/// for failures of the agent's own connections (logged and retried). Observes, asks
+/// [`plan::plan`] what to do, does it, and reports what is then true.
 async fn apply_steps(
     vm: &VirtualMachine,
     ctx: &Context,
     read: Freshness,
 ) -> Result<Result<Action, Problem>, Error> {
-    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
-        // Cut off: the VM may already run elsewhere. Touch nothing until the lease renews.
-        return Ok(Ok(Action::requeue(Duration::from_secs(2))));
-    }
     let uid = vm.uid().unwrap_or_default();
-    if ctx.migrations.holds_vm(&uid) {
-        // Being copied to another node: the domain is libvirt's to move, not ours to touch.
-        return Ok(Ok(Action::requeue(Duration::from_secs(2))));
+    // Held either way (see plan::plan): not worth resolving images for.
+    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) || ctx.migrations.holds_vm(&uid) {
+        return Ok(Ok(Action::requeue(plan::HOLD)));
     }
-    let class = match &vm.spec.class_ref {
-        Some(r) => match ctx
-            .classes
-            .get(&kube::runtime::reflector::ObjectRef::new(&r.name))
-        {
-            Some(c) => Some(c.spec.clone()),
-            None => {
-                return Ok(Err(Problem::retrying(
-                    "ClassNotFound",
-                    format!("VirtualMachineClass {} does not exist: create it", r.name),
-                )));
-            }
-        },
-        None => None,
-    };
-    let images = match resolve_images(vm, ctx).await {
-        Ok(i) => i,
+    let spec = match observe_spec(vm, ctx).await {
+        Ok(s) => s,
         Err(p) => return Ok(Err(p)),
     };
-    let domain = match render::render(vm, class.as_ref(), &images, &ctx.facts) {
-        Ok(d) => d,
-        Err(e) => return Ok(Err(Problem::needs_change("InvalidSpec", e.to_string()))),
-    };
-    let hw = render::Hardware::resolve(&vm.spec, class.as_ref()).ok();
-    let (xml, hash) = render::finish(domain)?;
-
+    let (xml, hash) = render::finish(spec.domain)?;
     let mut existing = ctx.lv.lookup(&uid).await?;
-    let ran_before = vm.status.as_ref().is_some_and(|s| s.start_time.is_some());
-    // libvirt may have moved the guest while this agent was down: the definition it left
-    // here (shut off, or gone) must not start a second copy. The migration settles first
-    // (see agent::migration::settle), and then this definition goes.
-    let moved_away = existing
-        .as_ref()
-        .is_some_and(|d| d.state == RunState::MigratedAway);
-    if moved_away
-        || (!existing.as_ref().is_some_and(|d| d.state.active())
-            && ran_before
-            && migrating(
-                ctx,
-                &vm.namespace().unwrap_or_default(),
-                &vm.name_any(),
-                Side::Source,
-            )
-            .await?)
-    {
-        tracing::warn!(vm = %vm.name_any(), moved_away, "not starting: a migration from this node is unsettled");
-        return Ok(Ok(Action::requeue(Duration::from_secs(5))));
-    }
-    let gate = ctx.fence_gate.read().await;
-    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) {
-        return Ok(Ok(Action::requeue(Duration::from_secs(2))));
-    }
-    let mut rt = Taken::new(&ctx.runtime, &uid);
-    let mut want = want_running(vm, existing.as_ref(), &rt);
+    let status = vm.status.clone().unwrap_or_default();
+    let ran_before = status.start_time.is_some();
+    let state = existing.as_ref().map(|d| d.state);
     let defined_hash = existing
         .as_ref()
         .and_then(|d| d.owner.as_ref())
         .map(|o| o.hash.clone());
-    let state = existing.as_ref().map(|d| d.state);
-    let running = state.is_some_and(RunState::active);
-    let restart_token = vm.annotations().get(RESTART_ANNOTATION).cloned();
-    let restart_pending = restart_token.is_some()
-        && restart_token
-            != vm
-                .status
-                .as_ref()
-                .and_then(|s| s.last_restart_request.clone());
-    let halted = vm.spec.run_strategy == Some(RunStrategy::Halted);
-    // Being drained off this node by shutting down: stop, and stay stopped here.
-    if vm.annotations().get(crate::api::EVICT_ANNOTATION) == Some(&ctx.node) {
-        want = false;
-    }
-    if restart_pending && !halted {
-        // Stop first if it runs; start once it is down, whatever the strategy says.
-        want = !running;
-    }
-    let mut requeue = super::REQUEUE;
-    let mut restarted = false;
-    let mut started_now = false;
-    let mut backing_off = None;
-
-    // The VM's files: prepared before a (re)definition, so that a defined domain never
-    // points at a disk that does not exist, and before every start, so that the seed
-    // follows the spec at every boot; at most once per reconcile.
-    let mut prepared = false;
-    let prepare = || async {
-        let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, &images)
-            .map_err(|e| Problem::needs_change("InvalidSpec", e.to_string()))?;
-        disks::prepare(
-            &render::vm_dir(&ctx.facts.state_dir, &uid),
-            &files,
-            &uid,
+    let migration_unsettled = plan::needs_migration_check(state, ran_before)
+        && migrating(
+            ctx,
+            &vm.namespace().unwrap_or_default(),
             &vm.name_any(),
+            Side::Source,
         )
-        .await
-        .map_err(|e| disk_problem(&e))
+        .await?;
+    // Starts happen under the gate: fencing takes it exclusively, so no start slips in
+    // between fencing's flag and its destroys.
+    let gate = ctx.fence_gate.read().await;
+    let mut rt = Taken::new(&ctx.runtime, &uid);
+    let annotations = vm.annotations();
+    let o = plan::Observation {
+        now: Instant::now(),
+        fenced: ctx.fenced.load(std::sync::atomic::Ordering::SeqCst),
+        copying_out: ctx.migrations.holds_vm(&uid),
+        fresh: read == Freshness::Fresh,
+        strategy: vm.spec.run_strategy.unwrap_or_default(),
+        power_on: annotations.get(POWER_ANNOTATION).map(String::as_str) == Some("on"),
+        restart_token: annotations.get(RESTART_ANNOTATION).map(String::as_str),
+        last_restart_request: status.last_restart_request.as_deref(),
+        evicted_here: annotations.get(crate::api::EVICT_ANNOTATION) == Some(&ctx.node),
+        ran_before,
+        phase: status.phase,
+        grace: grace_period(vm),
+        domain: state,
+        defined_hash: defined_hash.as_deref(),
+        hash: &hash,
+        migration_unsettled,
+        default_requeue: super::REQUEUE,
     };
-    // A VM that ran and has no domain here may just have moved away (a settled migration
-    // undefined it a moment before the cache saw the new binding): files and a
-    // definition made from a stale cache would be a stranded copy. Ask the API server.
-    if existing.is_none()
-        && ran_before
-        && read == Freshness::Cached
-        && !still_bound_here(vm, ctx).await?
+    let acts = match plan::plan(&o, &rt) {
+        plan::Plan::Hold { requeue, why } => {
+            tracing::info!(vm = %vm.name_any(), why, "not acting on the domain");
+            return Ok(Ok(Action::requeue(requeue)));
+        }
+        plan::Plan::Act(acts) => acts,
+    };
+    let started_now = match execute(vm, ctx, &acts.steps, xml, &spec.images, &mut rt).await? {
+        Ok(started_now) => started_now,
+        Err(Halt::NotBound) => return Ok(Ok(Action::await_change())),
+        Err(Halt::Problem(p)) => return Ok(Err(p)),
+    };
+    if acts
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Define | Step::Start | Step::Destroy))
     {
-        tracing::info!(vm = %vm.name_any(), "not defining: no longer bound to this node");
-        return Ok(Ok(Action::await_change()));
-    }
-    if existing.is_none() || (!running && defined_hash.as_deref() != Some(hash.as_str())) {
-        // New, or stopped with an outdated definition: (re)define.
-        if let Err(p) = prepare().await {
-            return Ok(Err(p));
-        }
-        prepared = true;
-        if let Err(e) = ctx.lv.define(xml).await {
-            return Ok(Err(Problem::retrying(
-                "DefineFailed",
-                format!("libvirt refused to define the domain: {e}"),
-            )));
-        }
         existing = ctx.lv.lookup(&uid).await?;
     }
-
-    if want && !running {
-        let failed = matches!(state, Some(RunState::Crashed))
-            || (matches!(state, Some(RunState::Destroyed)) && !rt.stopped_by_us);
-        if failed && rt.next_restart.is_none() {
-            rt.failures += 1;
-            rt.next_restart = Some(Instant::now() + backoff(rt.failures));
-        }
-        match rt.next_restart {
-            Some(at) if at > Instant::now() => {
-                if let Some(err) = &rt.start_error {
-                    return Ok(Err(start_failed(rt.failures, err, at - Instant::now())));
-                }
-                backing_off = Some(at - Instant::now());
-                requeue = at - Instant::now();
-            }
-            _ => {
-                if !prepared && let Err(p) = prepare().await {
-                    return Ok(Err(p));
-                }
-                // The cache may be stale (a watch that just came back after a cut): ask
-                // the API server whether the VM is still ours before running it.
-                if read == Freshness::Cached && !still_bound_here(vm, ctx).await? {
-                    tracing::warn!(vm = %vm.name_any(), "not starting: no longer bound to this node");
-                    return Ok(Ok(Action::await_change()));
-                }
-                tracing::info!(vm = %vm.name_any(), uid, "starting domain");
-                if let Err(e) = ctx.lv.start(&uid).await {
-                    rt.failures += 1;
-                    let wait = backoff(rt.failures);
-                    rt.next_restart = Some(Instant::now() + wait);
-                    rt.start_error = Some(e.to_string());
-                    return Ok(Err(start_failed(rt.failures, &e.to_string(), wait)));
-                }
-                rt.start_error = None;
-                restarted = vm
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.start_time.as_ref())
-                    .is_some();
-                started_now = true;
-                rt.next_restart = None;
-                rt.started_at = Some(Instant::now());
-                rt.stopped_by_us = false;
-                rt.shutdown_since = None;
-                existing = ctx.lv.lookup(&uid).await?;
-            }
-        }
-    } else if !want && running {
-        rt.stopped_by_us = true;
-        let grace = Duration::from_secs(
-            vm.spec
-                .termination_grace_period_seconds
-                .unwrap_or(30)
-                .max(0) as u64,
-        );
-        match rt.shutdown_since {
-            None => {
-                ctx.lv.shutdown(&uid).await?;
-                rt.shutdown_since = Some(Instant::now());
-                requeue = Duration::from_secs(1);
-            }
-            Some(since) if since.elapsed() >= grace => {
-                tracing::info!(vm = %vm.name_any(), "ACPI shutdown timed out: destroying");
-                ctx.lv.destroy(&uid).await?;
-                existing = ctx.lv.lookup(&uid).await?;
-            }
-            Some(_) => requeue = Duration::from_secs(1),
-        }
-    } else if want && running {
-        let stable = rt.started_at.is_none_or(|t| t.elapsed() >= STABLE_AFTER);
-        if rt.failures > 0 && stable && matches!(state, Some(RunState::Running)) {
-            rt.failures = 0;
-        } else if rt.failures > 0 && !stable {
-            // Come back when it has proven stable.
-            requeue = requeue.min(STABLE_AFTER);
-        }
-    }
-    let stopped_by_us = rt.stopped_by_us;
-    let rt_failures = rt.failures;
+    *rt = acts.runtime.clone();
     drop(rt);
     drop(gate);
+    if let Some(failure) = &acts.start_failed {
+        return Ok(Err(start_failed(failure)));
+    }
 
+    let done = Done {
+        existing,
+        started_now,
+        ran_before,
+        runtime: acts.runtime.clone(),
+        hardware: spec.hardware,
+    };
+    report_done(vm, ctx, &o, &acts, &hash, done).await.map(Ok)
+}
+
+/// Why the steps stopped before the last.
+enum Halt {
+    /// A fresh read shows the VM bound elsewhere or gone: its next event brings the news.
+    NotBound,
+    Problem(Problem),
+}
+
+/// Runs the plan's steps in order, stopping at the first that fails; whether the domain
+/// was started. A refused start goes into the runtime record (the backoff).
+async fn execute(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    steps: &[Step],
+    xml: String,
+    images: &BTreeMap<String, LocalImage>,
+    rt: &mut VmRuntime,
+) -> Result<Result<bool, Halt>, Error> {
+    let uid = vm.uid().unwrap_or_default();
+    let mut xml = Some(xml);
+    let mut started_now = false;
+    for step in steps {
+        match step {
+            Step::ConfirmBound => {
+                // The cache may be stale (a watch that just came back after a cut): ask
+                // the API server whether the VM is still ours before acting on it.
+                if !still_bound_here(vm, ctx).await? {
+                    tracing::warn!(vm = %vm.name_any(), ?steps, "not acting: no longer bound to this node");
+                    return Ok(Err(Halt::NotBound));
+                }
+            }
+            Step::Prepare => {
+                if let Err(p) = prepare_files(vm, ctx, images).await {
+                    return Ok(Err(Halt::Problem(p)));
+                }
+            }
+            Step::Define => {
+                if let Err(e) = ctx.lv.define(xml.take().unwrap_or_default()).await {
+                    return Ok(Err(Halt::Problem(Problem::retrying(
+                        "DefineFailed",
+                        format!("libvirt refused to define the domain: {e}"),
+                    ))));
+                }
+            }
+            Step::Start => {
+                tracing::info!(vm = %vm.name_any(), uid, "starting domain");
+                if let Err(e) = ctx.lv.start(&uid).await {
+                    let (next, failure) = plan::start_refused(rt, Instant::now(), e.to_string());
+                    *rt = next;
+                    return Ok(Err(Halt::Problem(start_failed(&failure))));
+                }
+                started_now = true;
+            }
+            Step::Shutdown => ctx.lv.shutdown(&uid).await?,
+            Step::Destroy => {
+                tracing::info!(vm = %vm.name_any(), "ACPI shutdown timed out: destroying");
+                ctx.lv.destroy(&uid).await?;
+            }
+        }
+    }
+    Ok(Ok(started_now))
+}
+
+/// What the executed steps left: the domain as libvirt now shows it, and the runtime.
+struct Done {
+    existing: Option<DomainInfo>,
+    started_now: bool,
+    ran_before: bool,
+    runtime: VmRuntime,
+    hardware: Option<render::Hardware>,
+}
+
+/// Writes the status that says what is now true, and when to look again.
+async fn report_done(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    o: &plan::Observation<'_>,
+    acts: &plan::Acts,
+    hash: &str,
+    done: Done,
+) -> Result<Action, Error> {
+    let uid = vm.uid().unwrap_or_default();
+    let Done {
+        existing,
+        started_now,
+        ran_before,
+        runtime,
+        hardware,
+    } = done;
     let final_state = existing.as_ref().map(|d| d.state);
     let now_running = final_state.is_some_and(RunState::active);
     let restart_required = now_running
@@ -614,7 +523,7 @@ async fn apply_steps(
             .as_ref()
             .and_then(|d| d.owner.as_ref())
             .map(|o| o.hash.as_str())
-            != Some(hash.as_str());
+            != Some(hash);
     let addresses = if now_running {
         ctx.lv.addresses(&uid).await.unwrap_or_default()
     } else {
@@ -623,36 +532,104 @@ async fn apply_steps(
     let observed = Observed {
         defined: existing.is_some(),
         state: final_state,
-        want_running: want,
-        stopped_by_us,
+        want_running: acts.want_running,
+        stopped_by_us: runtime.stopped_by_us,
         restart_required,
-        backing_off,
-        failures: rt_failures,
-        restarted,
+        backing_off: acts.backing_off,
+        failures: runtime.failures,
+        restarted: started_now && ran_before,
         started_now,
         addresses,
-        hardware: hw,
-        restart_handled: restart_token
-            .filter(|_| restart_pending && (started_now || (halted && !now_running))),
+        hardware,
+        restart_handled: plan::restart_handled(o, acts.restart_pending, started_now, now_running)
+            .map(str::to_string),
     };
     super::status::write(vm, ctx, observed, None).await?;
+    let mut requeue = acts.requeue;
     if final_state == Some(RunState::ShuttingDown) {
-        requeue = requeue.min(Duration::from_secs(1));
+        requeue = requeue.min(plan::SHUTDOWN_POLL);
     }
-    Ok(Ok(Action::requeue(requeue)))
+    Ok(Action::requeue(requeue))
+}
+
+/// What the spec resolves to on this node: its class, its images' local files, the
+/// domain it renders to, and the hardware it asks for.
+struct SpecOnNode {
+    images: BTreeMap<String, LocalImage>,
+    domain: super::domain::Domain,
+    hardware: Option<render::Hardware>,
+}
+
+async fn observe_spec(vm: &VirtualMachine, ctx: &Context) -> Result<SpecOnNode, Problem> {
+    let class = match &vm.spec.class_ref {
+        Some(r) => match ctx
+            .classes
+            .get(&kube::runtime::reflector::ObjectRef::new(&r.name))
+        {
+            Some(c) => Some(c.spec.clone()),
+            None => {
+                return Err(Problem::retrying(
+                    "ClassNotFound",
+                    format!("VirtualMachineClass {} does not exist: create it", r.name),
+                ));
+            }
+        },
+        None => None,
+    };
+    let images = resolve_images(vm, ctx).await?;
+    let domain = render::render(vm, class.as_ref(), &images, &ctx.facts)
+        .map_err(|e| Problem::needs_change("InvalidSpec", e.to_string()))?;
+    let hardware = render::Hardware::resolve(&vm.spec, class.as_ref()).ok();
+    Ok(SpecOnNode {
+        images,
+        domain,
+        hardware,
+    })
+}
+
+/// The VM's files: made before a (re)definition, so that a defined domain never points
+/// at a disk that does not exist, and before every start, so that the seed follows the
+/// spec at every boot.
+async fn prepare_files(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    images: &BTreeMap<String, LocalImage>,
+) -> Result<(), Problem> {
+    let uid = vm.uid().unwrap_or_default();
+    let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, images)
+        .map_err(|e| Problem::needs_change("InvalidSpec", e.to_string()))?;
+    disks::prepare(
+        &render::vm_dir(&ctx.facts.state_dir, &uid),
+        &files,
+        &uid,
+        &vm.name_any(),
+    )
+    .await
+    .map_err(|e| disk_problem(&e))
+}
+
+fn grace_period(vm: &VirtualMachine) -> Duration {
+    Duration::from_secs(
+        vm.spec
+            .termination_grace_period_seconds
+            .unwrap_or(30)
+            .max(0) as u64,
+    )
 }
 
 /// A start libvirt refused; tried again after the crash backoff. The message counts the
 /// failures, so it changes (and is written) once per attempt, not per reconcile.
-fn start_failed(failures: u32, err: &str, remaining: Duration) -> Problem {
+fn start_failed(f: &plan::StartFailure) -> Problem {
     Problem::retrying(
         "StartFailed",
         format!(
-            "libvirt could not start the domain ({failures} in a row): {err}; the agent retries {} s after the failure",
-            backoff(failures).as_secs()
+            "libvirt could not start the domain ({} in a row): {}; the agent retries {} s after the failure",
+            f.failures,
+            f.error,
+            plan::backoff(f.failures).as_secs()
         ),
     )
-    .after(remaining)
+    .after(f.remaining)
 }
 
 /// Disk preparation failures: a missing program is the node's to fix, anything else
@@ -702,13 +679,7 @@ async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
                 ..Default::default()
             };
             super::status::write(vm, ctx, observed, None).await?;
-            let grace = Duration::from_secs(
-                vm.spec
-                    .termination_grace_period_seconds
-                    .unwrap_or(30)
-                    .max(0) as u64,
-            );
-            stop_gracefully(ctx, &uid, grace).await?;
+            stop_gracefully(ctx, &uid, grace_period(vm)).await?;
         }
         ctx.lv.undefine(&uid).await?;
     }
@@ -881,13 +852,5 @@ mod tests {
                 "{fresh:?} running={running} target={target}"
             );
         }
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(2), Duration::from_secs(2));
-        assert_eq!(backoff(5), Duration::from_secs(16));
-        assert_eq!(backoff(30), Duration::from_secs(256));
     }
 }
