@@ -535,9 +535,11 @@ async fn other_pods_reach_the_agent(client: &kube::Client, ns: &str, agent_url: 
             "containers": [{"name": "c", "image": "vmlet.dev/pause:local", "imagePullPolicy": "Never",
                 // (busybox's static wget crashes here; nc and a request line do.)
                 "command": ["/bin/busybox", "sh", "-c",
-                // Tried a few times: the Pod's first packets can race its network's set-up.
+                // busybox nc hangs up when its input ends, before the reply: keep the
+                // input open a while. Tried a few times: the Pod's first packets can
+                // race its network's set-up.
                     format!("for i in 1 2 3 4 5 6 7 8 9 10; do \
-                        r=$(printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 5 {host} {port} 2>&1); \
+                        r=$( (printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n'; /bin/busybox sleep 2) | /bin/busybox nc -w 5 {host} {port} 2>&1); \
                         echo \"try $i: $r\"; echo \"$r\" | /bin/busybox grep -qx ok && exit 0; /bin/busybox sleep 1; done; exit 1")]}]}
     }))
     .unwrap();
