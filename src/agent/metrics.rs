@@ -8,14 +8,23 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use super::Context;
 use crate::http::Reply;
 
+/// A failed reconcile: which controller of the agent, and what failed.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
-    kind: String,
+    controller: &'static str,
+    kind: &'static str,
+}
+
+/// An outbound live migration's event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MigrationLabels {
+    event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -24,7 +33,20 @@ struct VmLabels {
     name: String,
 }
 
+/// One series per VM bound to this node, value 1: joins its phase and node to the
+/// per-VM counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VmInfoLabels {
+    namespace: String,
+    name: String,
+    phase: String,
+    node: String,
+}
+
+/// The agent's own metrics, registered once; the per-VM series are read from libvirt
+/// and the VM cache at each scrape.
 pub struct Metrics {
+    registry: Registry,
     reconciles: Counter,
     reconcile_seconds: Histogram,
     errors: Family<ErrorLabels, Counter>,
@@ -32,14 +54,16 @@ pub struct Metrics {
     orphans_removed: Counter,
     fencings: Counter,
     fences_skipped: Counter,
-    migrations: Family<ErrorLabels, Counter>,
+    migrations: Family<MigrationLabels, Counter>,
     migration_seconds: Histogram,
     migration_downtime_seconds: Histogram,
+    vms: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
+        let m = Metrics {
+            registry: Registry::default(),
             reconciles: Counter::default(),
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             errors: Family::default(),
@@ -50,23 +74,94 @@ impl Default for Metrics {
             migrations: Family::default(),
             migration_seconds: Histogram::new(exponential_buckets(0.25, 2.0, 12)),
             migration_downtime_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
-        }
+            vms: Gauge::default(),
+        };
+        m.register()
     }
 }
 
 impl Metrics {
-    pub fn reconciled(&self, took: Duration, error: Option<&str>) {
-        self.reconciles.inc();
-        self.reconcile_seconds.observe(took.as_secs_f64());
-        if let Some(kind) = error {
-            self.error(kind);
-        }
+    fn register(mut self) -> Self {
+        let mut reg = Registry::default();
+        reg.register(
+            "vmlet_build",
+            "The running vmlet's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        let agent = reg.sub_registry_with_prefix("vmlet_agent");
+        agent.register("reconciles", "VM reconciles run", self.reconciles.clone());
+        agent.register(
+            "reconcile_duration_seconds",
+            "Time one VM reconcile took",
+            self.reconcile_seconds.clone(),
+        );
+        agent.register(
+            "reconcile_errors",
+            "Failed reconciles, once each: by controller (vm, migration) and kind",
+            self.errors.clone(),
+        );
+        agent.register(
+            "status_writes",
+            "VM status patches sent",
+            self.status_writes.clone(),
+        );
+        agent.register(
+            "orphaned_domains_removed",
+            "Domains removed because their VM was gone",
+            self.orphans_removed.clone(),
+        );
+        agent.register(
+            "fencings",
+            "Times the agent fenced itself (destroyed its domains)",
+            self.fencings.clone(),
+        );
+        agent.register(
+            "fences_skipped",
+            "Times the fence delay passed but a majority of hypervisors could not reach the API server either (an outage): domains kept",
+            self.fences_skipped.clone(),
+        );
+        agent.register(
+            "migrations",
+            "Outbound live migrations by event (started, succeeded, failed, settled-*)",
+            self.migrations.clone(),
+        );
+        agent.register(
+            "migration_duration_seconds",
+            "Time an outbound live migration took, start to switch-over or failure",
+            self.migration_seconds.clone(),
+        );
+        agent.register(
+            "migration_downtime_seconds",
+            "Guest pause at the switch-over of a live migration, as libvirt reports it",
+            self.migration_downtime_seconds.clone(),
+        );
+        agent.register("vms", "VMs bound to this node", self.vms.clone());
+        self.registry = reg;
+        self
     }
 
-    pub fn error(&self, kind: &str) {
+    /// One VM reconcile ran (its error, if any, is counted by the error policy).
+    pub fn reconciled(&self, took: Duration) {
+        self.reconciles.inc();
+        self.reconcile_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A failed VM reconcile.
+    pub fn vm_error(&self, kind: &'static str) {
         self.errors
             .get_or_create(&ErrorLabels {
-                kind: kind.to_string(),
+                controller: "vm",
+                kind,
+            })
+            .inc();
+    }
+
+    /// A failed migration step.
+    pub fn migration_error(&self, kind: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                controller: "migration",
+                kind,
             })
             .inc();
     }
@@ -79,12 +174,10 @@ impl Metrics {
         self.orphans_removed.inc();
     }
 
-    /// A migration from this node: "started", "succeeded" or "failed".
-    pub fn migration(&self, what: &str) {
+    /// A migration from this node: started, succeeded, failed, settled-*.
+    pub fn migration(&self, event: &'static str) {
         self.migrations
-            .get_or_create(&ErrorLabels {
-                kind: what.to_string(),
-            })
+            .get_or_create(&MigrationLabels { event })
             .inc();
     }
 
@@ -131,60 +224,31 @@ fn peer_answer(ctx: &Context, req: &crate::http::Request) -> Reply {
     )
 }
 
-/// Encodes the counters above plus per-VM libvirt stats taken now.
+/// Encodes the registered metrics plus per-VM series taken now.
 async fn render(ctx: &Context) -> String {
-    let mut reg = Registry::with_prefix("vmlet_agent");
     let m = &ctx.metrics;
-    reg.register("reconciles", "VM reconciles run", m.reconciles.clone());
-    reg.register(
-        "reconcile_duration_seconds",
-        "Time one VM reconcile took",
-        m.reconcile_seconds.clone(),
-    );
-    reg.register(
-        "reconcile_errors",
-        "Reconcile errors by kind",
-        m.errors.clone(),
-    );
-    reg.register(
-        "status_writes",
-        "VM status patches sent",
-        m.status_writes.clone(),
-    );
-    reg.register(
-        "orphaned_domains_removed",
-        "Domains removed because their VM was gone",
-        m.orphans_removed.clone(),
-    );
-    reg.register(
-        "fencings",
-        "Times the agent fenced itself (destroyed its domains)",
-        m.fencings.clone(),
-    );
-    reg.register(
-        "fences_skipped",
-        "Times the fence delay passed but a majority of hypervisors could not reach the API server either (an outage): domains kept",
-        m.fences_skipped.clone(),
-    );
-    reg.register(
-        "migrations",
-        "Outbound live migrations by event (kind: started, succeeded, failed)",
-        m.migrations.clone(),
-    );
-    reg.register(
-        "migration_duration_seconds",
-        "Time an outbound live migration took, start to switch-over or failure",
-        m.migration_seconds.clone(),
-    );
-    reg.register(
-        "migration_downtime_seconds",
-        "Guest pause at the switch-over of a live migration, as libvirt reports it",
-        m.migration_downtime_seconds.clone(),
-    );
-    let vms = Gauge::<i64>::default();
-    vms.set(ctx.vms.state().len() as i64);
-    reg.register("vms", "VMs bound to this node", vms);
-
+    let bound = ctx.vms.state();
+    m.vms.set(bound.len() as i64);
+    let info = Family::<VmInfoLabels, Gauge>::default();
+    for vm in &bound {
+        let (Some(namespace), Some(name)) =
+            (vm.metadata.namespace.clone(), vm.metadata.name.clone())
+        else {
+            continue;
+        };
+        let phase = vm
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .map_or("", |p| p.as_str());
+        info.get_or_create(&VmInfoLabels {
+            namespace,
+            name,
+            phase: phase.to_string(),
+            node: ctx.node.clone(),
+        })
+        .set(1);
+    }
     let cpu = Family::<VmLabels, Counter<f64>>::default();
     let mem = Family::<VmLabels, Gauge<i64>>::default();
     let disk_rd = Family::<VmLabels, Counter>::default();
@@ -217,6 +281,7 @@ async fn render(ctx: &Context) -> String {
         }
     }
     let mut vm_reg = Registry::with_prefix("vmlet_vm");
+    vm_reg.register("info", "VMs bound to this node, with their phase", info);
     vm_reg.register("cpu_seconds", "vCPU time the VM used", cpu);
     vm_reg.register("memory_bytes", "Memory the balloon reports as current", mem);
     vm_reg.register("disk_read_bytes", "Bytes read from the VM's disks", disk_rd);
@@ -237,7 +302,7 @@ async fn render(ctx: &Context) -> String {
     );
 
     let mut out = String::new();
-    let _ = prometheus_client::encoding::text::encode_registry(&mut out, &reg);
+    let _ = prometheus_client::encoding::text::encode_registry(&mut out, &m.registry);
     let _ = prometheus_client::encoding::text::encode(&mut out, &vm_reg);
     out
 }

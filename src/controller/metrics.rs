@@ -8,6 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use super::Context;
@@ -18,9 +19,11 @@ struct ResultLabel {
     result: String,
 }
 
+/// A failed reconcile: which of the controller's loops, and what failed.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabel {
-    kind: String,
+struct ErrorLabels {
+    controller: &'static str,
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -28,21 +31,26 @@ struct PhaseLabel {
     phase: String,
 }
 
+/// The controller's own metrics, registered once; the per-phase gauges are counted from
+/// the caches at each scrape.
 #[derive(Clone)]
 pub struct Metrics {
+    registry: Arc<Registry>,
     attempts: Family<ResultLabel, Counter>,
     latency: Family<ResultLabel, Histogram>,
-    errors: Family<KindLabel, Counter>,
+    errors: Family<ErrorLabels, Counter>,
     leader: Gauge,
     evictions: Family<ResultLabel, Counter>,
     migrations: Family<ResultLabel, Counter>,
+    migration_latency: Histogram,
     imbalance: Gauge<f64, std::sync::atomic::AtomicU64>,
     planned_moves: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
+        let mut m = Metrics {
+            registry: Arc::new(Registry::default()),
             attempts: Family::default(),
             latency: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -51,13 +59,72 @@ impl Default for Metrics {
             leader: Gauge::default(),
             evictions: Family::default(),
             migrations: Family::default(),
+            migration_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             imbalance: Gauge::default(),
             planned_moves: Gauge::default(),
-        }
+        };
+        m.registry = Arc::new(m.registry_of());
+        m
     }
 }
 
 impl Metrics {
+    fn registry_of(&self) -> Registry {
+        let mut reg = Registry::default();
+        reg.register(
+            "vmlet_build",
+            "The running vmlet's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        let c = reg.sub_registry_with_prefix("vmlet_controller");
+        c.register(
+            "scheduling_attempts",
+            "VM placements by result (scheduled, unschedulable, error)",
+            self.attempts.clone(),
+        );
+        c.register(
+            "scheduling_duration_seconds",
+            "Time from decision start to bind",
+            self.latency.clone(),
+        );
+        c.register(
+            "reconcile_errors",
+            "Failed reconciles, once each: by controller (placement, migration) and kind",
+            self.errors.clone(),
+        );
+        c.register(
+            "leader",
+            "1 while this replica is the leader",
+            self.leader.clone(),
+        );
+        c.register(
+            "node_loss_evictions",
+            "VMs of lost nodes, by result (moved, marked-unknown)",
+            self.evictions.clone(),
+        );
+        c.register(
+            "utilisation_imbalance",
+            "Coefficient of variation of hypervisor utilisation, as the rebalancer last saw it",
+            self.imbalance.clone(),
+        );
+        c.register(
+            "rebalance_planned_moves",
+            "Migrations the rebalancer's last plan asked for (or would, in plan mode)",
+            self.planned_moves.clone(),
+        );
+        c.register(
+            "migration_decisions",
+            "Migration admission decisions by result (scheduled, refused, or why it waits)",
+            self.migrations.clone(),
+        );
+        c.register(
+            "migration_decision_duration_seconds",
+            "Time one migration admission decision took",
+            self.migration_latency.clone(),
+        );
+        reg
+    }
+
     pub fn attempt(&self, result: &str, took: Duration) {
         let l = ResultLabel {
             result: result.to_string(),
@@ -66,10 +133,22 @@ impl Metrics {
         self.latency.get_or_create(&l).observe(took.as_secs_f64());
     }
 
-    pub fn error(&self, kind: &str) {
+    /// A failed placement reconcile.
+    pub fn placement_error(&self, kind: &'static str) {
         self.errors
-            .get_or_create(&KindLabel {
-                kind: kind.to_string(),
+            .get_or_create(&ErrorLabels {
+                controller: "placement",
+                kind,
+            })
+            .inc();
+    }
+
+    /// A failed migration reconcile.
+    pub fn migration_error(&self, kind: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                controller: "migration",
+                kind,
             })
             .inc();
     }
@@ -94,7 +173,7 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
-        self.attempt("migration", took);
+        self.migration_latency.observe(took.as_secs_f64());
     }
 
     pub fn set_imbalance(&self, cv: f64) {
@@ -110,34 +189,17 @@ impl Metrics {
     }
 }
 
+/// Encodes the registered metrics plus the gauges counted from the caches now.
 fn render(m: &Metrics, ctx: Option<&Context>) -> String {
     let mut reg = Registry::with_prefix("vmlet_controller");
-    reg.register(
-        "scheduling_attempts",
-        "Scheduling attempts by result",
-        m.attempts.clone(),
-    );
-    reg.register(
-        "scheduling_duration_seconds",
-        "Time from decision start to bind",
-        m.latency.clone(),
-    );
-    reg.register(
-        "reconcile_errors",
-        "Reconcile errors by kind",
-        m.errors.clone(),
-    );
-    reg.register(
-        "leader",
-        "1 while this replica is the leader",
-        m.leader.clone(),
-    );
     let unschedulable = Gauge::<i64>::default();
     let by_phase = Family::<PhaseLabel, Gauge<i64>>::default();
     if let Some(ctx) = ctx {
         for vm in ctx.caches.vms.state() {
             let st = vm.status.clone().unwrap_or_default();
-            if conditions::find(&st.conditions, "Scheduled").is_some_and(|c| c.status == "False") {
+            if conditions::find(&st.conditions, conditions::Type::Scheduled)
+                .is_some_and(|c| c.status == "False")
+            {
                 unschedulable.inc();
             }
             let phase = st.phase.map(|p| p.as_str()).unwrap_or("Pending");
@@ -154,21 +216,6 @@ fn render(m: &Metrics, ctx: Option<&Context>) -> String {
         unschedulable,
     );
     reg.register("vms", "VMs by phase", by_phase);
-    reg.register(
-        "utilisation_imbalance",
-        "Coefficient of variation of hypervisor utilisation, as the rebalancer last saw it",
-        m.imbalance.clone(),
-    );
-    reg.register(
-        "rebalance_planned_moves",
-        "Migrations the rebalancer's last plan asked for (or would, in plan mode)",
-        m.planned_moves.clone(),
-    );
-    reg.register(
-        "migration_decisions",
-        "Migration admission decisions by result (scheduled, refused, or why it waits)",
-        m.migrations.clone(),
-    );
     let migrations = Family::<PhaseLabel, Gauge<i64>>::default();
     if let Some(ctx) = ctx {
         for mig in ctx.caches.migrations.state() {
@@ -191,6 +238,7 @@ fn render(m: &Metrics, ctx: Option<&Context>) -> String {
         migrations,
     );
     let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode_registry(&mut out, &m.registry);
     let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
     out
 }
