@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use vmlet::agent::domain::Domain;
-use vmlet::agent::render::{self, Accel, LocalImage, NodeFacts};
+use vmlet::agent::node::{Accel, NodeFacts};
+use vmlet::agent::render::{self, LocalImage};
 use vmlet::api::{VirtualMachine, VirtualMachineClass, VirtualMachineImage};
 
 fn render_case(yaml: &str) -> String {

@@ -13,7 +13,8 @@ use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 use vmlet::agent::domain::Domain;
-use vmlet::agent::render::{self, Accel, LocalImage, NodeFacts};
+use vmlet::agent::node::{Accel, NodeFacts};
+use vmlet::agent::render::{self, LocalImage};
 use vmlet::api::VirtualMachine;
 
 enum Expect {

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use vmlet::agent::domain::Domain;
-use vmlet::agent::render::{self, Accel, LocalImage, NodeFacts};
+use vmlet::agent::node::{Accel, NodeFacts};
+use vmlet::agent::render::{self, LocalImage};
 use vmlet::api::VirtualMachine;
 
 /// Printable text as the API admits it in boot.cmdline (one line, no control characters), with the

@@ -7,36 +7,11 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::domain::{self, Domain};
+use super::layout::{console_log, derived_mac, domain_name, vm_dir};
+use super::node::{Accel, NodeFacts};
 use crate::api::quantity;
 use crate::api::vm::{self as spec, DiskBus, Firmware, Machine, NicModel, VirtualMachineSpec};
 use crate::api::{VirtualMachine, VirtualMachineClassSpec};
-
-/// How guests on this node are accelerated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
-
-/// What the renderer needs to know about the node.
-#[derive(Debug, Clone)]
-pub struct NodeFacts {
-    pub node: String,
-    pub state_dir: PathBuf,
-    pub accel: Accel,
-    pub uefi: bool,
-    /// libvirt's test driver takes domains of type `test` and runs nothing.
-    pub test_driver: bool,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RenderError {
@@ -93,32 +68,6 @@ impl Hardware {
             firmware: vm.effective_firmware(class),
         })
     }
-}
-
-/// Domain names are `vmlet_<namespace>_<name>`: namespaces and VM names never contain
-/// '_', so the mapping is one-to-one and stable across restarts.
-pub fn domain_name(namespace: &str, name: &str) -> String {
-    format!("vmlet_{namespace}_{name}")
-}
-
-/// The per-VM directory: overlays, blank disks, seed ISO and console log. Keyed by uid so
-/// that a VM deleted and re-created under the same name never sees old disks.
-pub fn vm_dir(state_dir: &Path, uid: &str) -> PathBuf {
-    state_dir.join("vms").join(uid)
-}
-
-pub fn console_log(state_dir: &Path, uid: &str) -> PathBuf {
-    vm_dir(state_dir, uid).join("console.log")
-}
-
-/// A stable, locally administered unicast MAC from the VM's uid and the interface name.
-pub fn derived_mac(uid: &str, nic: &str) -> String {
-    let h = Sha256::new()
-        .chain_update(uid)
-        .chain_update([0])
-        .chain_update(nic)
-        .finalize();
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2])
 }
 
 /// A disk's file on the node and how the domain attaches it.
@@ -215,56 +164,17 @@ pub fn render(
     if hw.firmware == Firmware::Uefi && !node.uefi {
         return Err(RenderError::NoUefi);
     }
-    let machine = match hw.machine {
-        Machine::Q35 => "q35",
-        Machine::Pc => "pc",
-    };
-
-    let mut os = domain::Os {
-        firmware: (hw.firmware == Firmware::Uefi).then(|| "efi".to_string()),
-        os_type: domain::OsType {
-            arch: "x86_64".into(),
-            machine: machine.into(),
-            value: "hvm".into(),
-        },
-        kernel: None,
-        initrd: None,
-        cmdline: None,
-        boot: Vec::new(),
-    };
-    let boot_image = |r: &spec::ImageRef| {
-        images
-            .get(&r.name)
-            .map(|i| path_str(&i.path))
-            .ok_or_else(|| RenderError::ImageMissing(r.name.clone()))
-    };
-    match &vm.spec.boot {
-        Some(boot) if boot.kernel.is_some() => {
-            os.kernel = boot.kernel.as_ref().map(boot_image).transpose()?;
-            os.initrd = boot.initrd.as_ref().map(boot_image).transpose()?;
-            os.cmdline = boot.cmdline.clone();
-        }
-        _ => os.boot.push(domain::BootDev { dev: "hd".into() }),
-    }
-
-    let (mode, model) = cpu_mode(hw.cpu_model.as_deref(), node.accel);
-    let cpu = domain::Cpu {
-        mode,
-        model,
-        topology: domain::Topology {
-            sockets: hw.sockets,
-            dies: 1,
-            cores: hw.cores,
-            threads: hw.threads,
-        },
-    };
-
-    let mut devices = domain::Devices {
-        disks: Vec::new(),
-        controllers: Vec::new(),
-        interfaces: Vec::new(),
-        serial: None,
-        graphics: None,
+    let (disks, controllers) = disks_of(vm, uid, node, images, hw.machine)?;
+    let devices = domain::Devices {
+        disks,
+        controllers,
+        interfaces: interfaces_of(vm, uid),
+        serial: Some(serial_of(node, uid)),
+        graphics: (vm.spec.graphics == Some(true)).then(|| domain::Graphics {
+            kind: "vnc".into(),
+            autoport: "yes".into(),
+            listen: "127.0.0.1".into(),
+        }),
         video: domain::Video {
             model: domain::Model {
                 kind: if vm.spec.graphics == Some(true) {
@@ -286,111 +196,6 @@ pub fn render(
             },
         },
     };
-    let (mut vd, mut sd, mut hd) = (0usize, 0usize, 0usize);
-    for (d, file) in disk_files(&vm.spec, uid, &node.state_dir, images)? {
-        let seed = matches!(file, DiskFile::Seed { .. });
-        // A seed is a CD-ROM: on SATA for q35, on IDE for pc (which has no AHCI).
-        let bus = match (seed, d.bus.unwrap_or_default(), hw.machine) {
-            (true, _, Machine::Q35) => "sata",
-            (true, _, Machine::Pc) => "ide",
-            (false, DiskBus::Virtio, _) => "virtio",
-            (false, DiskBus::Sata, _) => "sata",
-            (false, DiskBus::Scsi, _) => "scsi",
-        };
-        let dev = match bus {
-            "virtio" => device_name("vd", post_inc(&mut vd))?,
-            "ide" => device_name("hd", post_inc(&mut hd))?,
-            _ => device_name("sd", post_inc(&mut sd))?,
-        };
-        let readonly = seed || d.read_only == Some(true);
-        devices.disks.push(domain::Disk {
-            kind: "file".into(),
-            device: if seed { "cdrom" } else { "disk" }.into(),
-            driver: domain::DiskDriver {
-                name: "qemu".into(),
-                format: if seed { "raw" } else { "qcow2" }.into(),
-                discard: (!seed).then(|| "unmap".into()),
-            },
-            source: domain::DiskSource {
-                file: path_str(file.path()),
-            },
-            target: domain::DiskTarget {
-                dev,
-                bus: bus.into(),
-            },
-            readonly: readonly.then(domain::Empty::default),
-            serial: (!seed).then(|| d.name.clone()),
-            alias: domain::Alias {
-                name: format!("ua-disk-{}", d.name),
-            },
-        });
-    }
-    if devices.disks.iter().any(|d| d.target.bus == "scsi") {
-        devices.controllers.push(domain::Controller {
-            kind: "scsi".into(),
-            index: 0,
-            model: "virtio-scsi".into(),
-        });
-    }
-    for n in &vm.spec.networks {
-        let (kind, source) = if n.user.is_some() {
-            ("user", None)
-        } else if let Some(net) = &n.network {
-            (
-                "network",
-                Some(domain::InterfaceSource {
-                    network: Some(net.name.clone()),
-                    bridge: None,
-                }),
-            )
-        } else if let Some(br) = &n.bridge {
-            (
-                "bridge",
-                Some(domain::InterfaceSource {
-                    network: None,
-                    bridge: Some(br.name.clone()),
-                }),
-            )
-        } else {
-            continue; // the API refuses a network without a source
-        };
-        devices.interfaces.push(domain::Interface {
-            kind: kind.into(),
-            mac: domain::Mac {
-                address: n
-                    .mac_address
-                    .clone()
-                    .unwrap_or_else(|| derived_mac(uid, &n.name)),
-            },
-            source,
-            model: domain::Model {
-                kind: match n.model.unwrap_or_default() {
-                    NicModel::Virtio => "virtio",
-                    NicModel::E1000e => "e1000e",
-                }
-                .into(),
-            },
-            alias: domain::Alias {
-                name: format!("ua-net-{}", n.name),
-            },
-        });
-    }
-    devices.serial = Some(domain::Serial {
-        kind: "file".into(),
-        source: domain::SerialSource {
-            path: path_str(&console_log(&node.state_dir, uid)),
-            append: "on".into(),
-        },
-        target: domain::SerialTarget { port: 0 },
-    });
-    if vm.spec.graphics == Some(true) {
-        devices.graphics = Some(domain::Graphics {
-            kind: "vnc".into(),
-            autoport: "yes".into(),
-            listen: "127.0.0.1".into(),
-        });
-    }
-
     Ok(Domain {
         kind: match (node.test_driver, node.accel) {
             (true, _) => "test",
@@ -419,12 +224,12 @@ pub fn render(
             placement: "static".into(),
             count: hw.vcpus(),
         },
-        os,
+        os: os_of(vm, &hw, images)?,
         features: domain::Features {
             acpi: domain::Empty {},
             apic: domain::Empty {},
         },
-        cpu,
+        cpu: cpu_of(&hw, node.accel),
         clock: domain::Clock {
             offset: "utc".into(),
         },
@@ -433,6 +238,230 @@ pub fn render(
         on_crash: "destroy".into(),
         devices,
     })
+}
+
+/// Firmware, machine, and how it boots: a kernel of its own, or the first disk.
+fn os_of(
+    vm: &VirtualMachine,
+    hw: &Hardware,
+    images: &BTreeMap<String, LocalImage>,
+) -> Result<domain::Os, RenderError> {
+    let mut os = domain::Os {
+        firmware: (hw.firmware == Firmware::Uefi).then(|| "efi".to_string()),
+        os_type: domain::OsType {
+            arch: "x86_64".into(),
+            machine: match hw.machine {
+                Machine::Q35 => "q35",
+                Machine::Pc => "pc",
+            }
+            .into(),
+            value: "hvm".into(),
+        },
+        kernel: None,
+        initrd: None,
+        cmdline: None,
+        boot: Vec::new(),
+    };
+    let boot_image = |r: &spec::ImageRef| {
+        images
+            .get(&r.name)
+            .map(|i| path_str(&i.path))
+            .ok_or_else(|| RenderError::ImageMissing(r.name.clone()))
+    };
+    match &vm.spec.boot {
+        Some(boot) if boot.kernel.is_some() => {
+            os.kernel = boot.kernel.as_ref().map(boot_image).transpose()?;
+            os.initrd = boot.initrd.as_ref().map(boot_image).transpose()?;
+            os.cmdline = boot.cmdline.clone();
+        }
+        _ => os.boot.push(domain::BootDev { dev: "hd".into() }),
+    }
+    Ok(os)
+}
+
+fn cpu_of(hw: &Hardware, accel: Accel) -> domain::Cpu {
+    let (mode, model) = cpu_mode(hw.cpu_model.as_deref(), accel);
+    domain::Cpu {
+        mode,
+        model,
+        topology: domain::Topology {
+            sockets: hw.sockets,
+            dies: 1,
+            cores: hw.cores,
+            threads: hw.threads,
+        },
+    }
+}
+
+/// The bus a disk is attached to in the guest, and its device names there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bus {
+    Virtio,
+    Sata,
+    Scsi,
+    Ide,
+}
+
+impl Bus {
+    /// A seed is a CD-ROM: on SATA for q35, on IDE for pc (which has no AHCI).
+    fn of(seed: bool, asked: DiskBus, machine: Machine) -> Self {
+        match (seed, asked, machine) {
+            (true, _, Machine::Q35) => Bus::Sata,
+            (true, _, Machine::Pc) => Bus::Ide,
+            (false, DiskBus::Virtio, _) => Bus::Virtio,
+            (false, DiskBus::Sata, _) => Bus::Sata,
+            (false, DiskBus::Scsi, _) => Bus::Scsi,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Bus::Virtio => "virtio",
+            Bus::Sata => "sata",
+            Bus::Scsi => "scsi",
+            Bus::Ide => "ide",
+        }
+    }
+
+    /// SATA and SCSI disks share the `sd` names.
+    fn prefix(self) -> &'static str {
+        match self {
+            Bus::Virtio => "vd",
+            Bus::Ide => "hd",
+            Bus::Sata | Bus::Scsi => "sd",
+        }
+    }
+}
+
+/// How a disk file is read: the seed ISO as it is, every other disk as qcow2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    fn as_str(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// The disks in spec order, named per bus, and the SCSI controller when a disk needs one.
+fn disks_of(
+    vm: &VirtualMachine,
+    uid: &str,
+    node: &NodeFacts,
+    images: &BTreeMap<String, LocalImage>,
+    machine: Machine,
+) -> Result<(Vec<domain::Disk>, Vec<domain::Controller>), RenderError> {
+    let mut used: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut disks = Vec::new();
+    for (d, file) in disk_files(&vm.spec, uid, &node.state_dir, images)? {
+        let seed = matches!(file, DiskFile::Seed { .. });
+        let bus = Bus::of(seed, d.bus.unwrap_or_default(), machine);
+        let dev = device_name(
+            bus.prefix(),
+            post_inc(used.entry(bus.prefix()).or_default()),
+        )?;
+        let format = if seed { Format::Raw } else { Format::Qcow2 };
+        disks.push(domain::Disk {
+            kind: "file".into(),
+            device: if seed { "cdrom" } else { "disk" }.into(),
+            driver: domain::DiskDriver {
+                name: "qemu".into(),
+                format: format.as_str().into(),
+                discard: (!seed).then(|| "unmap".into()),
+            },
+            source: domain::DiskSource {
+                file: path_str(file.path()),
+            },
+            target: domain::DiskTarget {
+                dev,
+                bus: bus.as_str().into(),
+            },
+            readonly: (seed || d.read_only == Some(true)).then(domain::Empty::default),
+            serial: (!seed).then(|| d.name.clone()),
+            alias: domain::Alias {
+                name: format!("ua-disk-{}", d.name),
+            },
+        });
+    }
+    let controllers = disks
+        .iter()
+        .any(|d| d.target.bus == Bus::Scsi.as_str())
+        .then(|| domain::Controller {
+            kind: "scsi".into(),
+            index: 0,
+            model: "virtio-scsi".into(),
+        })
+        .into_iter()
+        .collect();
+    Ok((disks, controllers))
+}
+
+fn interfaces_of(vm: &VirtualMachine, uid: &str) -> Vec<domain::Interface> {
+    vm.spec
+        .networks
+        .iter()
+        .filter_map(|n| {
+            let (kind, source) = if n.user.is_some() {
+                ("user", None)
+            } else if let Some(net) = &n.network {
+                (
+                    "network",
+                    Some(domain::InterfaceSource {
+                        network: Some(net.name.clone()),
+                        bridge: None,
+                    }),
+                )
+            } else if let Some(br) = &n.bridge {
+                (
+                    "bridge",
+                    Some(domain::InterfaceSource {
+                        network: None,
+                        bridge: Some(br.name.clone()),
+                    }),
+                )
+            } else {
+                return None; // the API refuses a network without a source
+            };
+            Some(domain::Interface {
+                kind: kind.into(),
+                mac: domain::Mac {
+                    address: n
+                        .mac_address
+                        .clone()
+                        .unwrap_or_else(|| derived_mac(uid, &n.name)),
+                },
+                source,
+                model: domain::Model {
+                    kind: match n.model.unwrap_or_default() {
+                        NicModel::Virtio => "virtio",
+                        NicModel::E1000e => "e1000e",
+                    }
+                    .into(),
+                },
+                alias: domain::Alias {
+                    name: format!("ua-net-{}", n.name),
+                },
+            })
+        })
+        .collect()
+}
+
+/// The serial console, appended to a file the agent can follow.
+fn serial_of(node: &NodeFacts, uid: &str) -> domain::Serial {
+    domain::Serial {
+        kind: "file".into(),
+        source: domain::SerialSource {
+            path: path_str(&console_log(&node.state_dir, uid)),
+            append: "on".into(),
+        },
+        target: domain::SerialTarget { port: 0 },
+    }
 }
 
 fn post_inc(n: &mut usize) -> usize {
