@@ -63,6 +63,11 @@ test: cluster-up libvirt-up hosts-up node-up image lint
 	@if [[ -f .cache/demo/controller.pid ]]; then echo "[test] stopping the demo (make demo starts it again)"; hack/demo.sh down; fi
 	$(CARGO) test --lib --bins --tests -- --test-threads=4
 
+## test-unit: the tests that need no cluster, no libvirtd and no root: unit tables, golden
+## files, generated CRDs, the renderer's properties, the fencing rule, the Dockerfile
+test-unit:
+	$(CARGO) test --lib --bins --test golden --test render_props --test crds --test dockerfile --test fencing_rule
+
 ## demo: control plane + agent on local libvirt, boots the tiny guest and shows it Running
 ## (hack/demo.sh installs and starts what it needs itself, so that it can name a failed step)
 demo:
