@@ -95,9 +95,10 @@ fn running(vm: &VirtualMachine) -> bool {
 }
 
 fn decided(vm: &VirtualMachine) -> bool {
-    vm.status
-        .as_ref()
-        .is_some_and(|s| vmlet::api::conditions::find(&s.conditions, "Scheduled").is_some())
+    vm.status.as_ref().is_some_and(|s| {
+        vmlet::api::conditions::find(&s.conditions, vmlet::api::conditions::Type::Scheduled)
+            .is_some()
+    })
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -171,7 +172,9 @@ async fn main() -> anyhow::Result<()> {
         .get_opt(&node)
         .await?
         .and_then(|h| h.status)
-        .is_some_and(|s| vmlet::api::conditions::is_true(&s.conditions, "Ready"))
+        .is_some_and(|s| {
+            vmlet::api::conditions::is_true(&s.conditions, vmlet::api::conditions::Type::Ready)
+        })
     {
         anyhow::ensure!(
             t.elapsed() < Duration::from_secs(60),

@@ -266,9 +266,12 @@ async fn main() -> anyhow::Result<()> {
                     .is_some_and(|n| n.starts_with(&run))
             })
             .filter(|h| {
-                h.status
-                    .as_ref()
-                    .is_some_and(|s| vmlet::api::conditions::is_true(&s.conditions, "Ready"))
+                h.status.as_ref().is_some_and(|s| {
+                    vmlet::api::conditions::is_true(
+                        &s.conditions,
+                        vmlet::api::conditions::Type::Ready,
+                    )
+                })
             })
             .count();
         if ready == nodes {

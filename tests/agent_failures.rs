@@ -78,7 +78,7 @@ async fn missing_qemu_img_shows_on_the_vm_and_the_agent_recovers_once_installed(
     create_vm(&api, "needs-disk", spec, &node).await;
 
     let vm = wait_phase(&api, "needs-disk", "Pending", 60).await;
-    let ready = condition(&vm, "Ready");
+    let ready = condition(&vm, vmlet::api::conditions::Type::Ready);
     assert_eq!(ready.status, "False");
     assert_eq!(ready.reason, "ToolMissing", "{ready:?}");
     for needle in ["qemu-img", "qemu-utils", "retries"] {
@@ -111,7 +111,10 @@ async fn missing_qemu_img_shows_on_the_vm_and_the_agent_recovers_once_installed(
         &std::env::var_os("PATH").unwrap_or_default(),
     );
     let vm = wait_phase(&api, "needs-disk", "Running", 60).await;
-    assert_eq!(condition(&vm, "Ready").reason, "Running");
+    assert_eq!(
+        condition(&vm, vmlet::api::conditions::Type::Ready).reason,
+        "Running"
+    );
     assert!(
         dir.path()
             .join("state/vms")

@@ -37,8 +37,14 @@ async fn lifecycle_create_stop_start_crash_restart_delete() {
 
     // Created and running, with its files on the node.
     let vm = wait_phase(&api, "vm1", "Running", 30).await;
-    assert_eq!(condition(&vm, "Ready").status, "True");
-    assert_eq!(condition(&vm, "DomainDefined").status, "True");
+    assert_eq!(
+        condition(&vm, vmlet::api::conditions::Type::Ready).status,
+        "True"
+    );
+    assert_eq!(
+        condition(&vm, vmlet::api::conditions::Type::DomainDefined).status,
+        "True"
+    );
     let st = vm.status.as_ref().unwrap();
     assert_eq!(st.domain_uuid.as_deref(), Some(uid.as_str()));
     assert_eq!(st.vcpus, Some(2));
@@ -115,7 +121,10 @@ async fn lifecycle_create_stop_start_crash_restart_delete() {
     let adopted = common::wait_for(Duration::from_secs(30), || async {
         let vm = api.get("vm1").await.ok()?;
         let s = vm.status.as_ref()?;
-        let c = vmlet::api::conditions::find(&s.conditions, "RestartRequired")?;
+        let c = vmlet::api::conditions::find(
+            &s.conditions,
+            vmlet::api::conditions::Type::RestartRequired,
+        )?;
         (c.status == "True" && s.observed_generation == vm.metadata.generation).then_some(())
     })
     .await;
@@ -195,7 +204,10 @@ async fn delete_while_stopping_and_once_strategy() {
     )
     .await;
     let vm = wait_phase(&api, "halted", "Stopped", 30).await;
-    assert_eq!(condition(&vm, "DomainDefined").status, "True");
+    assert_eq!(
+        condition(&vm, vmlet::api::conditions::Type::DomainDefined).status,
+        "True"
+    );
     assert_eq!(
         node.lv.lookup(&uid).await.unwrap().unwrap().state,
         RunState::ShutOff
@@ -290,7 +302,11 @@ async fn bad_images_keep_the_vm_off_and_say_why() {
     for ((vm, _, reason, text), uid) in cases.iter().zip(&uids) {
         let got = common::wait_for(Duration::from_secs(30), || async {
             let v = api.get(vm).await.ok()?;
-            let c = vmlet::api::conditions::find(&v.status.as_ref()?.conditions, "Ready")?.clone();
+            let c = vmlet::api::conditions::find(
+                &v.status.as_ref()?.conditions,
+                vmlet::api::conditions::Type::Ready,
+            )?
+            .clone();
             (c.reason == *reason).then_some(c)
         })
         .await
@@ -335,7 +351,11 @@ async fn bad_images_keep_the_vm_off_and_say_why() {
         let uid = create_vm(&api, &vm, spec, &node.name).await;
         let got = common::wait_for(Duration::from_secs(30), || async {
             let v = api.get(&vm).await.ok()?;
-            let c = vmlet::api::conditions::find(&v.status.as_ref()?.conditions, "Ready")?.clone();
+            let c = vmlet::api::conditions::find(
+                &v.status.as_ref()?.conditions,
+                vmlet::api::conditions::Type::Ready,
+            )?
+            .clone();
             (c.reason == reason).then_some(c)
         })
         .await
@@ -393,7 +413,10 @@ async fn hypervisor_object_and_lease_report_the_node() {
         "memory overcommit 1.0, nothing reserved"
     );
     assert_eq!(st.accel.as_deref(), Some("tcg"));
-    assert!(vmlet::api::conditions::is_true(&st.conditions, "Ready"));
+    assert!(vmlet::api::conditions::is_true(
+        &st.conditions,
+        vmlet::api::conditions::Type::Ready
+    ));
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), "kube-node-lease");
     let lease = leases

@@ -56,7 +56,8 @@ async fn placement_and_leader_failover() {
     for n in &names {
         let ready = common::wait_for(Duration::from_secs(30), || async {
             let h = hvs.get_opt(n).await.ok()??;
-            conditions::is_true(&h.status?.conditions, "Ready").then_some(())
+            conditions::is_true(&h.status?.conditions, vmlet::api::conditions::Type::Ready)
+                .then_some(())
         })
         .await;
         assert!(ready.is_some(), "hypervisor {n} never Ready");
@@ -158,7 +159,9 @@ async fn placement_and_leader_failover() {
             .filter(|v| {
                 v.status
                     .as_ref()
-                    .and_then(|s| conditions::find(&s.conditions, "Scheduled"))
+                    .and_then(|s| {
+                        conditions::find(&s.conditions, vmlet::api::conditions::Type::Scheduled)
+                    })
                     .is_some_and(|c| c.status == "False")
             })
             .count();
@@ -175,8 +178,11 @@ async fn placement_and_leader_failover() {
         let why: std::collections::BTreeSet<String> = vms
             .iter()
             .filter_map(|v| {
-                conditions::find(&v.status.as_ref()?.conditions, "Scheduled")
-                    .map(|c| c.message.clone())
+                conditions::find(
+                    &v.status.as_ref()?.conditions,
+                    vmlet::api::conditions::Type::Scheduled,
+                )
+                .map(|c| c.message.clone())
             })
             .collect();
         eprintln!("burst outcome: {why:#?}");
@@ -207,7 +213,11 @@ async fn placement_and_leader_failover() {
     ] {
         let cond = common::wait_for(Duration::from_secs(30), || async {
             let vm = api.get(name).await.ok()?;
-            let c = conditions::find(&vm.status?.conditions, "Scheduled")?.clone();
+            let c = conditions::find(
+                &vm.status?.conditions,
+                vmlet::api::conditions::Type::Scheduled,
+            )?
+            .clone();
             (c.status == "False").then_some(c)
         })
         .await

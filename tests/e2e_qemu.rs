@@ -365,7 +365,9 @@ async fn killed_qemu_is_restarted_with_backoff() {
         );
         let backoff = common::wait_for(Duration::from_secs(10), || async {
             let s = api.get("crashy").await.ok()?.status?;
-            let c = vmlet::api::conditions::find(&s.conditions, "Ready")?.clone();
+            let c =
+                vmlet::api::conditions::find(&s.conditions, vmlet::api::conditions::Type::Ready)?
+                    .clone();
             (c.reason == "CrashLoopBackOff").then_some(c.message)
         })
         .await;

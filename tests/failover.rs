@@ -255,7 +255,7 @@ async fn cut_off_node_fences_before_its_vm_moves() {
     let st = kept.status.clone().unwrap();
     assert_eq!(st.node_name.as_deref(), Some(a.name.as_str()), "{st:?}");
     assert_eq!(st.phase, Some(vmlet::api::vm::Phase::Unknown), "{st:?}");
-    let healthy = condition(&kept, "NodeHealthy");
+    let healthy = condition(&kept, vmlet::api::conditions::Type::NodeHealthy);
     assert_eq!(healthy.status, "False");
     assert!(
         healthy.message.contains("failoverPolicy") && healthy.message.contains("data"),
@@ -272,7 +272,11 @@ async fn cut_off_node_fences_before_its_vm_moves() {
     assert_eq!(inode(&disk), disk_inode, "the data disk was recreated");
     let back = common::wait_for(Duration::from_secs(15), || async {
         let vm = api.get("keep").await.ok()?;
-        let c = vmlet::api::conditions::find(&vm.status?.conditions, "NodeHealthy")?.clone();
+        let c = vmlet::api::conditions::find(
+            &vm.status?.conditions,
+            vmlet::api::conditions::Type::NodeHealthy,
+        )?
+        .clone();
         (c.status == "True" && c.reason == "NodeReturned").then_some(())
     })
     .await;

@@ -94,7 +94,11 @@ async fn ready_with(
 ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
     common::wait_for(Duration::from_secs(30), || async {
         let v = api.get(vm).await.ok()?;
-        let c = vmlet::api::conditions::find(&v.status.as_ref()?.conditions, "Ready")?.clone();
+        let c = vmlet::api::conditions::find(
+            &v.status.as_ref()?.conditions,
+            vmlet::api::conditions::Type::Ready,
+        )?
+        .clone();
         (c.reason == reason).then_some(c)
     })
     .await

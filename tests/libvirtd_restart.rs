@@ -112,7 +112,11 @@ async fn agent_reconnects_after_libvirtd_is_killed_and_restarted() {
     let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
     let noticed = common::wait_for(Duration::from_secs(20), || async {
         let h = hvs.get(&node).await.ok()?;
-        let ready = vmlet::api::conditions::find(&h.status?.conditions, "Ready")?.clone();
+        let ready = vmlet::api::conditions::find(
+            &h.status?.conditions,
+            vmlet::api::conditions::Type::Ready,
+        )?
+        .clone();
         (ready.status == "False" && ready.reason == "LibvirtUnreachable").then_some(())
     })
     .await;
@@ -139,7 +143,8 @@ async fn agent_reconnects_after_libvirtd_is_killed_and_restarted() {
     assert!(up() || up(), "libvirtd did not start again");
     let ready = common::wait_for(Duration::from_secs(60), || async {
         let h = hvs.get(&node).await.ok()?;
-        vmlet::api::conditions::is_true(&h.status?.conditions, "Ready").then_some(())
+        vmlet::api::conditions::is_true(&h.status?.conditions, vmlet::api::conditions::Type::Ready)
+            .then_some(())
     })
     .await;
     assert!(ready.is_some(), "the agent never reconnected");

@@ -619,9 +619,12 @@ async fn drain_moves_each_vm_as_its_eviction_strategy_says() {
     );
     // ... and the VM says where they are.
     let cold_vm = lab.vms().get("cold").await.unwrap();
-    let left = vmlet::api::conditions::find(&cold_vm.status.unwrap().conditions, "DisksLeftBehind")
-        .cloned()
-        .expect("a DisksLeftBehind condition");
+    let left = vmlet::api::conditions::find(
+        &cold_vm.status.unwrap().conditions,
+        vmlet::api::conditions::Type::DisksLeftBehind,
+    )
+    .cloned()
+    .expect("a DisksLeftBehind condition");
     assert!(
         left.message.contains(&h1.node) && left.message.contains("data"),
         "{}",

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::libvirt::Libvirt;
-use super::render::Accel;
+use super::node::Accel;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AccelChoice {

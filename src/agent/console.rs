@@ -15,7 +15,7 @@ use kube::api::{Api, PostParams};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::Context;
-use super::render::console_log;
+use super::layout::console_log;
 use crate::http::{Body, Bytes, Reply, Request};
 
 /// The most a non-following request returns: the end of the log.

@@ -44,6 +44,17 @@ pub enum Error {
     Other(String),
 }
 
+impl Error {
+    /// The metric label of this error kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Libvirt(_) => "libvirt",
+            Error::Other(_) => "other",
+        }
+    }
+}
+
 /// Path prefixes to change in the domain XML, and the node to name in its metadata.
 pub struct Rewrite<'a> {
     pub prefixes: Vec<(String, String)>,
@@ -211,7 +222,7 @@ pub async fn reconcile(
     if m.metadata.deletion_timestamp.is_some() || phase != MigrationPhase::Scheduling {
         return Ok(Action::await_change());
     }
-    let ready = conditions::is_true(&status.conditions, "TargetReady");
+    let ready = conditions::is_true(&status.conditions, conditions::Type::TargetReady);
     if is_target && !ready {
         prepare_target(&m, &ctx).await?;
     } else if is_source && ready && ctx.migrations.vm_of(&uid).is_none() {
@@ -222,7 +233,7 @@ pub async fn reconcile(
 
 pub fn error_policy(m: Arc<VirtualMachineMigration>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(migration = %m.name_any(), error = %err, "migration step failed");
-    ctx.metrics.error("migration");
+    ctx.metrics.migration_error(err.kind());
     Action::requeue(Duration::from_secs(3))
 }
 
@@ -245,7 +256,7 @@ async fn prepare_target(m: &VirtualMachineMigration, ctx: &Context) -> Result<()
     let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, &images)
         .map_err(|e| Error::Other(e.to_string()))?;
     disks::prepare(
-        &render::vm_dir(&ctx.facts.state_dir, &uid),
+        &super::layout::vm_dir(&ctx.facts.state_dir, &uid),
         &files,
         &uid,
         &vm.name_any(),
@@ -255,7 +266,7 @@ async fn prepare_target(m: &VirtualMachineMigration, ctx: &Context) -> Result<()
     let old = m.status.clone().unwrap_or_default();
     let cond = conditions::new(
         &old.conditions,
-        "TargetReady",
+        conditions::Type::TargetReady,
         true,
         "Prepared",
         format!("{} holds the VM's images and files", ctx.node),
@@ -656,7 +667,7 @@ async fn clean_departed(m: &VirtualMachineMigration, ctx: &Context) -> Result<Ac
 /// first failure is returned.
 async fn forget_departed(ctx: &Context, vm_uid: &str) -> Result<(), Error> {
     let undefined = ctx.lv.undefine(vm_uid).await;
-    let removed = disks::remove(&render::vm_dir(&ctx.facts.state_dir, vm_uid)).await;
+    let removed = disks::remove(&super::layout::vm_dir(&ctx.facts.state_dir, vm_uid)).await;
     ctx.runtime.lock().expect("not poisoned").remove(vm_uid);
     undefined?;
     removed.map_err(|e| Error::Other(e.to_string()))

@@ -7,9 +7,11 @@ pub mod disks;
 pub mod domain;
 pub mod download;
 pub mod images;
+pub mod layout;
 pub mod libvirt;
 mod metrics;
 pub mod migration;
+pub mod node;
 pub mod peers;
 pub mod plan;
 mod reconcile;
@@ -144,7 +146,7 @@ pub struct Context {
     pub node: String,
     pub lv: libvirt::Libvirt,
     pub images: images::ImageCache,
-    pub facts: render::NodeFacts,
+    pub facts: node::NodeFacts,
     /// Why `facts.accel` was chosen (the KVM probe's verdict or the flag).
     pub accel_reason: String,
     pub recorder: Recorder,
@@ -204,19 +206,19 @@ pub async fn run_with(
     };
     let node_info = lv.node_info().await?;
     let (accel, why) = if node_info.driver.eq_ignore_ascii_case("test") {
-        (render::Accel::Tcg, "libvirt test driver".to_string())
+        (node::Accel::Tcg, "libvirt test driver".to_string())
     } else {
         accel::detect(args.accel, &lv, &args.state_dir).await
     };
     tracing::info!(node = %args.node, uri = %args.libvirt_uri, accel = accel.as_str(), accel_reason = %why, "agent starting");
-    let facts = render::NodeFacts {
+    let facts = node::NodeFacts {
         node: args.node.clone(),
         state_dir: args.state_dir.clone(),
         accel,
         uefi: if node_info.driver.eq_ignore_ascii_case("test") {
             false
         } else {
-            let virttype = if accel == render::Accel::Kvm {
+            let virttype = if accel == node::Accel::Kvm {
                 "kvm"
             } else {
                 "qemu"

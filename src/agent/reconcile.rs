@@ -16,13 +16,9 @@ use super::render::{self, LocalImage};
 use super::status::{Observed, Problem};
 use super::{Context, disks};
 use crate::api::image::ImageFormat;
-use crate::api::{DOMAIN_FINALIZER, VirtualMachine, VirtualMachineImage};
-
-/// The annotation through which a user starts and stops a VM with runStrategy Manual.
-pub const POWER_ANNOTATION: &str = "vmlet.dev/power";
-/// A new value here asks for one stop-and-start (kubectl vm restart); the value acted on
-/// is recorded in status.lastRestartRequest.
-pub const RESTART_ANNOTATION: &str = "vmlet.dev/restart";
+use crate::api::{
+    DOMAIN_FINALIZER, POWER_ANNOTATION, RESTART_ANNOTATION, VirtualMachine, VirtualMachineImage,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -126,8 +122,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             tracing::debug!(error = %w, "status not written");
         }
     }
-    ctx.metrics
-        .reconciled(started.elapsed(), res.as_ref().err().map(|_| "reconcile"));
+    ctx.metrics.reconciled(started.elapsed());
     res
 }
 
@@ -196,7 +191,7 @@ async fn json_patch(
 
 pub fn error_policy(vm: Arc<VirtualMachine>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(vm = %vm.name_any(), error = %err, "reconcile error");
-    ctx.metrics.error(err.kind());
+    ctx.metrics.vm_error(err.kind());
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -599,7 +594,7 @@ async fn prepare_files(
     let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, images)
         .map_err(|e| Problem::needs_change("InvalidSpec", e.to_string()))?;
     disks::prepare(
-        &render::vm_dir(&ctx.facts.state_dir, &uid),
+        &super::layout::vm_dir(&ctx.facts.state_dir, &uid),
         &files,
         &uid,
         &vm.name_any(),
@@ -683,7 +678,7 @@ async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
         }
         ctx.lv.undefine(&uid).await?;
     }
-    disks::remove(&render::vm_dir(&ctx.facts.state_dir, &uid)).await?;
+    disks::remove(&super::layout::vm_dir(&ctx.facts.state_dir, &uid)).await?;
     ctx.runtime.lock().expect("not poisoned").remove(&uid);
     ctx.newest.lock().expect("not poisoned").remove(&uid);
     tracing::info!(vm = %vm.name_any(), uid, "domain and disks removed");
@@ -807,7 +802,7 @@ pub async fn orphan_loop(ctx: Arc<Context>) {
                             tracing::warn!(domain = %d.name, %vm, "removing the domain and files of a deleted VM");
                             let _ = ctx.lv.destroy(&d.uuid).await;
                             if ctx.lv.undefine(&d.uuid).await.is_ok() {
-                                let _ = disks::remove(&render::vm_dir(
+                                let _ = disks::remove(&super::layout::vm_dir(
                                     &ctx.facts.state_dir,
                                     &owner.uid,
                                 ))

@@ -17,12 +17,9 @@ use crate::api::hypervisor::Resources;
 use crate::api::quantity::{Bytes, parse_bytes};
 use crate::api::{Hypervisor, HypervisorStatus};
 
-/// Where agents keep their heartbeat Leases (the namespace kubelets use for theirs).
-pub const LEASE_NAMESPACE: &str = "kube-node-lease";
-
-pub fn lease_name(node: &str) -> String {
-    format!("vmlet-{node}")
-}
+use crate::api::{
+    HEARTBEAT_LEASE_NAMESPACE as LEASE_NAMESPACE, heartbeat_lease_name as lease_name,
+};
 
 /// allocatable = capacity x overcommit - reserved (memory), floored at zero and, for
 /// memory, to whole MiB.
@@ -140,7 +137,7 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
         vms: Some(count),
         conditions: vec![conditions::new(
             &old.conditions,
-            "Ready",
+            conditions::Type::Ready,
             true,
             "AgentReady",
             format!(
@@ -185,7 +182,7 @@ async fn report_unready(ctx: &Context, reason: &str, message: String) -> anyhow:
     let old = current.status.unwrap_or_default();
     let ready = conditions::new(
         &old.conditions,
-        "Ready",
+        conditions::Type::Ready,
         false,
         reason,
         message,

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::libvirt::RunState;
-use super::render::{self, Hardware};
+use super::render::Hardware;
 use super::{Context, FIELD_MANAGER};
 use crate::api::conditions;
 use crate::api::quantity::Bytes;
@@ -137,7 +137,12 @@ struct AgentStatus {
     last_restart_request: Option<String>,
 }
 
-const OUR_CONDITIONS: [&str; 3] = ["Ready", "DomainDefined", "RestartRequired"];
+/// The VM conditions the agent writes (the controller writes the others).
+const OUR_CONDITIONS: [conditions::Type; 3] = [
+    conditions::Type::Ready,
+    conditions::Type::DomainDefined,
+    conditions::Type::RestartRequired,
+];
 
 fn phase_of(o: &Observed, problem: Option<&Problem>) -> Phase {
     let running = matches!(o.state, Some(RunState::Running | RunState::Paused));
@@ -178,7 +183,7 @@ fn desired(
     let generation = vm.metadata.generation;
     let now = Time(Timestamp::now());
     let phase = phase_of(o, problem);
-    let cond = |t: &str, ok: bool, reason: &str, msg: String| {
+    let cond = |t: conditions::Type, ok: bool, reason: &str, msg: String| {
         conditions::new(&old.conditions, t, ok, reason, msg, generation, now.clone())
     };
     let (ready_reason, ready_msg) = match (problem, phase, o.state) {
@@ -203,13 +208,13 @@ fn desired(
     };
     let conditions = vec![
         cond(
-            "Ready",
+            conditions::Type::Ready,
             phase == Phase::Running && o.state == Some(RunState::Running) && problem.is_none(),
             &ready_reason,
             ready_msg,
         ),
         cond(
-            "DomainDefined",
+            conditions::Type::DomainDefined,
             o.defined,
             if o.defined { "Defined" } else { "NotDefined" },
             if o.defined {
@@ -219,7 +224,7 @@ fn desired(
             },
         ),
         cond(
-            "RestartRequired",
+            conditions::Type::RestartRequired,
             o.restart_required,
             if o.restart_required {
                 "SpecChanged"
@@ -238,10 +243,9 @@ fn desired(
             .networks
             .iter()
             .map(|n| {
-                let mac = n
-                    .mac_address
-                    .clone()
-                    .unwrap_or_else(|| render::derived_mac(&vm.uid().unwrap_or_default(), &n.name));
+                let mac = n.mac_address.clone().unwrap_or_else(|| {
+                    super::layout::derived_mac(&vm.uid().unwrap_or_default(), &n.name)
+                });
                 let ip = o
                     .addresses
                     .iter()
@@ -291,7 +295,7 @@ fn current(old: &VirtualMachineStatus) -> Option<AgentStatus> {
         conditions: old
             .conditions
             .iter()
-            .filter(|c| OUR_CONDITIONS.contains(&c.type_.as_str()))
+            .filter(|c| OUR_CONDITIONS.iter().any(|t| c.type_ == t.as_str()))
             .cloned()
             .collect(),
         domain_uuid: old.domain_uuid.clone(),
@@ -330,7 +334,7 @@ pub async fn write(
     ctx.wrote(written);
     ctx.metrics.status_written();
     let ready = new.conditions.first();
-    let old_ready = old.conditions.iter().find(|c| c.type_ == "Ready");
+    let old_ready = conditions::find(&old.conditions, conditions::Type::Ready);
     let news = old.phase != Some(new.phase)
         || problem.is_some() && old_ready.map(|c| &c.reason) != ready.map(|c| &c.reason);
     if news {

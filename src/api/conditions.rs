@@ -1,12 +1,54 @@
-//! Helpers for `metav1.Condition` lists keyed by type.
+//! Helpers for `metav1.Condition` lists keyed by type, and the types vmlet writes.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
-    conditions.iter().find(|c| c.type_ == type_)
+/// Every condition type vmlet writes, with the object it goes on and its one writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Type {
+    /// VirtualMachine: the guest runs (the node's agent). Hypervisor: the agent reaches
+    /// libvirt and reports (that node's agent).
+    Ready,
+    /// VirtualMachine: libvirt holds its domain (the agent).
+    DomainDefined,
+    /// VirtualMachine: the spec changed in a way that takes effect after a restart (the
+    /// agent).
+    RestartRequired,
+    /// VirtualMachine: placed on a node, or why not (the controller).
+    Scheduled,
+    /// VirtualMachine: its node renews its heartbeat (the controller).
+    NodeHealthy,
+    /// VirtualMachine: its disks stayed on a lost node (the controller).
+    DisksLeftBehind,
+    /// VirtualMachineMigration: the target holds the VM's images and files (the target
+    /// agent).
+    TargetReady,
 }
 
-pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+impl Type {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Type::Ready => "Ready",
+            Type::DomainDefined => "DomainDefined",
+            Type::RestartRequired => "RestartRequired",
+            Type::Scheduled => "Scheduled",
+            Type::NodeHealthy => "NodeHealthy",
+            Type::DisksLeftBehind => "DisksLeftBehind",
+            Type::TargetReady => "TargetReady",
+        }
+    }
+}
+
+impl std::fmt::Display for Type {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub fn find(conditions: &[Condition], type_: Type) -> Option<&Condition> {
+    conditions.iter().find(|c| c.type_ == type_.as_str())
+}
+
+pub fn is_true(conditions: &[Condition], type_: Type) -> bool {
     find(conditions, type_).is_some_and(|c| c.status == "True")
 }
 
@@ -14,7 +56,7 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
 /// so that rewriting the same observation is a no-op.
 pub fn new(
     previous: &[Condition],
-    type_: &str,
+    type_: Type,
     status: bool,
     reason: &str,
     message: impl Into<String>,
@@ -27,7 +69,7 @@ pub fn new(
         _ => now,
     };
     Condition {
-        type_: type_.to_string(),
+        type_: type_.as_str().to_string(),
         status,
         reason: reason.to_string(),
         message: message.into(),
@@ -47,10 +89,10 @@ mod tests {
 
     #[test]
     fn keeps_transition_time_while_status_holds() {
-        let first = new(&[], "Ready", true, "Running", "", Some(1), t(10));
+        let first = new(&[], Type::Ready, true, "Running", "", Some(1), t(10));
         let second = new(
             std::slice::from_ref(&first),
-            "Ready",
+            Type::Ready,
             true,
             "Running",
             "",
@@ -58,7 +100,7 @@ mod tests {
             t(20),
         );
         assert_eq!(second.last_transition_time, t(10));
-        let third = new(&[second], "Ready", false, "Stopped", "", Some(2), t(30));
+        let third = new(&[second], Type::Ready, false, "Stopped", "", Some(2), t(30));
         assert_eq!(third.last_transition_time, t(30));
     }
 }

@@ -38,6 +38,28 @@ pub const HYPERVISOR_LABEL: &str = "vmlet.dev/hypervisor";
 /// On each agent's heartbeat Lease (value: the node), so that an uninstall can find them
 /// in kube-node-lease, which kubelets share.
 pub const HEARTBEAT_LABEL: &str = "vmlet.dev/heartbeat";
+/// The annotation through which a user starts ("on") and stops ("off") a VM with
+/// runStrategy Manual.
+pub const POWER_ANNOTATION: &str = "vmlet.dev/power";
+/// A new value here asks for one stop-and-start (kubectl vm restart); the value acted on
+/// is recorded in status.lastRestartRequest.
+pub const RESTART_ANNOTATION: &str = "vmlet.dev/restart";
+/// Where agents keep their heartbeat Leases (the namespace kubelets use for theirs).
+pub const HEARTBEAT_LEASE_NAMESPACE: &str = "kube-node-lease";
+/// A heartbeat Lease's duration when it names none, and the agent's default.
+pub const DEFAULT_LEASE_DURATION_SECONDS: u64 = 15;
+/// The controller replicas' leader-election Lease, in their own namespace.
+pub const LEADER_LEASE: &str = "vmlet-controller";
+
+/// The name of `node`'s heartbeat Lease.
+pub fn heartbeat_lease_name(node: &str) -> String {
+    format!("vmlet-{node}")
+}
+
+/// The node whose heartbeat a Lease of that name is, if it is one.
+pub fn heartbeat_lease_node(lease: &str) -> Option<&str> {
+    lease.strip_prefix("vmlet-")
+}
 
 /// Every CRD, with the file name it has under `crds/`.
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {

@@ -22,10 +22,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// Someone changed the VM between our read and our write.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(s)) if s.code == 409)
+    }
+
+    /// The metric label of this error.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
-            Error::Kube(_) => "kube",
+        if self.is_conflict() {
+            "conflict"
+        } else {
+            "kube"
         }
     }
 }
@@ -60,13 +67,13 @@ async fn set_scheduled(
     extra: serde_json::Value,
 ) -> Result<(), Error> {
     let old = vm.status.clone().unwrap_or_default();
-    let same = conditions::find(&old.conditions, "Scheduled").is_some_and(|c| {
+    let same = conditions::find(&old.conditions, conditions::Type::Scheduled).is_some_and(|c| {
         c.status == if ok { "True" } else { "False" } && c.reason == reason && c.message == message
     });
     // NodeHealthy goes back to True when the VM is bound to a new node, or when the node
     // it waited on (its data is there) renews its heartbeat again.
-    let unhealthy =
-        conditions::find(&old.conditions, "NodeHealthy").is_some_and(|c| c.status == "False");
+    let unhealthy = conditions::find(&old.conditions, conditions::Type::NodeHealthy)
+        .is_some_and(|c| c.status == "False");
     // Evaluated only for an unhealthy VM: this runs on every bound VM's reconcile.
     let healthy_again = match (ok && unhealthy, extra["nodeName"].as_str(), &old.node_name) {
         (false, _, _) => None,
@@ -81,7 +88,7 @@ async fn set_scheduled(
     }
     let cond = conditions::new(
         &old.conditions,
-        "Scheduled",
+        conditions::Type::Scheduled,
         ok,
         reason,
         message,
@@ -92,7 +99,7 @@ async fn set_scheduled(
     if let Some((reason, message)) = healthy_again {
         conds.push(conditions::new(
             &old.conditions,
-            "NodeHealthy",
+            conditions::Type::NodeHealthy,
             true,
             reason,
             message,
@@ -137,7 +144,7 @@ async fn unbind(vm: &VirtualMachine, ctx: &Context, node: &str) -> Result<(), Er
     let vm = noted.as_ref().unwrap_or(vm);
     let cond = conditions::new(
         &vm.status.clone().unwrap_or_default().conditions,
-        "Scheduled",
+        conditions::Type::Scheduled,
         false,
         "Evicted",
         format!("shut down to leave {node} (drain); waiting for a new node"),
@@ -151,12 +158,12 @@ async fn unbind(vm: &VirtualMachine, ctx: &Context, node: &str) -> Result<(), Er
         .map(|s| s.conditions.clone())
         .unwrap_or_default()
         .into_iter()
-        .filter(|c| c.type_ != "Scheduled")
+        .filter(|c| c.type_ != conditions::Type::Scheduled.as_str())
         .collect();
     conds.push(cond);
     let patch = json!({
         "metadata": {"resourceVersion": vm.resource_version()},
-        "status": {"nodeName": null, "phase": "Pending", "conditions": conds},
+        "status": {"nodeName": null, "phase": Phase::Pending, "conditions": conds},
     });
     api.patch_status(
         &vm.name_any(),
@@ -226,7 +233,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             false,
             "ClassNotFound",
             msg,
-            json!({"phase": "Pending"}),
+            json!({"phase": Phase::Pending}),
         )
         .await?;
         return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
@@ -239,7 +246,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             false,
             "InvalidSpec",
             msg,
-            json!({"phase": "Pending"}),
+            json!({"phase": Phase::Pending}),
         )
         .await?;
         return Ok(Action::await_change());
@@ -276,7 +283,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     };
     match decision {
         Ok(node) => {
-            let extra = json!({"nodeName": node, "phase": "Scheduled"});
+            let extra = json!({"nodeName": node, "phase": Phase::Scheduled});
             match set_scheduled(
                 &vm,
                 &ctx,
@@ -307,7 +314,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
                 false,
                 "Unschedulable",
                 why.to_string(),
-                json!({"phase": "Pending"}),
+                json!({"phase": Phase::Pending}),
             )
             .await?;
             Ok(Action::requeue(RETRY_UNSCHEDULABLE))
@@ -316,8 +323,8 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
 }
 
 pub fn error_policy(vm: Arc<VirtualMachine>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.error(err.kind());
-    if err.kind() == "conflict" {
+    ctx.metrics.placement_error(err.kind());
+    if err.is_conflict() {
         // Someone changed the VM between our read and our bind: try again with the news.
         return Action::requeue(Duration::from_millis(200));
     }

@@ -101,7 +101,7 @@ pub const ASSUME_TTL: Duration = Duration::from_secs(60);
 pub fn silence(lease: &Lease, now: Timestamp) -> Option<(Duration, Duration)> {
     let spec = lease.spec.as_ref()?;
     let renewed = spec.renew_time.as_ref()?.0;
-    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(0) as u64);
+    let duration = lease_duration(spec);
     Some((now.duration_since(renewed).unsigned_abs(), duration))
 }
 
@@ -232,9 +232,10 @@ impl Caches {
                     .as_ref()
                     .and_then(|h| h.status.clone())
                     .unwrap_or_default();
-                let lease = self
-                    .leases
-                    .get(&ObjectRef::new(&format!("vmlet-{name}")).within("kube-node-lease"));
+                let lease = self.leases.get(
+                    &ObjectRef::new(&crate::api::heartbeat_lease_name(&name))
+                        .within(crate::api::HEARTBEAT_LEASE_NAMESPACE),
+                );
                 let labelled = node
                     .and_then(|n| n.metadata.labels.as_ref())
                     .and_then(|l| l.get(HYPERVISOR_LABEL))
@@ -251,7 +252,7 @@ impl Caches {
                     .unwrap_or(false)
                 {
                     Some(Reason::Cordoned)
-                } else if !conditions::is_true(&status.conditions, "Ready") {
+                } else if !conditions::is_true(&status.conditions, conditions::Type::Ready) {
                     Some(Reason::NotReady)
                 } else if !fresh {
                     Some(Reason::LeaseStale)
@@ -283,4 +284,12 @@ impl Caches {
             .collect();
         (candidates, placed)
     }
+}
+
+/// A heartbeat Lease's duration (the agents' default when it names none).
+pub fn lease_duration(spec: &k8s_openapi::api::coordination::v1::LeaseSpec) -> Duration {
+    spec.lease_duration_seconds.map_or(
+        Duration::from_secs(crate::api::DEFAULT_LEASE_DURATION_SECONDS),
+        |s| Duration::from_secs(s.max(0) as u64),
+    )
 }

@@ -276,7 +276,10 @@ pub async fn reconcile(
                 .or(m.metadata.creation_timestamp.as_ref())
                 .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
                 .unwrap_or_default();
-            let ready = crate::api::conditions::is_true(&old.conditions, "TargetReady");
+            let ready = crate::api::conditions::is_true(
+                &old.conditions,
+                crate::api::conditions::Type::TargetReady,
+            );
             if !ready && since > PREPARE_TIMEOUT {
                 let msg = format!(
                     "the target did not prepare the VM within {} s",
@@ -419,7 +422,7 @@ pub async fn reconcile(
 }
 
 pub fn error_policy(m: Arc<VirtualMachineMigration>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.error("migration");
+    ctx.metrics.migration_error("kube");
     tracing::warn!(migration = %m.name_any(), error = %err, "migration reconcile failed");
     Action::requeue(Duration::from_secs(2))
 }

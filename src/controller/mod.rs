@@ -139,16 +139,17 @@ pub async fn run_until(
     let metrics = metrics::Metrics::default();
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
 
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "vmlet-controller")
-        .with_namespace(&args.lease_namespace)
-        .with_identity(&identity)
-        .with_duration(args.lease_duration_seconds)
-        .with_grace(2)
-        // One field manager per replica: server-side apply conflicts between them are what
-        // keeps two replicas from both taking the lease.
-        .with_field_manager(format!("{FIELD_MANAGER}-{identity}"))
-        .build()
-        .await?;
+    let manager =
+        kube_lease_manager::LeaseManagerBuilder::new(client.clone(), crate::api::LEADER_LEASE)
+            .with_namespace(&args.lease_namespace)
+            .with_identity(&identity)
+            .with_duration(args.lease_duration_seconds)
+            .with_grace(2)
+            // One field manager per replica: server-side apply conflicts between them are what
+            // keeps two replicas from both taking the lease.
+            .with_field_manager(format!("{FIELD_MANAGER}-{identity}"))
+            .build()
+            .await?;
     let (mut leader, lease_task) = manager.watch().await;
 
     let ctx_cell: Arc<tokio::sync::OnceCell<Arc<Context>>> = Arc::default();
@@ -183,7 +184,7 @@ pub async fn run_until(
             ) => Ok(()),
             _ = lost => {
                 metrics.set_leader(false);
-                anyhow::bail!("lost leadership of lease {}/vmlet-controller", args.lease_namespace)
+                anyhow::bail!("lost leadership of lease {}/{}", args.lease_namespace, crate::api::LEADER_LEASE)
             }
         }
     };
@@ -319,7 +320,7 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
     let lease_stream = reflector::reflector(
         lease_writer,
         watcher(
-            Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
+            Api::<Lease>::namespaced(client.clone(), crate::api::HEARTBEAT_LEASE_NAMESPACE),
             watcher::Config::default(),
         ),
     )
@@ -330,9 +331,8 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
     let revived = lease_stream.filter_map(move |l| {
         let revived = l.ok().and_then(|l| {
             let spec = l.spec?;
+            let limit = inventory::lease_duration(&spec) + grace;
             let renew = spec.renew_time?.0;
-            let limit = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(0) as u64)
-                + grace;
             let prev = last_renew.insert(l.metadata.name?, renew);
             prev.is_none_or(|p| renew.duration_since(p).unsigned_abs() > limit)
                 .then_some(())

@@ -29,12 +29,7 @@ pub fn lost_nodes(ctx: &Context, fence_after: Duration, margin: Duration) -> Has
         .state()
         .iter()
         .filter_map(|l| {
-            let node = l
-                .metadata
-                .name
-                .as_deref()?
-                .strip_prefix("vmlet-")?
-                .to_string();
+            let node = crate::api::heartbeat_lease_node(l.metadata.name.as_deref()?)?.to_string();
             let (age, duration) = silence(l, now)?;
             (hypervisors.contains(&node) && age > duration + fence_after + margin).then_some(node)
         })
@@ -43,8 +38,8 @@ pub fn lost_nodes(ctx: &Context, fence_after: Duration, margin: Duration) -> Has
 
 /// `node`'s heartbeat silence (age, Lease duration) from the cache, looked up by key.
 pub fn heartbeat_silence(ctx: &Context, node: &str) -> Option<(Duration, Duration)> {
-    let key = kube::runtime::reflector::ObjectRef::new(&format!("vmlet-{node}"))
-        .within("kube-node-lease");
+    let key = kube::runtime::reflector::ObjectRef::new(&crate::api::heartbeat_lease_name(node))
+        .within(crate::api::HEARTBEAT_LEASE_NAMESPACE);
     silence(ctx.caches.leases.get(&key)?.as_ref(), Timestamp::now())
 }
 
@@ -94,7 +89,7 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
         );
     }
     let already = old.phase == Some(Phase::Unknown)
-        && conditions::find(&old.conditions, "NodeHealthy")
+        && conditions::find(&old.conditions, conditions::Type::NodeHealthy)
             .is_some_and(|c| c.status == "False" && c.message == message);
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
@@ -102,7 +97,7 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
     if !already {
         let cond = conditions::new(
             &old.conditions,
-            "NodeHealthy",
+            conditions::Type::NodeHealthy,
             false,
             "NodeLost",
             message,
@@ -112,7 +107,7 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
         // nodeName is sent again: an apply that left it out would drop the binding.
         let patch = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine",
                            "metadata": {"resourceVersion": vm.resource_version()},
-                           "status": {"phase": "Unknown", "nodeName": node, "conditions": [cond]}});
+                           "status": {"phase": crate::api::vm::Phase::Unknown, "nodeName": node, "conditions": [cond]}});
         let marked = api
             .patch_status(
                 &vm.name_any(),
@@ -160,7 +155,7 @@ pub(super) async fn note_disks_left(
     let old = vm.status.clone().unwrap_or_default();
     let cond = conditions::new(
         &old.conditions,
-        "DisksLeftBehind",
+        conditions::Type::DisksLeftBehind,
         true,
         "NodeLocalData",
         format!(
@@ -203,11 +198,9 @@ pub async fn node_loss_loop(ctx: Arc<Context>, fence_after: Duration, margin: Du
         let total = hypervisor_nodes(&ctx)
             .into_iter()
             .filter(|n| {
-                ctx.caches
-                    .leases
-                    .state()
-                    .iter()
-                    .any(|l| l.metadata.name.as_deref() == Some(&format!("vmlet-{n}")))
+                ctx.caches.leases.state().iter().any(|l| {
+                    l.metadata.name.as_deref() == Some(&crate::api::heartbeat_lease_name(n))
+                })
             })
             .count();
         if !may_move(lost.len(), total) {

@@ -207,7 +207,7 @@ pub async fn rebalance_loop(ctx: Arc<Context>, s: Settings) {
                         .eviction_strategy
                         .unwrap_or(EvictionStrategy::LiveMigrate)
                         == EvictionStrategy::LiveMigrate
-                    && conditions::is_true(&st.conditions, "Ready")
+                    && conditions::is_true(&st.conditions, conditions::Type::Ready)
             })
             .filter_map(|vm| {
                 let node = vm.status.as_ref()?.node_name.clone()?;

@@ -15,8 +15,7 @@ use crate::api::vm::RunStrategy;
 use crate::api::{Hypervisor, VirtualMachine, conditions};
 
 const FIELD_MANAGER: &str = "kubectl-vm";
-const POWER_ANNOTATION: &str = "vmlet.dev/power";
-const RESTART_ANNOTATION: &str = "vmlet.dev/restart";
+use crate::api::{POWER_ANNOTATION, RESTART_ANNOTATION};
 
 /// Manage vmlet virtual machines.
 #[derive(Parser)]
@@ -254,7 +253,7 @@ async fn nodes(s: &Session) -> anyhow::Result<String> {
         };
         rows.push(vec![
             h.metadata.name.unwrap_or_default(),
-            if conditions::is_true(&st.conditions, "Ready") {
+            if conditions::is_true(&st.conditions, conditions::Type::Ready) {
                 "True"
             } else {
                 "False"

@@ -225,10 +225,10 @@ pub async fn wait_phase(
     }
 }
 
-pub fn condition<'a>(
-    vm: &'a VirtualMachine,
-    t: &str,
-) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+pub fn condition(
+    vm: &VirtualMachine,
+    t: vmlet::api::conditions::Type,
+) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
     vmlet::api::conditions::find(&vm.status.as_ref().unwrap().conditions, t)
         .unwrap_or_else(|| panic!("no {t} condition"))
 }
