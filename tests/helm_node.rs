@@ -18,6 +18,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
+use vmlet::api::image::ImagePhase;
 use vmlet::api::{Hypervisor, VirtualMachine, vm::Phase};
 
 const NODE: &str = "vmlet-node";
@@ -341,6 +342,24 @@ async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
     );
     let vm = vms.get("tiny").await.unwrap();
     assert_eq!(vm.status.as_ref().unwrap().node_name.as_deref(), Some(NODE));
+
+    // The images say where they are ready: the agent writes its node's entry, the
+    // controller sums the entries up.
+    let images: Api<vmlet::api::VirtualMachineImage> = Api::namespaced(client.clone(), &ns);
+    let img = common::wait_for(Duration::from_secs(30), || async {
+        let img = images.get("tiny-kernel").await.ok()?;
+        let st = img.status.clone()?;
+        (st.phase == Some(ImagePhase::Ready)).then_some(st)
+    })
+    .await
+    .expect("tiny-kernel never became Ready in its status");
+    let entry = img
+        .nodes
+        .iter()
+        .find(|n| n.node == NODE)
+        .expect("no entry for the node");
+    assert_eq!(entry.phase, ImagePhase::Ready);
+    assert!(entry.size.is_some_and(|s| s > 1_000_000), "{entry:?}");
 
     // The console, through the installed agent, with a ServiceAccount's token.
     console_reads_the_guest(&ns);

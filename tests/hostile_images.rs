@@ -290,6 +290,18 @@ async fn downloads_reach_only_what_the_policy_allows() {
             );
         }
     }
+    // Each image's status holds this node's entry: Failed, with the same reason.
+    for (name, _, reason) in &cases {
+        let img = images.get(name).await.unwrap();
+        let entry = img
+            .status
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .find(|n| n.node == node.name)
+            .unwrap_or_else(|| panic!("{name}: no entry for {} in {:?}", node.name, img.status));
+        assert_eq!(entry.phase, vmlet::api::image::ImagePhase::Failed, "{name}");
+        assert_eq!(entry.reason.as_deref(), Some(*reason), "{name}");
+    }
     assert_eq!(
         inside_hits.load(Ordering::SeqCst),
         0,
@@ -330,6 +342,22 @@ async fn a_stalled_download_blocks_neither_deletion_nor_other_vms() {
     println!("stuck: {}", c.message);
     create_vm(&vms, "other", kernel_vm("fast"), &node.name).await;
     common::node::wait_phase(&vms, "other", "Running", 30).await;
+    // The images' status says so, per node: one downloading, with the bytes the stalled
+    // server sent before it stopped, one ready with its size.
+    let entry = |img: vmlet::api::VirtualMachineImage| {
+        img.status
+            .and_then(|s| s.nodes.into_iter().find(|n| n.node == node.name))
+    };
+    let slow = entry(images.get("slow").await.unwrap()).expect("no entry for slow");
+    assert_eq!(slow.phase, vmlet::api::image::ImagePhase::Downloading);
+    assert!(slow.bytes.is_some(), "{slow:?}");
+    let fast = common::wait_for(Duration::from_secs(10), || async {
+        entry(images.get("fast").await.ok()?)
+            .filter(|e| e.phase == vmlet::api::image::ImagePhase::Ready)
+    })
+    .await
+    .expect("fast never showed Ready for the node");
+    assert_eq!(fast.size, Some(kernel.len() as i64));
 
     let t = Instant::now();
     vms.delete("stuck", &DeleteParams::default()).await.unwrap();

@@ -197,6 +197,44 @@ async fn an_agent_token_writes_only_its_own_node() {
         async move { api.patch(&name, &pp, &Patch::Apply(body)).await }
     })
     .await;
+    // An image's status: its own node's entry, not another's, not the phase.
+    let images: Api<vmlet::api::VirtualMachineImage> = Api::namespaced(client.clone(), &ns);
+    let img = vmlet::api::VirtualMachineImage::new(
+        "img",
+        serde_json::from_value(json!({"format": "raw", "source": {"hostPath": {"path": "/x"}}}))
+            .unwrap(),
+    );
+    images.create(&PostParams::default(), &img).await.unwrap();
+    let a_images: Api<vmlet::api::VirtualMachineImage> = Api::namespaced(agent.clone(), &ns);
+    let entry = |node: &str| json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachineImage", "status": {"nodes": [{"node": node, "phase": "Ready"}]}});
+    eventually_denied(
+        "may only write its own node entry of an image status",
+        || {
+            let (api, body) = (a_images.clone(), entry(&node_b));
+            let pp = PatchParams::apply(&format!("vmlet-agent-{node_b}")).force();
+            async move { api.patch_status("img", &pp, &Patch::Apply(body)).await }
+        },
+    )
+    .await;
+    denied(
+        a_images
+            .patch_status(
+                "img",
+                &PatchParams::apply("vmlet-agent-x").force(),
+                &Patch::Apply(json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachineImage", "status": {"phase": "Ready"}})),
+            )
+            .await,
+        "may only write its own node entry of an image status",
+    )
+    .unwrap();
+    a_images
+        .patch_status(
+            "img",
+            &PatchParams::apply(&format!("vmlet-agent-{node_a}")).force(),
+            &Patch::Apply(entry(&node_a)),
+        )
+        .await
+        .expect("an agent writes its own node's entry");
     // RBAC: an agent never creates VMs.
     let new_vm = VirtualMachine::new(
         "sneaky",

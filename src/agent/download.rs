@@ -261,11 +261,18 @@ impl Downloader {
         }
     }
 
-    /// Downloads `url` into `dest` if its sha256 is `sha256`. The file appears under its
-    /// name only once verified; a `.partial` beside it never outlives a failure.
-    pub async fn fetch(&self, url: &str, sha256: &str, dest: &Path) -> Result<(), DownloadError> {
+    /// Downloads `url` into `dest` if its sha256 is `sha256`, counting the bytes received
+    /// in `progress`. The file appears under its name only once verified; a `.partial`
+    /// beside it never outlives a failure.
+    pub async fn fetch(
+        &self,
+        url: &str,
+        sha256: &str,
+        dest: &Path,
+        progress: &std::sync::atomic::AtomicU64,
+    ) -> Result<(), DownloadError> {
         let partial = Partial(dest.with_extension("partial"));
-        let res = self.fetch_into(url, sha256, &partial.0).await;
+        let res = self.fetch_into(url, sha256, &partial.0, progress).await;
         if res.is_ok() {
             // Root's alone; libvirt lends it to QEMU's user while a domain uses it.
             super::disks::private_file(&partial.0).await?;
@@ -279,6 +286,7 @@ impl Downloader {
         url: &str,
         sha256: &str,
         partial: &Path,
+        progress: &std::sync::atomic::AtomicU64,
     ) -> Result<(), DownloadError> {
         let parsed = reqwest::Url::parse(url).map_err(|e| DownloadError::Failed {
             detail: e.to_string(),
@@ -308,6 +316,7 @@ impl Downloader {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(classify)?;
             written += chunk.len() as u64;
+            progress.store(written, std::sync::atomic::Ordering::Relaxed);
             if written > limit {
                 return Err(DownloadError::TooLarge { limit });
             }

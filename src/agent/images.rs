@@ -97,8 +97,12 @@ type FetchKey = (String, String, String);
 
 /// A download's place in its life: running, or failed and waiting for its next try.
 enum Fetch {
-    /// Notified when the task ends.
-    Running(tokio::task::JoinHandle<()>, Arc<tokio::sync::Notify>),
+    /// Notified when the task ends; the bytes received so far.
+    Running(
+        tokio::task::JoinHandle<()>,
+        Arc<tokio::sync::Notify>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ),
     Failed {
         error: Arc<DownloadError>,
         attempts: u32,
@@ -167,6 +171,18 @@ impl ImageCache {
         Ok(LocalImage { path, format })
     }
 
+    /// The bytes a download of this image in namespace `ns` has received, while it runs.
+    pub fn downloaded(&self, ns: &str, spec: &VirtualMachineImageSpec) -> Option<u64> {
+        let http = spec.source.http.as_ref()?;
+        let key = (ns.to_string(), http.sha256.clone(), http.url.clone());
+        match self.fetches.lock().expect("not poisoned").get(&key) {
+            Some(Fetch::Running(_, _, progress)) => {
+                Some(progress.load(std::sync::atomic::Ordering::Relaxed))
+            }
+            _ => None,
+        }
+    }
+
     /// Resolves symlinks and refuses anything outside the image root, or among the VMs'
     /// files and the download cache (should the root contain them).
     pub fn confine(&self, path: &str) -> Result<PathBuf, ImageError> {
@@ -222,7 +238,7 @@ impl ImageCache {
         // Held while the task is spawned and recorded: it records its own end after.
         let mut fetches = self.fetches.lock().expect("not poisoned");
         let attempts = match fetches.get(key) {
-            Some(Fetch::Running(task, done)) if !task.is_finished() => return Ok(done.clone()),
+            Some(Fetch::Running(task, done, _)) if !task.is_finished() => return Ok(done.clone()),
             Some(Fetch::Failed {
                 error,
                 attempts,
@@ -246,10 +262,14 @@ impl ImageCache {
         let task_key = key.clone();
         let done = Arc::new(tokio::sync::Notify::new());
         let done_task = done.clone();
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress_task = progress.clone();
         let task = tokio::spawn(async move {
             let res = async {
                 super::disks::traversable(&dir).await?;
-                downloader.fetch(&url_owned, &sha, &dest).await
+                downloader
+                    .fetch(&url_owned, &sha, &dest, &progress_task)
+                    .await
             }
             .await;
             {
@@ -276,7 +296,7 @@ impl ImageCache {
             }
             done_task.notify_waiters();
         });
-        fetches.insert(key.clone(), Fetch::Running(task, done.clone()));
+        fetches.insert(key.clone(), Fetch::Running(task, done.clone(), progress));
         Ok(done)
     }
 
@@ -292,7 +312,7 @@ impl ImageCache {
         tokio::pin!(notified);
         notified.as_mut().enable();
         let finished = |fetches: &HashMap<FetchKey, Fetch>| match fetches.get(key) {
-            Some(Fetch::Running(task, _)) => task.is_finished(),
+            Some(Fetch::Running(task, ..)) => task.is_finished(),
             _ => true,
         };
         if !finished(&self.fetches.lock().expect("not poisoned")) {

@@ -6,6 +6,7 @@ mod console;
 pub mod disks;
 pub mod domain;
 pub mod download;
+pub mod image_report;
 pub mod images;
 pub mod layout;
 pub mod libvirt;

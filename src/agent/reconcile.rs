@@ -14,7 +14,7 @@ use super::libvirt::{DomainInfo, LibvirtError, RunState};
 use super::plan::{self, Step, VmRuntime};
 use super::render::{self, LocalImage};
 use super::status::{Observed, Problem};
-use super::{Context, disks};
+use super::{Context, disks, image_report};
 use crate::api::image::ImageFormat;
 use crate::api::{
     DOMAIN_FINALIZER, POWER_ANNOTATION, RESTART_ANNOTATION, VirtualMachine, VirtualMachineImage,
@@ -250,7 +250,18 @@ pub(super) async fn resolve_images(
                 ),
             ));
         }
-        let local = ctx.images.ensure(&ns, &img.spec).await.map_err(|e| {
+        let ensured = ctx.images.ensure(&ns, &img.spec).await;
+        let found = match &ensured {
+            Ok(local) => image_report::Found::Ready {
+                size: std::fs::metadata(&local.path).ok().map(|m| m.len()),
+            },
+            Err(ImageError::Downloading(_)) => image_report::Found::Downloading {
+                bytes: ctx.images.downloaded(&ns, &img.spec),
+            },
+            Err(e) => image_report::Found::Failed(e),
+        };
+        image_report::report(ctx, &img, found).await;
+        let local = ensured.map_err(|e| {
             let message = format!("VirtualMachineImage {name}: {e}");
             if matches!(e, ImageError::Downloading(_)) {
                 Problem::retrying(e.reason(), message).after(Duration::from_secs(2))

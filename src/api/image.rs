@@ -74,10 +74,11 @@ pub struct HostPathSource {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineImageStatus {
-    /// Ready once some node holds a verified copy; Failed when the last attempt failed.
+    /// Summed up over the nodes by the controller: Ready once some node holds a verified
+    /// copy; Downloading while one fetches it; Failed when every node that tried failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
-    /// One entry per node that fetched the image; each agent writes only its own.
+    pub phase: Option<ImagePhase>,
+    /// One entry per node that used the image; each node's agent writes only its own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::schema::image_nodes")]
     pub nodes: Vec<ImageNodeStatus>,
@@ -86,17 +87,78 @@ pub struct VirtualMachineImageStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// Where an image stands, on one node or overall.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ImagePhase {
+    /// Nothing tried yet.
+    #[default]
+    Pending,
+    Downloading,
+    Ready,
+    Failed,
+}
+
+impl ImagePhase {
+    /// Pure: the image's phase from its nodes' entries.
+    pub fn of_nodes(nodes: &[ImageNodeStatus]) -> ImagePhase {
+        let any = |p: ImagePhase| nodes.iter().any(|n| n.phase == p);
+        if any(ImagePhase::Ready) {
+            ImagePhase::Ready
+        } else if any(ImagePhase::Downloading) {
+            ImagePhase::Downloading
+        } else if !nodes.is_empty() && nodes.iter().all(|n| n.phase == ImagePhase::Failed) {
+            ImagePhase::Failed
+        } else {
+            ImagePhase::Pending
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageNodeStatus {
     /// The node.
     pub node: String,
-    /// Ready, Failed or Pending on that node.
-    pub phase: String,
-    /// Why, when not Ready.
+    /// Downloading, Ready or Failed on that node.
+    pub phase: ImagePhase,
+    /// Bytes fetched so far, while downloading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// Size of the cached file in bytes.
+    pub bytes: Option<i64>,
+    /// Size of the cached file in bytes, once ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<i64>,
+    /// Why it failed, as a CamelCase word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Why it failed, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_image_phase_sums_up_its_nodes() {
+        let n = |phase| ImageNodeStatus {
+            node: "n".into(),
+            phase,
+            ..Default::default()
+        };
+        use ImagePhase::*;
+        let cases: [(&[ImagePhase], ImagePhase); 7] = [
+            (&[], Pending),
+            (&[Ready], Ready),
+            (&[Failed, Ready], Ready),
+            (&[Failed, Downloading], Downloading),
+            (&[Failed], Failed),
+            (&[Failed, Failed], Failed),
+            (&[Pending, Failed], Pending),
+        ];
+        for (nodes, want) in cases {
+            let nodes: Vec<_> = nodes.iter().map(|p| n(*p)).collect();
+            assert_eq!(ImagePhase::of_nodes(&nodes), want, "{nodes:?}");
+        }
+    }
 }

@@ -143,6 +143,16 @@ impl Metrics {
             .inc();
     }
 
+    /// A failed image-phase reconcile.
+    pub fn image_error(&self, kind: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                controller: "images",
+                kind,
+            })
+            .inc();
+    }
+
     /// A failed migration reconcile.
     pub fn migration_error(&self, kind: &'static str) {
         self.errors

@@ -2,6 +2,7 @@
 //! VirtualMachine on one of them. Leader-elected: only one replica binds at a time.
 
 mod bind;
+pub mod images;
 pub mod inventory;
 mod metrics;
 mod migrate;
@@ -358,6 +359,12 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
     )
     .run(migrate::reconcile, migrate::error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
-    tokio::join!(placement, migrations);
+    let images = Controller::new(
+        Api::<crate::api::VirtualMachineImage>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .run(images::reconcile, images::error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    tokio::join!(placement, migrations, images);
     Ok(())
 }
