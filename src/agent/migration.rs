@@ -298,7 +298,7 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
     // The guest goes only to an address kubelet vouches for as the target's.
     if let Err(why) = target_endpoint(&ctx, &target, &dest_uri).await? {
         tracing::warn!(migration = %m.name_any(), %why, "refusing the target's migration URI");
-        let failed = json!({"phase": "Failed", "reason": "UntrustedTarget",
+        let failed = json!({"phase": MigrationPhase::Failed, "reason": "UntrustedTarget",
             "message": format!("the VM keeps running on {}: {why}", ctx.node),
             "completionTime": Time(Timestamp::now())});
         patch_status(&m, &ctx, SOURCE_MANAGER, failed).await?;
@@ -332,7 +332,7 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
         &m,
         &ctx,
         SOURCE_MANAGER,
-        json!({"phase": "Running", "reason": "Copying", "message": format!("copying to {target}"), "startTime": started}),
+        json!({"phase": MigrationPhase::Running, "reason": "Copying", "message": format!("copying to {target}"), "startTime": started}),
     )
     .await?;
     let mig_uid = m.uid().unwrap_or_default();
@@ -633,7 +633,7 @@ async fn watch_arrival(m: &VirtualMachineMigration, ctx: &Context) -> Result<Act
     }
     tracing::warn!(migration = %m.name_any(), vm = %vm.name_any(), running_for_s = running_for.as_secs(), "the guest runs here and the source has not finished its migration: settling it here");
     rebind(ctx, &vm, &ctx.node).await;
-    let done = json!({"phase": "Succeeded", "reason": "Migrated",
+    let done = json!({"phase": MigrationPhase::Succeeded, "reason": "Migrated",
         "message": format!("the guest runs on {}; the source did not finish the migration, so its target settled it after {} s", ctx.node, running_for.as_secs()),
         "completionTime": Time(Timestamp::now())});
     patch_status(m, ctx, SETTLE_MANAGER, done).await?;
@@ -698,7 +698,7 @@ async fn settle_interrupted(m: &VirtualMachineMigration, ctx: &Context) -> Resul
         Ok(vm) => vm,
         Err(Error::Other(_)) => {
             // The VM is gone: its own deletion cleans both nodes.
-            let failed = json!({"phase": "Failed", "reason": "VMNotFound",
+            let failed = json!({"phase": MigrationPhase::Failed, "reason": "VMNotFound",
                 "message": format!("VirtualMachine {} was deleted", m.spec.vm_name),
                 "completionTime": Time(Timestamp::now())});
             patch_status(m, ctx, SOURCE_MANAGER, failed).await?;
