@@ -235,6 +235,8 @@ async fn probe_kvm(lv: &Libvirt, state_dir: &Path) -> Result<(), String> {
             // The host's CPU cannot be given to a guest: whether KVM runs guests at all
             // (on QEMU's default CPU) tells which boot step fails.
             Err(why) => {
+                // The verdict on KVM itself first: the host-CPU failure is QEMU's long
+                // story, and status columns cut the end off.
                 let default = match run_probe(lv, &dir, false).await {
                     Ok(run) => match judge(&run) {
                         Ok(()) => "it runs only QEMU's default CPU".to_string(),
@@ -242,7 +244,7 @@ async fn probe_kvm(lv: &Libvirt, state_dir: &Path) -> Result<(), String> {
                     },
                     Err(e) => e,
                 };
-                Err(format!("with the host's CPU {why}; {default}"))
+                Err(format!("{default}; with the host's CPU {why}"))
             }
         },
     };

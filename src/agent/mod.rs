@@ -196,41 +196,9 @@ pub async fn run_with(
     let client = crate::kubeconfig::client(args.kubeconfig.as_ref()).await?;
     std::fs::create_dir_all(&args.state_dir)?;
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
-    let bound = listener.local_addr()?;
-    let agent_url = match (&args.advertise_address, bound.ip().is_unspecified()) {
-        (Some(ip), _) => Some(format!(
-            "http://{}",
-            std::net::SocketAddr::new(ip.parse()?, bound.port())
-        )),
-        (None, false) => Some(format!("http://{bound}")),
-        (None, true) => None,
-    };
-    let node_info = lv.node_info().await?;
-    let (accel, why) = if node_info.driver.eq_ignore_ascii_case("test") {
-        (node::Accel::Tcg, "libvirt test driver".to_string())
-    } else {
-        accel::detect(args.accel, &lv, &args.state_dir).await
-    };
-    tracing::info!(node = %args.node, uri = %args.libvirt_uri, accel = accel.as_str(), accel_reason = %why, "agent starting");
-    let facts = node::NodeFacts {
-        node: args.node.clone(),
-        state_dir: args.state_dir.clone(),
-        accel,
-        uefi: if node_info.driver.eq_ignore_ascii_case("test") {
-            false
-        } else {
-            let virttype = if accel == node::Accel::Kvm {
-                "kvm"
-            } else {
-                "qemu"
-            };
-            lv.uefi(virttype).await.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot read libvirt's domain capabilities: reporting no UEFI");
-                false
-            })
-        },
-        test_driver: node_info.driver.eq_ignore_ascii_case("test"),
-    };
+    let agent_url = agent_url(args.advertise_address.as_deref(), listener.local_addr()?)?;
+    let (facts, why) = node_facts(&args, &lv).await?;
+    tracing::info!(node = %args.node, uri = %args.libvirt_uri, accel = facts.accel.as_str(), accel_reason = %why, "agent starting");
 
     let vm_api: Api<VirtualMachine> = Api::all(client.clone());
     let wc = watcher::Config::default().fields(&format!("status.nodeName={}", args.node));
@@ -248,19 +216,7 @@ pub async fn run_with(
         ),
     );
 
-    let peer_key = match &args.peer_key_file {
-        Some(f) => {
-            let key = std::fs::read(f)
-                .map_err(|e| anyhow::anyhow!("--peer-key-file {}: {e}", f.display()))?;
-            anyhow::ensure!(
-                key.len() >= 16,
-                "--peer-key-file {}: key shorter than 16 bytes",
-                f.display()
-            );
-            Some(key)
-        }
-        None => None,
-    };
+    let peer_key = read_peer_key(args.peer_key_file.as_deref())?;
     // The peers to ask before fencing: watched only when there is a key to ask with.
     let (hypervisors, hv_writer) = kube::runtime::reflector::store::<crate::api::Hypervisor>();
     let hv_stream = {
@@ -333,31 +289,7 @@ pub async fn run_with(
         })
     };
     // A class change reaches every VM that uses it.
-    let class_triggers = {
-        let vms = vms.clone();
-        class_stream
-            .filter_map(|ev| futures::future::ready(ev.ok()))
-            .flat_map(move |ev| {
-                let names: Vec<String> = match ev {
-                    watcher::Event::Apply(c) | watcher::Event::Delete(c) => {
-                        c.metadata.name.into_iter().collect()
-                    }
-                    _ => Vec::new(),
-                };
-                let refs: Vec<_> = vms
-                    .state()
-                    .into_iter()
-                    .filter(|vm| {
-                        vm.spec
-                            .class_ref
-                            .as_ref()
-                            .is_some_and(|r| names.contains(&r.name))
-                    })
-                    .map(|vm| ObjectRef::from(&*vm))
-                    .collect();
-                futures::stream::iter(refs)
-            })
-    };
+    let class_triggers = class_triggers(class_stream, vms.clone());
 
     let controller = controller
         .reconcile_on(triggers)
@@ -388,6 +320,100 @@ pub async fn run_with(
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Where `kubectl vm console` and the peers reach this agent: the advertised address
+/// (POD_IP) at the port bound, or the address bound when it is a specific one.
+fn agent_url(
+    advertise: Option<&str>,
+    bound: std::net::SocketAddr,
+) -> anyhow::Result<Option<String>> {
+    Ok(match (advertise, bound.ip().is_unspecified()) {
+        (Some(ip), _) => Some(format!(
+            "http://{}",
+            std::net::SocketAddr::new(ip.parse()?, bound.port())
+        )),
+        (None, false) => Some(format!("http://{bound}")),
+        (None, true) => None,
+    })
+}
+
+/// What this node offers guests, as libvirt says: acceleration (and why) and UEFI.
+async fn node_facts(
+    args: &Args,
+    lv: &libvirt::Libvirt,
+) -> anyhow::Result<(node::NodeFacts, String)> {
+    let test_driver = lv.node_info().await?.driver.eq_ignore_ascii_case("test");
+    let (accel, why) = if test_driver {
+        (node::Accel::Tcg, "libvirt test driver".to_string())
+    } else {
+        accel::detect(args.accel, lv, &args.state_dir).await
+    };
+    let uefi = if test_driver {
+        false
+    } else {
+        let virttype = if accel == node::Accel::Kvm {
+            "kvm"
+        } else {
+            "qemu"
+        };
+        lv.uefi(virttype).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read libvirt's domain capabilities: reporting no UEFI");
+            false
+        })
+    };
+    let facts = node::NodeFacts {
+        node: args.node.clone(),
+        state_dir: args.state_dir.clone(),
+        accel,
+        uefi,
+        test_driver,
+    };
+    Ok((facts, why))
+}
+
+/// The peers' shared key, when the agent has one: at least 16 bytes.
+fn read_peer_key(file: Option<&std::path::Path>) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(f) = file else {
+        return Ok(None);
+    };
+    let key =
+        std::fs::read(f).map_err(|e| anyhow::anyhow!("--peer-key-file {}: {e}", f.display()))?;
+    anyhow::ensure!(
+        key.len() >= 16,
+        "--peer-key-file {}: key shorter than 16 bytes",
+        f.display()
+    );
+    Ok(Some(key))
+}
+
+/// The VMs that name a class, each time that class changes.
+fn class_triggers(
+    classes: impl futures::Stream<Item = Result<watcher::Event<VirtualMachineClass>, watcher::Error>>,
+    vms: kube::runtime::reflector::Store<VirtualMachine>,
+) -> impl futures::Stream<Item = ObjectRef<VirtualMachine>> {
+    classes
+        .filter_map(|ev| futures::future::ready(ev.ok()))
+        .flat_map(move |ev| {
+            let names: Vec<String> = match ev {
+                watcher::Event::Apply(c) | watcher::Event::Delete(c) => {
+                    c.metadata.name.into_iter().collect()
+                }
+                _ => Vec::new(),
+            };
+            let refs: Vec<_> = vms
+                .state()
+                .into_iter()
+                .filter(|vm| {
+                    vm.spec
+                        .class_ref
+                        .as_ref()
+                        .is_some_and(|r| names.contains(&r.name))
+                })
+                .map(|vm| ObjectRef::from(&*vm))
+                .collect();
+            futures::stream::iter(refs)
+        })
 }
 
 /// A broadcast receiver as a stream; events a slow reader missed are skipped (the
