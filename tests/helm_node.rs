@@ -63,16 +63,33 @@ impl Drop for Cleanup {
             "--wait=false",
         ]);
         let _ = kubectl(&["label", "node", NODE, "vmlet.dev/hypervisor-"]);
-        let _ = kubectl(&["delete", "hypervisor", NODE, "--ignore-not-found"]);
-        let _ = kubectl(&[
+        let _ = forget_node_records();
+    }
+}
+
+/// The README's step after `helm uninstall`: what the agents kept for their nodes (the
+/// Hypervisor and the heartbeat Lease) goes; Ok when both deletions worked.
+fn forget_node_records() -> Result<(), String> {
+    for args in [
+        &["delete", "hypervisor", NODE, "--ignore-not-found"][..],
+        &[
             "delete",
             "lease",
             "-n",
             "kube-node-lease",
             "-l",
             vmlet::api::HEARTBEAT_LABEL,
-        ]);
+        ],
+    ] {
+        let out = kubectl(args);
+        if !out.status.success() {
+            return Err(format!(
+                "kubectl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
     }
+    Ok(())
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -438,21 +455,7 @@ async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
     common::delete_namespace(&client, &ns).await;
 
     helm(&["uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "2m"]);
-    common::cli_ok(
-        kubectl(&["delete", "hypervisor", NODE, "--ignore-not-found"]),
-        "delete hypervisor",
-    );
-    common::cli_ok(
-        kubectl(&[
-            "delete",
-            "lease",
-            "-n",
-            "kube-node-lease",
-            "-l",
-            vmlet::api::HEARTBEAT_LABEL,
-        ]),
-        "delete the heartbeat Leases",
-    );
+    forget_node_records().expect("the README's clean-up after helm uninstall");
     common::wait_for(Duration::from_secs(60), || async {
         pods.list(&ListParams::default())
             .await

@@ -146,23 +146,10 @@ impl Metrics {
         self.reconcile_seconds.observe(took.as_secs_f64());
     }
 
-    /// A failed VM reconcile.
-    pub fn vm_error(&self, kind: &'static str) {
+    /// A failed reconcile of one of the agent's controllers ("vm", "migration").
+    pub fn reconcile_error(&self, controller: &'static str, kind: &'static str) {
         self.errors
-            .get_or_create(&ErrorLabels {
-                controller: "vm",
-                kind,
-            })
-            .inc();
-    }
-
-    /// A failed migration step.
-    pub fn migration_error(&self, kind: &'static str) {
-        self.errors
-            .get_or_create(&ErrorLabels {
-                controller: "migration",
-                kind,
-            })
+            .get_or_create(&ErrorLabels { controller, kind })
             .inc();
     }
 

@@ -16,7 +16,7 @@ use quick_xml::events::{BytesStart, BytesText, Event};
 use serde_json::json;
 
 use super::libvirt::Guest;
-use super::{Context, disks, render};
+use super::{Context, disks};
 use crate::api::{
     Hypervisor, MIGRATION_FINALIZER, MigrationPhase, VirtualMachine, VirtualMachineMigration,
     VirtualMachineMigrationStatus, conditions,
@@ -233,7 +233,7 @@ pub async fn reconcile(
 
 pub fn error_policy(m: Arc<VirtualMachineMigration>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(migration = %m.name_any(), error = %err, "migration step failed");
-    ctx.metrics.migration_error(err.kind());
+    ctx.metrics.reconcile_error("migration", err.kind());
     Action::requeue(Duration::from_secs(3))
 }
 
@@ -249,20 +249,12 @@ async fn get_vm(m: &VirtualMachineMigration, ctx: &Context) -> Result<VirtualMac
 /// backing images, the seed) where its domain will look for them.
 async fn prepare_target(m: &VirtualMachineMigration, ctx: &Context) -> Result<(), Error> {
     let vm = get_vm(m, ctx).await?;
-    let uid = vm.uid().unwrap_or_default();
     let images = super::reconcile::resolve_images(&vm, ctx)
         .await
         .map_err(|p| Error::Other(p.message))?;
-    let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, &images)
-        .map_err(|e| Error::Other(e.to_string()))?;
-    disks::prepare(
-        &super::layout::vm_dir(&ctx.facts.state_dir, &uid),
-        &files,
-        &uid,
-        &vm.name_any(),
-    )
-    .await
-    .map_err(|e| Error::Other(e.to_string()))?;
+    super::reconcile::prepare_files(&vm, ctx, &images)
+        .await
+        .map_err(|p| Error::Other(p.message))?;
     let old = m.status.clone().unwrap_or_default();
     let cond = conditions::new(
         &old.conditions,

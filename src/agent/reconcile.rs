@@ -191,7 +191,7 @@ async fn json_patch(
 
 pub fn error_policy(vm: Arc<VirtualMachine>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(vm = %vm.name_any(), error = %err, "reconcile error");
-    ctx.metrics.vm_error(err.kind());
+    ctx.metrics.reconcile_error("vm", err.kind());
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -596,7 +596,7 @@ async fn observe_spec(vm: &VirtualMachine, ctx: &Context) -> Result<SpecOnNode, 
 /// The VM's files: made before a (re)definition, so that a defined domain never points
 /// at a disk that does not exist, and before every start, so that the seed follows the
 /// spec at every boot.
-async fn prepare_files(
+pub(super) async fn prepare_files(
     vm: &VirtualMachine,
     ctx: &Context,
     images: &BTreeMap<String, LocalImage>,

@@ -323,7 +323,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
 }
 
 pub fn error_policy(vm: Arc<VirtualMachine>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.placement_error(err.kind());
+    ctx.metrics.reconcile_error("placement", err.kind());
     if err.is_conflict() {
         // Someone changed the VM between our read and our bind: try again with the news.
         return Action::requeue(Duration::from_millis(200));

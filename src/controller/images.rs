@@ -41,7 +41,7 @@ pub async fn reconcile(img: Arc<VirtualMachineImage>, ctx: Arc<Context>) -> Resu
 }
 
 pub fn error_policy(img: Arc<VirtualMachineImage>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.image_error("kube");
+    ctx.metrics.reconcile_error("images", "kube");
     tracing::warn!(image = %img.name_any(), error = %err, "image phase not written");
     Action::requeue(Duration::from_secs(5))
 }

@@ -133,33 +133,11 @@ impl Metrics {
         self.latency.get_or_create(&l).observe(took.as_secs_f64());
     }
 
-    /// A failed placement reconcile.
-    pub fn placement_error(&self, kind: &'static str) {
+    /// A failed reconcile of one of the controller's loops ("placement", "migration",
+    /// "images").
+    pub fn reconcile_error(&self, controller: &'static str, kind: &'static str) {
         self.errors
-            .get_or_create(&ErrorLabels {
-                controller: "placement",
-                kind,
-            })
-            .inc();
-    }
-
-    /// A failed image-phase reconcile.
-    pub fn image_error(&self, kind: &'static str) {
-        self.errors
-            .get_or_create(&ErrorLabels {
-                controller: "images",
-                kind,
-            })
-            .inc();
-    }
-
-    /// A failed migration reconcile.
-    pub fn migration_error(&self, kind: &'static str) {
-        self.errors
-            .get_or_create(&ErrorLabels {
-                controller: "migration",
-                kind,
-            })
+            .get_or_create(&ErrorLabels { controller, kind })
             .inc();
     }
 

@@ -422,7 +422,7 @@ pub async fn reconcile(
 }
 
 pub fn error_policy(m: Arc<VirtualMachineMigration>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.migration_error("kube");
+    ctx.metrics.reconcile_error("migration", "kube");
     tracing::warn!(migration = %m.name_any(), error = %err, "migration reconcile failed");
     Action::requeue(Duration::from_secs(2))
 }
