@@ -238,29 +238,7 @@ fn desired(
             },
         ),
     ];
-    let interfaces = if o.defined {
-        vm.spec
-            .networks
-            .iter()
-            .map(|n| {
-                let mac = n.mac_address.clone().unwrap_or_else(|| {
-                    super::layout::derived_mac(&vm.uid().unwrap_or_default(), &n.name)
-                });
-                let ip = o
-                    .addresses
-                    .iter()
-                    .find(|(m, _)| m.eq_ignore_ascii_case(&mac))
-                    .map(|(_, ip)| ip.clone());
-                InterfaceStatus {
-                    name: n.name.clone(),
-                    mac: Some(mac),
-                    ip_address: ip,
-                }
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let interfaces = interfaces(vm, o);
     AgentStatus {
         phase,
         observed_generation: generation,
@@ -285,6 +263,32 @@ fn desired(
             .clone()
             .or(old.last_restart_request.clone()),
     }
+}
+
+/// Each network's MAC and the address libvirt knows for it, once the domain is defined.
+fn interfaces(vm: &VirtualMachine, o: &Observed) -> Vec<InterfaceStatus> {
+    if !o.defined {
+        return Vec::new();
+    }
+    vm.spec
+        .networks
+        .iter()
+        .map(|n| {
+            let mac = n.mac_address.clone().unwrap_or_else(|| {
+                super::layout::derived_mac(&vm.uid().unwrap_or_default(), &n.name)
+            });
+            let ip = o
+                .addresses
+                .iter()
+                .find(|(m, _)| m.eq_ignore_ascii_case(&mac))
+                .map(|(_, ip)| ip.clone());
+            InterfaceStatus {
+                name: n.name.clone(),
+                mac: Some(mac),
+                ip_address: ip,
+            }
+        })
+        .collect()
 }
 
 /// The agent-owned part of the status as it stands now.
