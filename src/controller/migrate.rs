@@ -293,20 +293,7 @@ pub async fn reconcile(
         MigrationPhase::Pending => {}
     }
     if !m.finalizers().iter().any(|f| f == MIGRATION_FINALIZER) {
-        let api: Api<VirtualMachineMigration> =
-            Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
-        let ops: json_patch::Patch = serde_json::from_value(json!([
-            {"op": "test", "path": "/metadata/resourceVersion", "value": m.resource_version()},
-            {"op": "add", "path": if m.finalizers().is_empty() { "/metadata/finalizers" } else { "/metadata/finalizers/-" },
-             "value": if m.finalizers().is_empty() { json!([MIGRATION_FINALIZER]) } else { json!(MIGRATION_FINALIZER) }},
-        ]))
-        .expect("a valid patch");
-        api.patch(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Json::<()>(ops),
-        )
-        .await?;
+        add_finalizer(&m, &ctx).await?;
         // Its own event brings the object back with the finalizer.
         return Ok(Action::await_change());
     }
@@ -316,71 +303,8 @@ pub async fn reconcile(
         .caches
         .vms
         .get(&ObjectRef::new(&m.spec.vm_name).within(&ns));
-    let class = vm.as_ref().and_then(|vm| ctx.caches.class_of(vm));
-    let request = vm.as_ref().and_then(|vm| {
-        let class = class.clone()?;
-        vm.spec
-            .requests(class.as_ref())
-            .map(|r| super::bind::request(vm, class.as_ref(), r))
-    });
-    let all = ctx.caches.migrations.state();
-    let hv = |name: &str| {
-        ctx.caches
-            .hypervisors
-            .get(&ObjectRef::new(name))
-            .and_then(|h| h.status.clone())
-            .unwrap_or_default()
-    };
-    let compatible = |source: &str, target: &str| {
-        let (s, t) = (hv(source), hv(target));
-        if t.migration_uri.is_none() {
-            return Err("no migration endpoint (agent --migration-uri)".to_string());
-        }
-        if s.accel != t.accel {
-            return Err(format!(
-                "accelerator {} here, {} on the source",
-                t.accel.unwrap_or_default(),
-                s.accel.unwrap_or_default()
-            ));
-        }
-        Ok(())
-    };
     let started = Instant::now();
-    let verdict = {
-        let mut view = ctx.view.lock().await;
-        let epoch = ctx.epoch.load(std::sync::atomic::Ordering::SeqCst);
-        let (candidates, placed) = view.current(&ctx.caches, ctx.heartbeat_grace, epoch);
-        let v = decide(
-            &m,
-            vm.as_deref(),
-            &all,
-            request.clone(),
-            candidates,
-            &compatible,
-            placed,
-            ctx.limits,
-            (ctx.strategy, ctx.weights),
-        );
-        if let (Verdict::Go { target, .. }, Some(req)) = (&v, &request) {
-            // Until the cache shows the migration Scheduling, count the VM on its target.
-            view.assume(
-                format!("migration/{}", m.uid().unwrap_or_default()),
-                Assumed {
-                    node: target.clone(),
-                    cpu: req.cpu,
-                    memory: req.memory,
-                    at: Instant::now(),
-                },
-                Placed {
-                    namespace: req.namespace.clone(),
-                    labels: req.labels.clone(),
-                    node: target.clone(),
-                    anti_affinity: req.anti_affinity.clone(),
-                },
-            );
-        }
-        v
-    };
+    let verdict = admit(&m, &ctx, vm.as_deref()).await;
     ctx.metrics.migration_decision(&verdict, started.elapsed());
     match verdict {
         Verdict::Go { source, target } => {
@@ -419,6 +343,94 @@ pub async fn reconcile(
             Ok(Action::await_change())
         }
     }
+}
+
+/// The admission decision on the cached view, counting the VM on its target until the
+/// cache shows the migration Scheduling.
+async fn admit(m: &VirtualMachineMigration, ctx: &Context, vm: Option<&VirtualMachine>) -> Verdict {
+    let class = vm.and_then(|vm| ctx.caches.class_of(vm));
+    let request = vm.and_then(|vm| {
+        let class = class.clone()?;
+        vm.spec
+            .requests(class.as_ref())
+            .map(|r| super::bind::request(vm, class.as_ref(), r))
+    });
+    let all = ctx.caches.migrations.state();
+    let hv = |name: &str| {
+        ctx.caches
+            .hypervisors
+            .get(&ObjectRef::new(name))
+            .and_then(|h| h.status.clone())
+            .unwrap_or_default()
+    };
+    let compatible = |source: &str, target: &str| {
+        let (s, t) = (hv(source), hv(target));
+        if t.migration_uri.is_none() {
+            return Err("no migration endpoint (agent --migration-uri)".to_string());
+        }
+        if s.accel != t.accel {
+            return Err(format!(
+                "accelerator {} here, {} on the source",
+                t.accel.unwrap_or_default(),
+                s.accel.unwrap_or_default()
+            ));
+        }
+        Ok(())
+    };
+    {
+        let mut view = ctx.view.lock().await;
+        let epoch = ctx.epoch.load(std::sync::atomic::Ordering::SeqCst);
+        let (candidates, placed) = view.current(&ctx.caches, ctx.heartbeat_grace, epoch);
+        let v = decide(
+            m,
+            vm,
+            &all,
+            request.clone(),
+            candidates,
+            &compatible,
+            placed,
+            ctx.limits,
+            (ctx.strategy, ctx.weights),
+        );
+        if let (Verdict::Go { target, .. }, Some(req)) = (&v, &request) {
+            // Until the cache shows the migration Scheduling, count the VM on its target.
+            view.assume(
+                format!("migration/{}", m.uid().unwrap_or_default()),
+                Assumed {
+                    node: target.clone(),
+                    cpu: req.cpu,
+                    memory: req.memory,
+                    at: Instant::now(),
+                },
+                Placed {
+                    namespace: req.namespace.clone(),
+                    labels: req.labels.clone(),
+                    node: target.clone(),
+                    anti_affinity: req.anti_affinity.clone(),
+                },
+            );
+        }
+        v
+    }
+}
+
+/// Adds the controller's finalizer with a patch that fails if the object changed.
+async fn add_finalizer(m: &VirtualMachineMigration, ctx: &Context) -> Result<(), Error> {
+    let api: Api<VirtualMachineMigration> =
+        Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+    let ops: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": m.resource_version()},
+        {"op": "add", "path": if m.finalizers().is_empty() { "/metadata/finalizers" } else { "/metadata/finalizers/-" },
+         "value": if m.finalizers().is_empty() { json!([MIGRATION_FINALIZER]) } else { json!(MIGRATION_FINALIZER) }},
+    ]))
+    .expect("a valid patch");
+    api.patch(
+        &m.name_any(),
+        &PatchParams::default(),
+        &Patch::Json::<()>(ops),
+    )
+    .await?;
+    Ok(())
 }
 
 pub fn error_policy(m: Arc<VirtualMachineMigration>, err: &Error, ctx: Arc<Context>) -> Action {
