@@ -3,14 +3,16 @@
 //! instructions) but hangs at the switch to protected mode, exactly where a Linux boot
 //! leaves its real-mode setup. So the probe firmware walks the path a kernel takes before
 //! its first console line (real mode -> 32-bit protected mode -> 64-bit long mode with
-//! paging) and reports each step on the debug port; KVM is trusted only when every step
-//! ran. The firmware's source is `probe/kvm_probe.S` beside this file.
+//! paging) and reports each step on its first serial port; KVM is trusted only when every
+//! step ran. It runs as a libvirt domain whose console is a file (see [`detect`]). The
+//! firmware's source is `probe/kvm_probe.S` beside this file.
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
 
+use super::domain;
 use super::libvirt::Libvirt;
 use super::node::Accel;
 
@@ -88,14 +90,15 @@ pub fn judge(run: &ProbeRun) -> Result<(), String> {
     })
 }
 
-/// The probe's domain: 16 MiB, the probe firmware as its BIOS, COM1 into a file.
+/// The probe's domain: 16 MiB, the probe firmware as its BIOS, COM1 into a file. Only
+/// the loader and the CPU differ from what the VM domain model (`domain.rs`) has.
 #[derive(serde::Serialize)]
 #[serde(rename = "domain")]
 struct ProbeDomain {
     #[serde(rename = "@type")]
     kind: &'static str,
     name: String,
-    memory: ProbeMemory,
+    memory: domain::Memory,
     vcpu: u32,
     os: ProbeOs,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,26 +108,10 @@ struct ProbeDomain {
 }
 
 #[derive(serde::Serialize)]
-struct ProbeMemory {
-    #[serde(rename = "@unit")]
-    unit: &'static str,
-    #[serde(rename = "$text")]
-    value: u32,
-}
-
-#[derive(serde::Serialize)]
 struct ProbeOs {
     #[serde(rename = "type")]
-    os_type: ProbeOsType,
+    os_type: domain::OsType,
     loader: ProbeLoader,
-}
-
-#[derive(serde::Serialize)]
-struct ProbeOsType {
-    #[serde(rename = "@arch")]
-    arch: &'static str,
-    #[serde(rename = "$text")]
-    value: &'static str,
 }
 
 #[derive(serde::Serialize)]
@@ -144,27 +131,8 @@ struct ProbeCpu {
 
 #[derive(serde::Serialize)]
 struct ProbeDevices {
-    serial: ProbeSerial,
-    memballoon: ProbeModel,
-}
-
-#[derive(serde::Serialize)]
-struct ProbeSerial {
-    #[serde(rename = "@type")]
-    kind: &'static str,
-    source: ProbeSource,
-}
-
-#[derive(serde::Serialize)]
-struct ProbeSource {
-    #[serde(rename = "@path")]
-    path: String,
-}
-
-#[derive(serde::Serialize)]
-struct ProbeModel {
-    #[serde(rename = "@model")]
-    model: &'static str,
+    serial: domain::Serial,
+    memballoon: domain::ModelOnly,
 }
 
 /// Pure: the probe domain's XML. `host_cpu` gives the guest the host's CPU, as KVM guests
@@ -173,15 +141,16 @@ pub fn probe_xml(name: &str, firmware: &Path, out: &Path, host_cpu: bool) -> Str
     let dom = ProbeDomain {
         kind: "kvm",
         name: name.to_string(),
-        memory: ProbeMemory {
-            unit: "MiB",
+        memory: domain::Memory {
+            unit: "MiB".into(),
             value: 16,
         },
         vcpu: 1,
         os: ProbeOs {
-            os_type: ProbeOsType {
-                arch: "x86_64",
-                value: "hvm",
+            os_type: domain::OsType {
+                arch: "x86_64".into(),
+                machine: "pc".into(),
+                value: "hvm".into(),
             },
             loader: ProbeLoader {
                 kind: "rom",
@@ -193,13 +162,17 @@ pub fn probe_xml(name: &str, firmware: &Path, out: &Path, host_cpu: bool) -> Str
         }),
         on_poweroff: "destroy",
         devices: ProbeDevices {
-            serial: ProbeSerial {
-                kind: "file",
-                source: ProbeSource {
+            serial: domain::Serial {
+                kind: "file".into(),
+                source: domain::SerialSource {
                     path: out.display().to_string(),
+                    append: "off".into(),
                 },
+                target: domain::SerialTarget { port: 0 },
             },
-            memballoon: ProbeModel { model: "none" },
+            memballoon: domain::ModelOnly {
+                model: "none".into(),
+            },
         },
     };
     let mut xml = String::new();

@@ -344,23 +344,20 @@ async fn node_facts(
     lv: &libvirt::Libvirt,
 ) -> anyhow::Result<(node::NodeFacts, String)> {
     let test_driver = lv.node_info().await?.driver.eq_ignore_ascii_case("test");
-    let (accel, why) = if test_driver {
-        (node::Accel::Tcg, "libvirt test driver".to_string())
+    let (accel, why, uefi) = if test_driver {
+        (node::Accel::Tcg, "libvirt test driver".to_string(), false)
     } else {
-        accel::detect(args.accel, lv, &args.state_dir).await
-    };
-    let uefi = if test_driver {
-        false
-    } else {
+        let (accel, why) = accel::detect(args.accel, lv, &args.state_dir).await;
         let virttype = if accel == node::Accel::Kvm {
             "kvm"
         } else {
             "qemu"
         };
-        lv.uefi(virttype).await.unwrap_or_else(|e| {
+        let uefi = lv.uefi(virttype).await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read libvirt's domain capabilities: reporting no UEFI");
             false
-        })
+        });
+        (accel, why, uefi)
     };
     let facts = node::NodeFacts {
         node: args.node.clone(),

@@ -253,7 +253,7 @@ pub(super) async fn resolve_images(
         let ensured = ctx.images.ensure(&ns, &img.spec).await;
         let found = match &ensured {
             Ok(local) => image_report::Found::Ready {
-                size: std::fs::metadata(&local.path).ok().map(|m| m.len()),
+                size: tokio::fs::metadata(&local.path).await.ok().map(|m| m.len()),
             },
             Err(ImageError::Downloading(_)) => image_report::Found::Downloading {
                 bytes: ctx.images.downloaded(&ns, &img.spec),
