@@ -97,6 +97,15 @@ build() {
 
 # --- certificates --------------------------------------------------------------------
 
+# A client or serving certificate signed by the cluster CA, in $PKI (run from there).
+sign() { # name subject extfile
+  openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
+  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+    -extfile "$3" -out "$1.crt" 2>/dev/null
+  rm -f "$1.csr"
+  chmod 600 "$1.key"
+}
+
 gen_pki() {
   [[ -f "$PKI/.complete" ]] && return
   command -v openssl >/dev/null || die "openssl is not installed"
@@ -116,12 +125,6 @@ basicConstraints=CA:FALSE
 keyUsage=digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth
 EOF
-    sign() { # name subject extfile
-      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
-        -extfile "$3" -out "$1.crt" 2>/dev/null
-      rm -f "$1.csr"
-    }
     sign serving "/CN=127.0.0.1" serving.ext
     sign admin "/O=system:masters/CN=vmlet-admin" client.ext
     sign kcm "/CN=system:kube-controller-manager" client.ext
@@ -137,15 +140,7 @@ EOF
 # The scheduler's client certificate, also for a PKI made before the scheduler ran here.
 scheduler_pki() {
   [[ -f "$PKI/scheduler.crt" ]] && return
-  (
-    cd "$PKI"
-    openssl req -newkey rsa:2048 -nodes -keyout scheduler.key -out scheduler.csr \
-      -subj "/CN=system:kube-scheduler" 2>/dev/null
-    openssl x509 -req -in scheduler.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
-      -extfile client.ext -out scheduler.crt 2>/dev/null
-    rm -f scheduler.csr
-    chmod 600 scheduler.key
-  )
+  (cd "$PKI" && sign scheduler "/CN=system:kube-scheduler" client.ext)
 }
 
 kubeconfig() { # out user cert key
@@ -180,6 +175,16 @@ start() { # name args...
   log "starting $name"
   setsid "$BIN/$name" "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
   echo $! > "$RUN/$name.pid"
+}
+
+# For components whose /healthz lets any client through (it is always allowed).
+wait_healthz() { # process port
+  local i
+  for ((i = 0; i < 150; i++)); do
+    curl -sfk --max-time 2 "https://127.0.0.1:$2/healthz" >/dev/null 2>&1 && return 0
+    alive "$1" || die "$1 exited; log: $LOGS/$1.log"
+    sleep 0.2
+  done
 }
 
 wait_url() { # process url client-cert seconds
@@ -273,19 +278,10 @@ up() {
     --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" \
     --leader-elect=false \
     --profiling=false
-  # The controller manager's health endpoint lets any client through (/healthz is always allowed).
-  local i
-  for ((i = 0; i < 150; i++)); do
-    curl -sfk --max-time 2 "https://127.0.0.1:$KCM_PORT/healthz" >/dev/null 2>&1 && break
-    alive kube-controller-manager || die "kube-controller-manager exited; log: $LOGS/kube-controller-manager.log"
-    sleep 0.2
-  done
-  for ((i = 0; i < 150; i++)); do
-    curl -sfk --max-time 2 "https://127.0.0.1:$SCHED_PORT/healthz" >/dev/null 2>&1 && break
-    alive kube-scheduler || die "kube-scheduler exited; log: $LOGS/kube-scheduler.log"
-    sleep 0.2
-  done
+  wait_healthz kube-controller-manager "$KCM_PORT"
+  wait_healthz kube-scheduler "$SCHED_PORT"
   # The default namespace's ServiceAccount shows the token controllers are working.
+  local i
   for ((i = 0; i < 150; i++)); do
     "$BIN/kubectl" --kubeconfig "$KUBECONFIG_OUT" get serviceaccount default -n default >/dev/null 2>&1 && break
     sleep 0.2
