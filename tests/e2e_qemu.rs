@@ -332,11 +332,7 @@ async fn killed_qemu_is_restarted_with_backoff() {
         .await;
         assert!(running.is_some(), "round {round}: not Running");
         assert!(wait_console(&console, "vmlet-guest-up", 60).await);
-        let pid: i32 = std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = common::qemu_pid(&domain).expect("QEMU's pid file");
         if round == 1 {
             // QEMU runs as Debian's libvirt-qemu user, not root, and its disks are lent
             // to that user only while it runs.

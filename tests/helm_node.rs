@@ -102,18 +102,14 @@ fn pid_alive(pid: u32) -> bool {
     })
 }
 
-/// QEMU's pid for a domain, from libvirt's pid file.
+/// QEMU's pid for the domain of the VM with `uid`.
 fn qemu_pid(uid: &str) -> Option<u32> {
     let name = common::virsh(&["domname", uid]);
     let name = String::from_utf8_lossy(&name.stdout).trim().to_string();
     if name.is_empty() {
         return None;
     }
-    std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    common::qemu_pid(&name)
 }
 
 /// Resident memory of the processes whose command line is exactly `cmdline` (the Pods'
@@ -456,16 +452,10 @@ async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
 
     helm(&["uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "2m"]);
     forget_node_records().expect("the README's clean-up after helm uninstall");
-    common::wait_for(Duration::from_secs(60), || async {
-        pods.list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await
-    .expect("Pods left in vmlet-system after helm uninstall");
+    assert!(
+        common::wait_until_empty(&pods, Duration::from_secs(60)).await,
+        "Pods left in vmlet-system after helm uninstall"
+    );
     let left = common::cli_ok(
         kubectl(&[
             "get",

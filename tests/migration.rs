@@ -487,16 +487,10 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
     migs.delete_collection(&DeleteParams::default(), &Default::default())
         .await
         .unwrap();
-    common::wait_for(Duration::from_secs(20), || async {
-        migs.list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await
-    .expect("migrations were not deleted");
+    assert!(
+        common::wait_until_empty(&migs, Duration::from_secs(20)).await,
+        "migrations were not deleted"
+    );
     watch.abort();
     lab.teardown().await;
 }

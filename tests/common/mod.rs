@@ -359,3 +359,29 @@ pub fn cli_ok(out: std::process::Output, what: &str) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// QEMU's pid for the running libvirt domain `name`, from libvirt's pid file.
+pub fn qemu_pid(name: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Waits until `api` lists nothing; false when `timeout` passes first.
+pub async fn wait_until_empty<K>(api: &Api<K>, timeout: Duration) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_for(timeout, || async {
+        api.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await
+    .is_some()
+}
