@@ -95,7 +95,14 @@ service_net_down() {
 # The kubelet's client certificate: CN=system:node:NAME, O=system:nodes, signed by the
 # cluster CA, so that the Node authorizer and NodeRestriction treat it as that node.
 kubelet_pki() {
-  [[ -f "$STATE/kubelet.kubeconfig" ]] && return
+  # Kept while the cluster's CA signed it; a control plane made anew (cluster.sh up
+  # --fresh) has a new CA, and the old certificate would never register the node.
+  if [[ -f "$STATE/kubelet.kubeconfig" ]] &&
+    openssl verify -CAfile "$PKI/ca.crt" "$STATE/kubelet-client.crt" >/dev/null 2>&1; then
+    return
+  fi
+  # A kubelet still running with the old one starts again with the new one.
+  stop "$RUN/kubelet.pid"
   mkdir -p "$STATE"
   openssl req -newkey rsa:2048 -nodes -subj "/O=system:nodes/CN=system:node:$NODE" \
     -keyout "$STATE/kubelet-client.key" -out "$STATE/kubelet-client.csr" 2>/dev/null
