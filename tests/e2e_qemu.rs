@@ -298,6 +298,8 @@ async fn killed_qemu_is_restarted_with_backoff() {
     let Setup {
         client,
         ns,
+        // Held to the end: dropping it deletes the agent's state directory under it.
+        dir: _dir,
         state,
         node,
         agent,

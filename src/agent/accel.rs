@@ -227,9 +227,7 @@ async fn probe_kvm(lv: &Libvirt, state_dir: &Path) -> Result<(), String> {
 
 async fn run_probe(lv: &Libvirt, dir: &Path, host_cpu: bool) -> Result<ProbeRun, String> {
     // Unique per run: agents of several test nodes (processes, or tasks of one) can
-    // share one libvirtd, and a failed run's clean-up in libvirt must not meet the next
-    // run's console file (seen: "Unable to open file: probe.out" right after a run that
-    // QEMU aborted).
+    // share one libvirtd.
     static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = format!("vmlet-kvm-probe-{}-{run}", std::process::id());
