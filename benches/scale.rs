@@ -176,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
             .patch(&name, &PatchParams::apply("vmlet-bench"), &Patch::Apply(&n))
             .await?;
         let uri = format!("test://{}", xml.display());
-        let lv = vmlet::agent::libvirt::Libvirt::open(&uri).await?;
+        let lv = std::sync::Arc::new(vmlet::agent::libvirt::Connection::open(&uri).await?);
         let args = vmlet::agent::Args {
             node: name.clone(),
             libvirt_uri: uri,

@@ -11,11 +11,12 @@ use common::{DomainGuard, virsh};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
-use vmlet::agent::libvirt::{Libvirt, RunState};
+use vmlet::agent::libvirt::{Connection, Libvirt, RunState};
 use vmlet::api::VirtualMachine;
 
 fn console_has(path: &Path, needle: &str) -> bool {
@@ -221,7 +222,7 @@ fn strip_disks(xml: &str) -> String {
 /// initramfs served over HTTP as sha256-checked VirtualMachineImages in a fresh namespace.
 struct Setup {
     client: kube::Client,
-    lv: Libvirt,
+    lv: Arc<Connection>,
     ns: String,
     dir: tempfile::TempDir,
     state: PathBuf,
@@ -233,9 +234,11 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
     vmlet::telemetry::init();
     let client = common::client().await;
     common::ensure_crds(&client).await;
-    let lv = Libvirt::open("qemu:///system")
-        .await
-        .expect("libvirtd (hack/libvirt.sh up)");
+    let lv = Arc::new(
+        Connection::open("qemu:///system")
+            .await
+            .expect("libvirtd (hack/libvirt.sh up)"),
+    );
     let ns = common::namespace(&client, prefix).await;
     let dir = common::qemu_tempdir();
     let state = dir.path().join("state");

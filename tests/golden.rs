@@ -46,16 +46,17 @@ fn render_case(yaml: &str) -> String {
     }
     let vm = vm.expect("a VirtualMachine");
     let ann = vm.metadata.annotations.clone().unwrap_or_default();
+    let accel = if ann.get("golden.vmlet.dev/accel").map(String::as_str) == Some("kvm") {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
     let facts = NodeFacts {
         node: "node-1".into(),
         state_dir: PathBuf::from("/var/lib/vmlet"),
-        accel: if ann.get("golden.vmlet.dev/accel").map(String::as_str) == Some("kvm") {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        },
+        accel,
         uefi: ann.get("golden.vmlet.dev/uefi").map(String::as_str) == Some("true"),
-        test_driver: false,
+        domain_type: vmlet::agent::node::domain_type(&["qemu".into(), "kvm".into()], accel),
     };
     let domain = render::render(&vm, class.as_ref(), &images, &facts).expect("renders");
     let (xml, _) = render::finish(domain.clone()).unwrap();

@@ -355,7 +355,7 @@ fn assert_inert(obj: &DynamicObject) {
         state_dir: PathBuf::from("/var/lib/vmlet"),
         accel: Accel::Tcg,
         uefi: false,
-        test_driver: false,
+        domain_type: "qemu".into(),
     };
     let domain = render::render(&vm, None, &images, &facts).unwrap();
     let (xml, _) = render::finish(domain).unwrap();

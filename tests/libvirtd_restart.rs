@@ -10,11 +10,12 @@
 mod common;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, PostParams};
 use serde_json::json;
-use vmlet::agent::libvirt::Libvirt;
+use vmlet::agent::libvirt::Connection;
 use vmlet::api::VirtualMachine;
 
 fn libvirtd_pid() -> String {
@@ -48,7 +49,7 @@ async fn agent_reconnects_after_libvirtd_is_killed_and_restarted() {
     let client = common::client().await;
     common::ensure_crds(&client).await;
     let ns = common::namespace(&client, "lvrestart").await;
-    let lv = Libvirt::open("qemu:///system")
+    let lv = Connection::open("qemu:///system")
         .await
         .expect("libvirtd (hack/libvirt.sh up)");
     let dir = common::qemu_tempdir();
@@ -80,7 +81,11 @@ async fn agent_reconnects_after_libvirtd_is_killed_and_restarted() {
         peer_key_file: None,
         downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
     };
-    let agent = tokio::spawn(vmlet::agent::run_with(args, lv, std::future::pending()));
+    let agent = tokio::spawn(vmlet::agent::run_with(
+        args,
+        Arc::new(lv),
+        std::future::pending(),
+    ));
     common::tiny_guest_images(&client, &ns).await;
     let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
     let spec = json!({

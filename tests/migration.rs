@@ -22,7 +22,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
-use vmlet::agent::libvirt::{Guest, Libvirt};
+use vmlet::agent::libvirt::{Connection, Guest, Libvirt};
 use vmlet::api::{MigrationPhase, VirtualMachine, VirtualMachineMigration};
 
 const HOSTS: [&str; 2] = ["qemu+tcp://10.77.0.1/system", "qemu+tcp://10.77.0.2/system"];
@@ -152,7 +152,7 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
     let mut hosts = Vec::new();
     let mut tasks = Vec::new();
     for (i, uri) in HOSTS.iter().enumerate() {
-        let lv = Libvirt::open(uri)
+        let lv = Connection::open(uri)
             .await
             .unwrap_or_else(|e| panic!("{uri}: {e} (run hack/hosts.sh up)"));
         let node = format!("{run}-h{}", i + 1);
@@ -193,7 +193,7 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
         } else {
             tasks.push(tokio::spawn(vmlet::agent::run_with(
                 args,
-                lv,
+                Arc::new(lv),
                 std::future::pending(),
             )));
         }
@@ -662,8 +662,8 @@ async fn interrupted_copy(prefix: &str, source_returns: bool) {
     .expect("the guest never reached userspace");
     lab.cordon(&h2.node, false).await;
 
-    let src = Libvirt::open(h1.uri).await.unwrap();
-    let dst = Libvirt::open(h2.uri).await.unwrap();
+    let src = Connection::open(h1.uri).await.unwrap();
+    let dst = Connection::open(h2.uri).await.unwrap();
     // A copy runs the guest while its vCPUs run: a paused one (the destination before the
     // switch-over, the source after it) does not.
     let running = |d: Option<vmlet::agent::libvirt::DomainInfo>| {

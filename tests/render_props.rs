@@ -102,8 +102,8 @@ proptest! {
             node: "n".into(),
             state_dir: PathBuf::from("/var/lib/vmlet"),
             accel: if kvm { Accel::Kvm } else { Accel::Tcg },
+            domain_type: if kvm { "kvm" } else { "qemu" }.into(),
             uefi: false,
-            test_driver: false,
         };
         let domain = render::render(&vm, None, &images, &facts).unwrap();
         let (xml, _) = render::finish(domain.clone()).unwrap();

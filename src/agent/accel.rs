@@ -41,7 +41,7 @@ const PROBE_DEADLINE: Duration = Duration::from_secs(5);
 /// runs as a libvirt domain, so it tests what guests will get: the host's QEMU, as
 /// libvirt's QEMU user, with libvirt's view of /dev/kvm. The agent itself needs no
 /// /dev/kvm and no QEMU (in a container it has neither).
-pub async fn detect(choice: AccelChoice, lv: &Libvirt, state_dir: &Path) -> (Accel, String) {
+pub async fn detect(choice: AccelChoice, lv: &dyn Libvirt, state_dir: &Path) -> (Accel, String) {
     match choice {
         AccelChoice::Kvm => (Accel::Kvm, "forced by --accel kvm".into()),
         AccelChoice::Tcg => (Accel::Tcg, "forced by --accel tcg".into()),
@@ -184,7 +184,7 @@ pub fn probe_xml(name: &str, firmware: &Path, out: &Path, host_cpu: bool) -> Str
     xml
 }
 
-async fn probe_kvm(lv: &Libvirt, state_dir: &Path) -> Result<(), String> {
+async fn probe_kvm(lv: &dyn Libvirt, state_dir: &Path) -> Result<(), String> {
     if let Err(e) = lv.domain_capabilities("kvm").await {
         return Err(format!("libvirt offers no KVM domains: {e}"));
     }
@@ -225,7 +225,7 @@ async fn probe_kvm(lv: &Libvirt, state_dir: &Path) -> Result<(), String> {
     verdict
 }
 
-async fn run_probe(lv: &Libvirt, dir: &Path, host_cpu: bool) -> Result<ProbeRun, String> {
+async fn run_probe(lv: &dyn Libvirt, dir: &Path, host_cpu: bool) -> Result<ProbeRun, String> {
     // Unique per run: agents of several test nodes (processes, or tasks of one) can
     // share one libvirtd.
     static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

@@ -714,7 +714,7 @@ async fn settle_interrupted(m: &VirtualMachineMigration, ctx: &Context) -> Resul
             tracing::warn!(migration = %m.name_any(), %uri, "the target's migration URI is not its node's address: not asking it");
             None
         }
-        Some(uri) => match super::libvirt::peek_guest(&uri, &vm_uid).await {
+        Some(uri) => match ctx.lv.peek_guest(&uri, &vm_uid).await {
             Ok(g) => Some(g),
             Err(e) => {
                 tracing::warn!(migration = %m.name_any(), %uri, error = %e, "cannot ask the target's libvirt");

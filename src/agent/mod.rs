@@ -145,7 +145,7 @@ impl Context {
 pub struct Context {
     pub client: Client,
     pub node: String,
-    pub lv: libvirt::Libvirt,
+    pub lv: libvirt::Shared,
     pub images: images::ImageCache,
     pub facts: node::NodeFacts,
     /// Why `facts.accel` was chosen (the KVM probe's verdict or the flag).
@@ -182,22 +182,22 @@ pub struct Context {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let lv = libvirt::Libvirt::open(&args.libvirt_uri).await?;
-    run_with(args, lv, crate::shutdown::signal()).await
+    let lv = libvirt::Connection::open(&args.libvirt_uri).await?;
+    run_with(args, Arc::new(lv), crate::shutdown::signal()).await
 }
 
 /// Runs the agent on an open libvirt connection until `shutdown` completes. Dropping the
 /// returned future stops everything the agent runs (tests use that as a crash).
 pub async fn run_with(
     args: Args,
-    lv: libvirt::Libvirt,
+    lv: libvirt::Shared,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let client = crate::kubeconfig::client(args.kubeconfig.as_ref()).await?;
     std::fs::create_dir_all(&args.state_dir)?;
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
     let agent_url = agent_url(args.advertise_address.as_deref(), listener.local_addr()?)?;
-    let (facts, why) = node_facts(&args, &lv).await?;
+    let (facts, why) = node_facts(&args, lv.as_ref()).await?;
     tracing::info!(node = %args.node, uri = %args.libvirt_uri, accel = facts.accel.as_str(), accel_reason = %why, "agent starting");
 
     let vm_api: Api<VirtualMachine> = Api::all(client.clone());
@@ -341,30 +341,21 @@ fn agent_url(
 /// What this node offers guests, as libvirt says: acceleration (and why) and UEFI.
 async fn node_facts(
     args: &Args,
-    lv: &libvirt::Libvirt,
+    lv: &dyn libvirt::Libvirt,
 ) -> anyhow::Result<(node::NodeFacts, String)> {
-    let test_driver = lv.node_info().await?.driver.eq_ignore_ascii_case("test");
-    let (accel, why, uefi) = if test_driver {
-        (node::Accel::Tcg, "libvirt test driver".to_string(), false)
-    } else {
-        let (accel, why) = accel::detect(args.accel, lv, &args.state_dir).await;
-        let virttype = if accel == node::Accel::Kvm {
-            "kvm"
-        } else {
-            "qemu"
-        };
-        let uefi = lv.uefi(virttype).await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read libvirt's domain capabilities: reporting no UEFI");
-            false
-        });
-        (accel, why, uefi)
-    };
+    let offered = lv.domain_types().await?;
+    let (accel, why) = accel::detect(args.accel, lv, &args.state_dir).await;
+    let domain_type = node::domain_type(&offered, accel);
+    let uefi = lv.uefi(&domain_type).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read libvirt's domain capabilities: reporting no UEFI");
+        false
+    });
     let facts = node::NodeFacts {
         node: args.node.clone(),
         state_dir: args.state_dir.clone(),
         accel,
         uefi,
-        test_driver,
+        domain_type,
     };
     Ok((facts, why))
 }

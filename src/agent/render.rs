@@ -197,12 +197,7 @@ pub fn render(
         },
     };
     Ok(Domain {
-        kind: match (node.test_driver, node.accel) {
-            (true, _) => "test",
-            (false, Accel::Kvm) => "kvm",
-            (false, Accel::Tcg) => "qemu",
-        }
-        .into(),
+        kind: node.domain_type.clone(),
         name: domain_name(namespace, name),
         uuid: uid.to_string(),
         metadata: domain::Metadata {

@@ -1,5 +1,5 @@
-//! An in-process agent on its own instance of libvirt's test driver: a simulated
-//! hypervisor with 8 CPUs and 8 GiB.
+//! An in-process agent on a simulated hypervisor of its own: an instance of libvirt's
+//! test driver (8 CPUs, 8 GiB), or vmlet's in-memory fake libvirt (4 CPUs, 8 GiB).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -7,17 +7,23 @@ use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use vmlet::agent::libvirt::Libvirt;
+use vmlet::agent::libvirt::{Connection, Fake, Shared};
 use vmlet::api::VirtualMachine;
 
 pub struct Node {
     pub name: String,
-    pub lv: Libvirt,
+    pub lv: Shared,
     pub dir: tempfile::TempDir,
     image_root: PathBuf,
     /// The agent's arguments; change them before `start_agent` to run it differently.
     pub args: vmlet::agent::Args,
     agent: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// What a test node's agent runs on.
+pub enum Backend {
+    TestDriver,
+    Fake,
 }
 
 impl Node {
@@ -32,6 +38,20 @@ impl Node {
 
     /// A node whose agent runs with `customize` applied to its arguments.
     pub async fn build(
+        prefix: &str,
+        root: Option<PathBuf>,
+        customize: impl FnOnce(&mut vmlet::agent::Args),
+    ) -> Self {
+        Self::build_on(Backend::TestDriver, prefix, root, customize).await
+    }
+
+    /// A node whose agent runs on vmlet's in-memory libvirt.
+    pub async fn fake(prefix: &str) -> Self {
+        Self::build_on(Backend::Fake, prefix, None, |_| {}).await
+    }
+
+    pub async fn build_on(
+        backend: Backend,
         prefix: &str,
         root: Option<PathBuf>,
         customize: impl FnOnce(&mut vmlet::agent::Args),
@@ -52,8 +72,17 @@ impl Node {
              <memory>8388608</memory></node>",
         )
         .unwrap();
-        let uri = format!("test://{}", node_xml.display());
-        let lv = Libvirt::open(&uri).await.expect("test driver");
+        let (uri, lv): (String, Shared) = match backend {
+            Backend::TestDriver => {
+                let uri = format!("test://{}", node_xml.display());
+                let lv = Connection::open(&uri).await.expect("test driver");
+                (uri, std::sync::Arc::new(lv))
+            }
+            Backend::Fake => {
+                let uri = format!("fake:///{name}");
+                (uri.clone(), std::sync::Arc::new(Fake::open(&uri)))
+            }
+        };
         let image_root = root.unwrap_or_else(|| dir.path().join("images"));
         std::fs::create_dir_all(&image_root).unwrap();
         let mut args = vmlet::agent::Args {

@@ -1,6 +1,6 @@
-//! Every libvirt call the agent makes. libvirt blocks, so each call runs on tokio's
-//! blocking pool; one connection is shared (the test driver keeps its state per
-//! connection, and libvirt connections are thread-safe).
+//! The real [`Libvirt`]: every libvirt call the agent makes. libvirt blocks, so each
+//! call runs on tokio's blocking pool; one connection is shared (the test driver keeps
+//! its state per connection, and libvirt connections are thread-safe).
 
 use std::ffi::{CStr, c_void};
 use std::sync::{Arc, Mutex, Once, RwLock};
@@ -11,63 +11,8 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
-use super::domain::{VmMetadata, owner_of};
-
-#[derive(Debug, thiserror::Error)]
-pub enum LibvirtError {
-    #[error("libvirt: {0}")]
-    Virt(#[from] virt::error::Error),
-    #[error("libvirt call panicked or was cancelled")]
-    Join,
-}
-
-pub type Result<T> = std::result::Result<T, LibvirtError>;
-
-/// A domain's run state, simplified from virDomainState and its reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState {
-    Running,
-    Paused,
-    ShuttingDown,
-    /// Stopped by the guest (poweroff) or by us.
-    ShutOff,
-    /// Stopped because QEMU crashed or failed.
-    Crashed,
-    /// Stopped by `virsh destroy` (from us or from outside) or because QEMU was killed.
-    Destroyed,
-    /// Shut off because a live migration moved the guest to another host: it runs there,
-    /// and this definition must never be started again.
-    MigratedAway,
-    Other,
-}
-
-impl RunState {
-    /// Whether a QEMU process runs the domain (running, paused or shutting down).
-    pub fn active(self) -> bool {
-        matches!(
-            self,
-            RunState::Running | RunState::Paused | RunState::ShuttingDown
-        )
-    }
-}
-
-/// Where one libvirt holds a guest, as much as settling an interrupted migration needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Guest {
-    /// No domain with this uuid.
-    Absent,
-    /// A migration job runs on it (libvirt's source side).
-    Migrating,
-    /// Paused for a migration's switch-over, or arriving (libvirt's destination side
-    /// keeps an incoming guest paused until the copy is done).
-    PausedForMigration,
-    /// Running, or paused for another reason: a live copy of the guest.
-    Active,
-    /// Shut off because it migrated to another host.
-    MigratedAway,
-    /// Defined and shut off for any other reason.
-    Stopped,
-}
+use super::super::domain::owner_of;
+use super::{DomainInfo, DomainStats, Guest, Libvirt, LibvirtError, NodeInfo, Result, RunState};
 
 fn guest_of(dom: &Domain) -> Result<Guest> {
     let (state, reason) = state_and_reason(dom)?;
@@ -111,7 +56,7 @@ fn guest_in(c: &Connect, uuid: &str) -> Result<Guest> {
 
 /// What the libvirt at `uri` (another node's) holds of a guest, through a read-only
 /// connection of its own, opened for this one question.
-pub async fn peek_guest(uri: &str, uuid: &str) -> Result<Guest> {
+async fn peek_guest(uri: &str, uuid: &str) -> Result<Guest> {
     let (uri, uuid) = (uri.to_string(), uuid.to_string());
     tokio::task::spawn_blocking(move || {
         let c = Connect::open_read_only(Some(&uri))?;
@@ -121,39 +66,8 @@ pub async fn peek_guest(uri: &str, uuid: &str) -> Result<Guest> {
     .map_err(|_| LibvirtError::Join)?
 }
 
-#[derive(Debug, Clone)]
-pub struct DomainInfo {
-    pub uuid: String,
-    pub name: String,
-    pub state: RunState,
-    pub owner: Option<VmMetadata>,
-    /// The defined (inactive) XML: what the next start would run.
-    pub xml: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct NodeInfo {
-    pub cpus: u32,
-    pub memory_bytes: u64,
-    pub libvirt_version: String,
-    pub hypervisor_version: String,
-    pub driver: String,
-}
-
-/// Per-domain counters from libvirt's bulk stats.
-#[derive(Debug, Clone, Default)]
-pub struct DomainStats {
-    pub uuid: String,
-    pub cpu_time_ns: u64,
-    pub memory_bytes: u64,
-    pub disk_read_bytes: u64,
-    pub disk_write_bytes: u64,
-    pub net_rx_bytes: u64,
-    pub net_tx_bytes: u64,
-}
-
 #[derive(Clone)]
-pub struct Libvirt {
+pub struct Connection {
     /// Replaced by [`Libvirt::keep_connected`] when libvirtd restarts.
     conn: Arc<RwLock<Arc<Connect>>>,
     uri: String,
@@ -186,35 +100,6 @@ fn start_event_loop() {
             })
             .expect("spawn libvirt event thread");
     });
-}
-
-/// Whether domain capabilities XML offers firmware `efi`:
-/// `<os supported='yes'><enum name='firmware'><value>efi</value>…`.
-pub fn uefi_in_domcaps(xml: &str) -> bool {
-    #[derive(serde::Deserialize)]
-    struct DomainCapabilities {
-        os: Option<Os>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Os {
-        #[serde(rename = "enum", default)]
-        enums: Vec<Enum>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Enum {
-        #[serde(rename = "@name")]
-        name: String,
-        #[serde(rename = "value", default)]
-        values: Vec<String>,
-    }
-    quick_xml::de::from_str::<DomainCapabilities>(xml)
-        .ok()
-        .and_then(|c| c.os)
-        .is_some_and(|os| {
-            os.enums
-                .iter()
-                .any(|e| e.name == "firmware" && e.values.iter().any(|v| v.trim() == "efi"))
-        })
 }
 
 fn uuid_of(dom: &Domain) -> Result<String> {
@@ -268,7 +153,7 @@ fn is_no_domain(e: &virt::error::Error) -> bool {
     e.code() == virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)
 }
 
-impl Libvirt {
+impl Connection {
     pub async fn open(uri: &str) -> Result<Self> {
         let uri = uri.to_string();
         let conn = tokio::task::spawn_blocking({
@@ -281,7 +166,7 @@ impl Libvirt {
         .await
         .map_err(|_| LibvirtError::Join)??;
         let (events, _) = tokio::sync::broadcast::channel(1024);
-        let lv = Libvirt {
+        let lv = Connection {
             conn: Arc::new(RwLock::new(Arc::new(conn))),
             uri,
             events,
@@ -291,15 +176,100 @@ impl Libvirt {
         Ok(lv)
     }
 
+    fn mark_down(&self, why: String) {
+        let mut down = self.down.lock().expect("not poisoned");
+        if down.is_none() {
+            tracing::error!(uri = %self.uri, reason = %why, "libvirt unreachable");
+        }
+        *down = Some(why);
+    }
+
+    fn current(&self) -> Arc<Connect> {
+        self.conn.read().expect("not poisoned").clone()
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T> + Send + 'static,
+    {
+        let conn = self.current();
+        let (res, alive) = tokio::task::spawn_blocking(move || {
+            let res = f(&conn);
+            // A failed call on a dead connection: libvirtd went away.
+            let alive = res.is_ok() || conn.is_alive().unwrap_or(false);
+            (res, alive)
+        })
+        .await
+        .map_err(|_| LibvirtError::Join)?;
+        if !alive {
+            self.mark_down("the connection to libvirtd was lost".into());
+        }
+        res
+    }
+
+    async fn with_domain<F>(&self, uuid: &str, f: F) -> Result<()>
+    where
+        F: FnOnce(&Domain) -> std::result::Result<(), virt::error::Error> + Send + 'static,
+    {
+        let uuid = uuid.to_string();
+        self.call(move |c| match c.lookup_domain_by_uuid_string(&uuid) {
+            Ok(d) => Ok(f(&d)?),
+            Err(e) if is_no_domain(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+
+    async fn register_lifecycle_events(&self) -> Result<()> {
+        let tx = self.events.clone();
+        self.call(move |c| {
+            let opaque = Box::into_raw(Box::new(tx)) as *mut c_void;
+            // SAFETY: the callback has the generic signature libvirt expects for
+            // VIR_DOMAIN_EVENT_ID_LIFECYCLE once cast; `free_sender` frees opaque exactly once.
+            let cb: sys::virConnectDomainEventGenericCallback = Some(unsafe {
+                std::mem::transmute::<
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virDomainPtr,
+                        i32,
+                        i32,
+                        *mut c_void,
+                    ) -> i32,
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+                >(on_lifecycle)
+            });
+            let id = unsafe {
+                sys::virConnectDomainEventRegisterAny(
+                    c.as_ptr(),
+                    std::ptr::null_mut(),
+                    sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as i32,
+                    cb,
+                    opaque,
+                    Some(free_sender),
+                )
+            };
+            if id < 0 {
+                unsafe { free_sender(opaque) };
+                return Err(virt::error::Error::last_error().into());
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl Libvirt for Connection {
     /// None while the connection works; why not, while it does not.
-    pub fn down(&self) -> Option<String> {
+    fn down(&self) -> Option<String> {
         self.down.lock().expect("not poisoned").clone()
     }
 
     /// Watches the connection and, when libvirtd has gone away (restart, crash), opens a
     /// new one with backoff (1 s doubling to 30 s), registers lifecycle events on it again
     /// and announces every domain as changed, so that each VM is looked at afresh.
-    pub async fn keep_connected(&self) {
+    async fn keep_connected(&self) {
         let mut wait = Duration::from_secs(1);
         loop {
             tokio::time::sleep(if self.down().is_some() {
@@ -345,43 +315,11 @@ impl Libvirt {
         }
     }
 
-    fn mark_down(&self, why: String) {
-        let mut down = self.down.lock().expect("not poisoned");
-        if down.is_none() {
-            tracing::error!(uri = %self.uri, reason = %why, "libvirt unreachable");
-        }
-        *down = Some(why);
-    }
-
-    fn current(&self) -> Arc<Connect> {
-        self.conn.read().expect("not poisoned").clone()
-    }
-
-    pub fn uri(&self) -> &str {
+    fn uri(&self) -> &str {
         &self.uri
     }
 
-    async fn call<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connect) -> Result<T> + Send + 'static,
-    {
-        let conn = self.current();
-        let (res, alive) = tokio::task::spawn_blocking(move || {
-            let res = f(&conn);
-            // A failed call on a dead connection: libvirtd went away.
-            let alive = res.is_ok() || conn.is_alive().unwrap_or(false);
-            (res, alive)
-        })
-        .await
-        .map_err(|_| LibvirtError::Join)?;
-        if !alive {
-            self.mark_down("the connection to libvirtd was lost".into());
-        }
-        res
-    }
-
-    pub async fn node_info(&self) -> Result<NodeInfo> {
+    async fn node_info(&self) -> Result<NodeInfo> {
         self.call(|c| {
             let info = c.node_info()?;
             let driver = c.driver_type()?;
@@ -401,7 +339,7 @@ impl Libvirt {
     }
 
     /// Every domain on the node, active or not.
-    pub async fn list(&self) -> Result<Vec<DomainInfo>> {
+    async fn list(&self) -> Result<Vec<DomainInfo>> {
         self.call(|c| {
             let flags =
                 sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE | sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE;
@@ -410,7 +348,7 @@ impl Libvirt {
         .await
     }
 
-    pub async fn lookup(&self, uuid: &str) -> Result<Option<DomainInfo>> {
+    async fn lookup(&self, uuid: &str) -> Result<Option<DomainInfo>> {
         let uuid = uuid.to_string();
         self.call(move |c| match c.lookup_domain_by_uuid_string(&uuid) {
             Ok(d) => match info_of(&d) {
@@ -425,7 +363,7 @@ impl Libvirt {
     }
 
     /// Defines (or redefines) a domain from XML.
-    pub async fn define(&self, xml: String) -> Result<()> {
+    async fn define(&self, xml: String) -> Result<()> {
         self.call(move |c| {
             c.define_domain_xml(&xml)?;
             Ok(())
@@ -433,25 +371,12 @@ impl Libvirt {
         .await
     }
 
-    async fn with_domain<F>(&self, uuid: &str, f: F) -> Result<()>
-    where
-        F: FnOnce(&Domain) -> std::result::Result<(), virt::error::Error> + Send + 'static,
-    {
-        let uuid = uuid.to_string();
-        self.call(move |c| match c.lookup_domain_by_uuid_string(&uuid) {
-            Ok(d) => Ok(f(&d)?),
-            Err(e) if is_no_domain(&e) => Ok(()),
-            Err(e) => Err(e.into()),
-        })
-        .await
-    }
-
-    pub async fn start(&self, uuid: &str) -> Result<()> {
+    async fn start(&self, uuid: &str) -> Result<()> {
         self.with_domain(uuid, |d| d.create().map(|_| ())).await
     }
 
     /// Asks the guest to power off through ACPI.
-    pub async fn shutdown(&self, uuid: &str) -> Result<()> {
+    async fn shutdown(&self, uuid: &str) -> Result<()> {
         self.with_domain(uuid, |d| match d.is_active()? {
             true => d.shutdown().map(|_| ()),
             false => Ok(()),
@@ -459,7 +384,7 @@ impl Libvirt {
         .await
     }
 
-    pub async fn destroy(&self, uuid: &str) -> Result<()> {
+    async fn destroy(&self, uuid: &str) -> Result<()> {
         self.with_domain(uuid, |d| match d.is_active()? {
             true => d.destroy().map(|_| ()),
             false => Ok(()),
@@ -468,7 +393,7 @@ impl Libvirt {
     }
 
     /// Removes the definition; also NVRAM, which UEFI domains carry.
-    pub async fn undefine(&self, uuid: &str) -> Result<()> {
+    async fn undefine(&self, uuid: &str) -> Result<()> {
         self.with_domain(uuid, |d| {
             match d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM) {
                 // Drivers without NVRAM support (the test driver) refuse the flag.
@@ -485,7 +410,7 @@ impl Libvirt {
     }
 
     /// The running domain's XML in the form a migration destination takes.
-    pub async fn migratable_xml(&self, uuid: &str) -> Result<String> {
+    async fn migratable_xml(&self, uuid: &str) -> Result<String> {
         let uuid = uuid.to_string();
         self.call(move |c| {
             let d = c.lookup_domain_by_uuid_string(&uuid)?;
@@ -499,7 +424,7 @@ impl Libvirt {
     /// already has, the local disks) over `data_uri`. The destination defines it from
     /// `dest_xml`. The source's definition stays (shut off) until [`Self::undefine`], so
     /// that its completed-job statistics can be read. Blocks a pool thread until done.
-    pub async fn migrate(
+    async fn migrate(
         &self,
         uuid: &str,
         dest_uri: &str,
@@ -533,7 +458,7 @@ impl Libvirt {
     }
 
     /// Statistics of the domain's last completed job: (downtime in ms, bytes sent).
-    pub async fn completed_job(&self, uuid: &str) -> Result<(Option<u64>, Option<u64>)> {
+    async fn completed_job(&self, uuid: &str) -> Result<(Option<u64>, Option<u64>)> {
         let uuid = uuid.to_string();
         self.call(move |c| {
             let d = c.lookup_domain_by_uuid_string(&uuid)?;
@@ -544,16 +469,14 @@ impl Libvirt {
         .await
     }
 
-    /// Whether this libvirt can boot `virttype` (kvm or qemu) guests with UEFI firmware:
-    /// its domain capabilities list `efi` among the firmware it auto-selects (the
-    /// descriptors OVMF installs). Read from libvirt, not from the agent's container.
-    pub async fn uefi(&self, virttype: &str) -> Result<bool> {
-        Ok(uefi_in_domcaps(&self.domain_capabilities(virttype).await?))
+    async fn domain_types(&self) -> Result<Vec<String>> {
+        self.call(|c| Ok(super::domain_types_in_caps(&c.capabilities()?)))
+            .await
     }
 
     /// libvirt's domain capabilities for x86_64 guests of `virttype` (kvm, qemu); an
     /// error when libvirt cannot run such guests at all (e.g. no usable /dev/kvm).
-    pub async fn domain_capabilities(&self, virttype: &str) -> Result<String> {
+    async fn domain_capabilities(&self, virttype: &str) -> Result<String> {
         let virttype = virttype.to_string();
         self.call(move |c| {
             Ok(c.domain_capabilities(None, Some("x86_64"), None, Some(&virttype), 0)?)
@@ -562,24 +485,24 @@ impl Libvirt {
     }
 
     /// Starts a domain that libvirt forgets once it stops (the KVM probe); its UUID.
-    pub async fn create_transient(&self, xml: String) -> Result<String> {
+    async fn create_transient(&self, xml: String) -> Result<String> {
         self.call(move |c| uuid_of(&c.create_domain_xml(&xml, 0)?))
             .await
     }
 
     /// Where this libvirt holds the guest, for settling a migration.
-    pub async fn guest(&self, uuid: &str) -> Result<Guest> {
+    async fn guest(&self, uuid: &str) -> Result<Guest> {
         let uuid = uuid.to_string();
         self.call(move |c| guest_in(c, &uuid)).await
     }
 
     /// Resumes a paused domain.
-    pub async fn resume(&self, uuid: &str) -> Result<()> {
+    async fn resume(&self, uuid: &str) -> Result<()> {
         self.with_domain(uuid, |d| d.resume().map(|_| ())).await
     }
 
     /// Aborts the domain's running job (a migration): the domain keeps running here.
-    pub async fn abort_job(&self, uuid: &str) -> Result<()> {
+    async fn abort_job(&self, uuid: &str) -> Result<()> {
         let uuid = uuid.to_string();
         self.call(move |c| {
             let d = c.lookup_domain_by_uuid_string(&uuid)?;
@@ -594,7 +517,7 @@ impl Libvirt {
     }
 
     /// (MAC, IP) pairs libvirt can tell, from its DHCP leases; empty when it cannot.
-    pub async fn addresses(&self, uuid: &str) -> Result<Vec<(String, String)>> {
+    async fn addresses(&self, uuid: &str) -> Result<Vec<(String, String)>> {
         let uuid = uuid.to_string();
         self.call(move |c| {
             let Ok(d) = c.lookup_domain_by_uuid_string(&uuid) else {
@@ -615,7 +538,7 @@ impl Libvirt {
     }
 
     /// CPU, memory, disk and network counters of every running domain.
-    pub async fn stats(&self) -> Result<Vec<DomainStats>> {
+    async fn stats(&self) -> Result<Vec<DomainStats>> {
         self.call(|c| {
             let types = sys::VIR_DOMAIN_STATS_CPU_TOTAL
                 | sys::VIR_DOMAIN_STATS_BALLOON
@@ -681,45 +604,12 @@ impl Libvirt {
 
     /// The UUID of every domain whose lifecycle changes (started, stopped, crashed,
     /// undefined...), from now on. A subscriber that falls behind skips old events.
-    pub fn lifecycle_events(&self) -> tokio::sync::broadcast::Receiver<String> {
+    fn lifecycle_events(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.events.subscribe()
     }
 
-    async fn register_lifecycle_events(&self) -> Result<()> {
-        let tx = self.events.clone();
-        self.call(move |c| {
-            let opaque = Box::into_raw(Box::new(tx)) as *mut c_void;
-            // SAFETY: the callback has the generic signature libvirt expects for
-            // VIR_DOMAIN_EVENT_ID_LIFECYCLE once cast; `free_sender` frees opaque exactly once.
-            let cb: sys::virConnectDomainEventGenericCallback = Some(unsafe {
-                std::mem::transmute::<
-                    unsafe extern "C" fn(
-                        sys::virConnectPtr,
-                        sys::virDomainPtr,
-                        i32,
-                        i32,
-                        *mut c_void,
-                    ) -> i32,
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
-                >(on_lifecycle)
-            });
-            let id = unsafe {
-                sys::virConnectDomainEventRegisterAny(
-                    c.as_ptr(),
-                    std::ptr::null_mut(),
-                    sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as i32,
-                    cb,
-                    opaque,
-                    Some(free_sender),
-                )
-            };
-            if id < 0 {
-                unsafe { free_sender(opaque) };
-                return Err(virt::error::Error::last_error().into());
-            }
-            Ok(())
-        })
-        .await
+    async fn peek_guest(&self, uri: &str, uuid: &str) -> Result<Guest> {
+        peek_guest(uri, uuid).await
     }
 }
 
@@ -751,27 +641,4 @@ unsafe extern "C" fn on_lifecycle(
 unsafe extern "C" fn free_sender(opaque: *mut c_void) {
     // SAFETY: created by Box::into_raw in lifecycle_events.
     drop(unsafe { Box::from_raw(opaque as *mut Sender<String>) });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uefi_is_read_from_the_firmware_libvirt_offers() {
-        // What this machine's libvirt 9.0 answered without and with Debian's ovmf.
-        let without = "<domainCapabilities><os supported='yes'><enum name='firmware'/><loader supported='yes'><enum name='type'><value>rom</value><value>pflash</value></enum></loader></os></domainCapabilities>";
-        let with = "<domainCapabilities><os supported='yes'><enum name='firmware'>\n      <value>efi</value>\n    </enum><loader supported='yes'><value>/usr/share/OVMF/OVMF_CODE_4M.fd</value></loader></os></domainCapabilities>";
-        // An `efi` elsewhere (another enum, another element) is not the firmware list.
-        let elsewhere = "<domainCapabilities><os supported='yes'><enum name='firmware'/><enum name='other'><value>efi</value></enum></os><features><enum name='firmware'><value>efi</value></enum></features></domainCapabilities>";
-        for (xml, uefi) in [
-            (without, false),
-            (with, true),
-            (elsewhere, false),
-            ("<broken", false),
-            ("", false),
-        ] {
-            assert_eq!(uefi_in_domcaps(xml), uefi, "{xml}");
-        }
-    }
 }
