@@ -219,25 +219,7 @@ pub async fn run_with(
     let peer_key = read_peer_key(args.peer_key_file.as_deref())?;
     // The peers to ask before fencing: watched only when there is a key to ask with.
     let (hypervisors, hv_writer) = kube::runtime::reflector::store::<crate::api::Hypervisor>();
-    let hv_stream = {
-        let watch = peer_key.is_some().then(|| {
-            kube::runtime::reflector(
-                hv_writer,
-                watcher(
-                    Api::<crate::api::Hypervisor>::all(client.clone()),
-                    watcher::Config::default(),
-                ),
-            )
-            .default_backoff()
-            .for_each(|_| futures::future::ready(()))
-        });
-        async move {
-            match watch {
-                Some(w) => w.await,
-                None => std::future::pending().await,
-            }
-        }
-    };
+    let hv_stream = watch_peers(client.clone(), hv_writer, peer_key.is_some());
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -275,19 +257,7 @@ pub async fn run_with(
             .build()?,
     });
 
-    // libvirt lifecycle events (a crash, a `virsh destroy`, a guest poweroff) trigger the
-    // VM's reconcile at once.
-    let events = lv.lifecycle_events();
-    let triggers = {
-        let vms = vms.clone();
-        tokio_stream_from(events).filter_map(move |uuid| {
-            let found = vms
-                .state()
-                .into_iter()
-                .find(|vm| vm.metadata.uid.as_deref() == Some(uuid.as_str()));
-            futures::future::ready(found.map(|vm| ObjectRef::from(&*vm)))
-        })
-    };
+    let triggers = lifecycle_triggers(lv.as_ref(), vms.clone());
     // A class change reaches every VM that uses it.
     let class_triggers = class_triggers(class_stream, vms.clone());
 
@@ -320,6 +290,43 @@ pub async fn run_with(
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Keeps the Hypervisor store (the peers to ask before fencing) filled, when `enabled`
+/// (there is a key to ask with); else never returns and watches nothing.
+async fn watch_peers(
+    client: Client,
+    writer: kube::runtime::reflector::store::Writer<crate::api::Hypervisor>,
+    enabled: bool,
+) {
+    if !enabled {
+        return std::future::pending().await;
+    }
+    kube::runtime::reflector(
+        writer,
+        watcher(
+            Api::<crate::api::Hypervisor>::all(client),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .for_each(|_| futures::future::ready(()))
+    .await
+}
+
+/// libvirt lifecycle events (a crash, a `virsh destroy`, a guest poweroff) as the VMs
+/// whose reconcile they trigger at once.
+fn lifecycle_triggers(
+    lv: &dyn libvirt::Libvirt,
+    vms: kube::runtime::reflector::Store<VirtualMachine>,
+) -> impl futures::Stream<Item = ObjectRef<VirtualMachine>> + use<> {
+    tokio_stream_from(lv.lifecycle_events()).filter_map(move |uuid| {
+        let found = vms
+            .state()
+            .into_iter()
+            .find(|vm| vm.metadata.uid.as_deref() == Some(uuid.as_str()));
+        futures::future::ready(found.map(|vm| ObjectRef::from(&*vm)))
+    })
 }
 
 /// Where `kubectl vm console` and the peers reach this agent: the advertised address

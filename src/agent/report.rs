@@ -48,44 +48,7 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
     let api: Api<Hypervisor> = Api::all(ctx.client.clone());
     let info = ctx.lv.node_info().await?;
     let current = api.get_opt(&ctx.node).await?;
-    // The owner the Hypervisor already names; the Node is read only while there is none
-    // (every report would otherwise cost a GET).
-    let owner_uid = current.as_ref().and_then(|h| {
-        h.metadata
-            .owner_references
-            .as_ref()?
-            .iter()
-            .find(|r| r.kind == "Node" && r.name == ctx.node)
-            .map(|r| r.uid.clone())
-    });
-    let owned = owner_uid.is_some();
-    let node_uid = match owner_uid {
-        Some(uid) => Some(uid),
-        None => match Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
-            .get_opt(&ctx.node)
-            .await
-        {
-            Ok(n) => n.and_then(|n| n.metadata.uid),
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read this node's Node object");
-                None
-            }
-        },
-    };
-    *ctx.node_uid.lock().expect("not poisoned") = node_uid.clone();
-    if current.is_none() || (node_uid.is_some() && !owned) {
-        let mut meta = json!({"name": ctx.node});
-        if let Some(uid) = &node_uid {
-            meta["ownerReferences"] = node_owner(&ctx.node, uid);
-        }
-        let obj = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor", "metadata": meta, "spec": {}});
-        api.patch(
-            &ctx.node,
-            &PatchParams::apply(FIELD_MANAGER),
-            &Patch::Apply(&obj),
-        )
-        .await?;
-    }
+    ensure_object(ctx, &api, current.as_ref()).await?;
     let spec = current.as_ref().map(|h| h.spec.clone()).unwrap_or_default();
     let reserved = match &spec.reserved_memory {
         Some(r) => parse_bytes(r)?,
@@ -98,18 +61,7 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
         spec.memory_overcommit.unwrap_or(1.0),
         reserved,
     );
-    let (mut used_cpu, mut used_mem, mut count) = (0i64, 0u64, 0i32);
-    for vm in ctx.vms.state() {
-        let class = vm.spec.class_ref.as_ref().and_then(|r| {
-            ctx.classes
-                .get(&kube::runtime::reflector::ObjectRef::new(&r.name))
-        });
-        if let Ok(hw) = Hardware::resolve(&vm.spec, class.as_ref().map(|c| &c.spec)) {
-            used_cpu += i64::from(hw.vcpus());
-            used_mem += hw.memory_bytes;
-        }
-        count += 1;
-    }
+    let (used_cpu, used_mem, count) = allocated(ctx);
     let old = current.and_then(|h| h.status).unwrap_or_default();
     let now = Time(Timestamp::now());
     let status = HypervisorStatus {
@@ -150,6 +102,70 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
         )],
     };
     write_status(ctx, &api, &old, status).await
+}
+
+/// Creates the Hypervisor when there is none, and makes its Node its owner (garbage
+/// collected with it) once the Node can be read. The Node is read only while the
+/// Hypervisor names no owner (every report would otherwise cost a GET).
+async fn ensure_object(
+    ctx: &Context,
+    api: &Api<Hypervisor>,
+    current: Option<&Hypervisor>,
+) -> anyhow::Result<()> {
+    let owner_uid = current.and_then(|h| {
+        h.metadata
+            .owner_references
+            .as_ref()?
+            .iter()
+            .find(|r| r.kind == "Node" && r.name == ctx.node)
+            .map(|r| r.uid.clone())
+    });
+    let owned = owner_uid.is_some();
+    let node_uid = match owner_uid {
+        Some(uid) => Some(uid),
+        None => match Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
+            .get_opt(&ctx.node)
+            .await
+        {
+            Ok(n) => n.and_then(|n| n.metadata.uid),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read this node's Node object");
+                None
+            }
+        },
+    };
+    *ctx.node_uid.lock().expect("not poisoned") = node_uid.clone();
+    if current.is_none() || (node_uid.is_some() && !owned) {
+        let mut meta = json!({"name": ctx.node});
+        if let Some(uid) = &node_uid {
+            meta["ownerReferences"] = node_owner(&ctx.node, uid);
+        }
+        let obj = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor", "metadata": meta, "spec": {}});
+        api.patch(
+            &ctx.node,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(&obj),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// CPUs, memory and the number of the VMs bound here, as their specs ask.
+fn allocated(ctx: &Context) -> (i64, u64, i32) {
+    let (mut used_cpu, mut used_mem, mut count) = (0i64, 0u64, 0i32);
+    for vm in ctx.vms.state() {
+        let class = vm.spec.class_ref.as_ref().and_then(|r| {
+            ctx.classes
+                .get(&kube::runtime::reflector::ObjectRef::new(&r.name))
+        });
+        if let Ok(hw) = Hardware::resolve(&vm.spec, class.as_ref().map(|c| &c.spec)) {
+            used_cpu += i64::from(hw.vcpus());
+            used_mem += hw.memory_bytes;
+        }
+        count += 1;
+    }
+    (used_cpu, used_mem, count)
 }
 
 /// Applies the Hypervisor status when it differs from what is there.

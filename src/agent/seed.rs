@@ -108,43 +108,13 @@ pub fn iso9660(files: &[(&str, &str, Vec<u8>)]) -> Vec<u8> {
         (false, PVD, ROOT, L_PT, M_PT),
         (true, PVD + 1, JROOT, JL_PT, JM_PT),
     ] {
-        let s = &mut img[desc * SECTOR..(desc + 1) * SECTOR];
-        s[0] = if joliet { 2 } else { 1 };
-        s[1..6].copy_from_slice(b"CD001");
-        s[6] = 1;
-        let (pad, label) = if joliet {
-            (&[0u8, 0x20][..], ucs2(LABEL))
-        } else {
-            (&b" "[..], LABEL.as_bytes().to_vec())
-        };
-        text_field(&mut s[8..40], &[], pad);
-        text_field(&mut s[40..72], &label, pad);
-        s[80..88].copy_from_slice(&both32(total as u32));
-        if joliet {
-            s[88..91].copy_from_slice(b"%/E"); // UCS-2 level 3
-        }
-        s[120..124].copy_from_slice(&both16(1));
-        s[124..128].copy_from_slice(&both16(1));
-        s[128..132].copy_from_slice(&both16(SECTOR as u16));
-        s[132..140].copy_from_slice(&both32(10));
-        s[140..144].copy_from_slice(&l_pt.to_le_bytes());
-        s[148..152].copy_from_slice(&m_pt.to_be_bytes());
-        s[156..190].copy_from_slice(&dir_record(root, SECTOR as u32, true, &[0]));
-        for range in [
-            190..318,
-            318..446,
-            446..574,
-            574..702,
-            702..739,
-            739..776,
-            776..813,
-        ] {
-            text_field(&mut s[range], &[], pad);
-        }
-        for at in [813, 830, 847, 864] {
-            s[at..at + 16].fill(b'0');
-        }
-        s[881] = 1;
+        volume_descriptor(
+            &mut img[desc * SECTOR..(desc + 1) * SECTOR],
+            joliet,
+            total as u32,
+            root,
+            (l_pt, m_pt),
+        );
         // One path table entry each way: the root, its own parent.
         for (at, be) in [(l_pt, false), (m_pt, true)] {
             let e = &mut img[at as usize * SECTOR..];
@@ -173,6 +143,47 @@ pub fn iso9660(files: &[(&str, &str, Vec<u8>)]) -> Vec<u8> {
         img[start..start + data.len()].copy_from_slice(data);
     }
     img
+}
+
+/// A primary (or, `joliet`, supplementary UCS-2) volume descriptor: the image's size in
+/// sectors, its root directory's sector and the little- and big-endian path tables'.
+fn volume_descriptor(s: &mut [u8], joliet: bool, total: u32, root: u32, (l_pt, m_pt): (u32, u32)) {
+    s[0] = if joliet { 2 } else { 1 };
+    s[1..6].copy_from_slice(b"CD001");
+    s[6] = 1;
+    let (pad, label) = if joliet {
+        (&[0u8, 0x20][..], ucs2(LABEL))
+    } else {
+        (&b" "[..], LABEL.as_bytes().to_vec())
+    };
+    text_field(&mut s[8..40], &[], pad);
+    text_field(&mut s[40..72], &label, pad);
+    s[80..88].copy_from_slice(&both32(total));
+    if joliet {
+        s[88..91].copy_from_slice(b"%/E"); // UCS-2 level 3
+    }
+    s[120..124].copy_from_slice(&both16(1));
+    s[124..128].copy_from_slice(&both16(1));
+    s[128..132].copy_from_slice(&both16(SECTOR as u16));
+    s[132..140].copy_from_slice(&both32(10));
+    s[140..144].copy_from_slice(&l_pt.to_le_bytes());
+    s[148..152].copy_from_slice(&m_pt.to_be_bytes());
+    s[156..190].copy_from_slice(&dir_record(root, SECTOR as u32, true, &[0]));
+    for range in [
+        190..318,
+        318..446,
+        446..574,
+        574..702,
+        702..739,
+        739..776,
+        776..813,
+    ] {
+        text_field(&mut s[range], &[], pad);
+    }
+    for at in [813, 830, 847, 864] {
+        s[at..at + 16].fill(b'0');
+    }
+    s[881] = 1;
 }
 
 #[cfg(test)]

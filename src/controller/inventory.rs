@@ -135,8 +135,38 @@ impl Caches {
         assumed: &mut HashMap<String, Assumed>,
         lease_grace: Duration,
     ) -> (Vec<Candidate>, Vec<Placed>) {
-        let mut used: HashMap<String, (i64, u64)> = HashMap::new();
+        let mut used = Used::new();
         let mut placed = Vec::new();
+        self.bound_and_assumed(assumed, &mut used, &mut placed);
+        assumed.retain(|_, a| a.at.elapsed() < ASSUME_TTL);
+        self.migrating(&mut used, &mut placed);
+        let now = Timestamp::now();
+        let nodes: BTreeMap<String, std::sync::Arc<Node>> = self
+            .nodes
+            .state()
+            .into_iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, n)))
+            .collect();
+        let candidates = self
+            .hypervisor_names(&nodes)
+            .into_iter()
+            .map(|name| {
+                let used = used.get(&name).copied().unwrap_or_default();
+                let node = nodes.get(&name);
+                self.candidate(name, node, used, now, lease_grace)
+            })
+            .collect();
+        (candidates, placed)
+    }
+
+    /// Counts each VM where it is bound, or where its binding is assumed (an assumption
+    /// ends once the cache shows the binding).
+    fn bound_and_assumed(
+        &self,
+        assumed: &mut HashMap<String, Assumed>,
+        used: &mut Used,
+        placed: &mut Vec<Placed>,
+    ) {
         for vm in self.vms.state() {
             let uid = vm.metadata.uid.clone().unwrap_or_default();
             let bound = vm.status.as_ref().and_then(|s| s.node_name.clone());
@@ -148,30 +178,18 @@ impl Caches {
                 (None, Some(a)) => a.node.clone(),
                 (None, None) => continue,
             };
-            if let Some((cpu, mem)) = self
-                .class_of(&vm)
-                .and_then(|c| vm.spec.requests(c.as_ref()))
-            {
-                let e = used.entry(node.clone()).or_default();
-                e.0 += cpu;
-                e.1 += mem;
-            }
-            placed.push(Placed {
-                namespace: vm.metadata.namespace.clone().unwrap_or_default(),
-                labels: vm.metadata.labels.clone().unwrap_or_default(),
-                node,
-                anti_affinity: vm.spec.anti_affinity.clone(),
-            });
+            self.count(&vm, node, used, placed);
         }
-        assumed.retain(|_, a| a.at.elapsed() < ASSUME_TTL);
-        // A VM being migrated holds its place on the source and on the target until the
-        // migration ends.
+    }
+
+    /// A VM being migrated holds its place on the source and on the target until the
+    /// migration has settled (the binding moved, or the migration failed).
+    fn migrating(&self, used: &mut Used, placed: &mut Vec<Placed>) {
         for m in self.migrations.state() {
-            let Some(s) = m.status.as_ref() else { continue };
-            let (Some(phase), Some(target)) = (s.phase, s.target_node.clone()) else {
+            let Some(target) = m.status.as_ref().and_then(|s| s.target_node.clone()) else {
                 continue;
             };
-            if !phase.active() {
+            if !m.unsettled() {
                 continue;
             }
             let ns = m.metadata.namespace.clone().unwrap_or_default();
@@ -181,109 +199,110 @@ impl Caches {
             if vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(target.as_str()) {
                 continue;
             }
-            if let Some((cpu, mem)) = self
-                .class_of(&vm)
-                .and_then(|c| vm.spec.requests(c.as_ref()))
-            {
-                let e = used.entry(target.clone()).or_default();
-                e.0 += cpu;
-                e.1 += mem;
-            }
-            placed.push(Placed {
-                namespace: ns,
-                labels: vm.metadata.labels.clone().unwrap_or_default(),
-                node: target,
-                anti_affinity: vm.spec.anti_affinity.clone(),
-            });
+            self.count(&vm, target, used, placed);
         }
+    }
 
-        let now = Timestamp::now();
-        let nodes: BTreeMap<String, std::sync::Arc<Node>> = self
-            .nodes
-            .state()
-            .into_iter()
-            .filter_map(|n| Some((n.metadata.name.clone()?, n)))
-            .collect();
+    fn count(&self, vm: &VirtualMachine, node: String, used: &mut Used, placed: &mut Vec<Placed>) {
+        if let Some((cpu, mem)) = self.class_of(vm).and_then(|c| vm.spec.requests(c.as_ref())) {
+            let e = used.entry(node.clone()).or_default();
+            e.0 += cpu;
+            e.1 += mem;
+        }
+        placed.push(Placed {
+            namespace: vm.metadata.namespace.clone().unwrap_or_default(),
+            labels: vm.metadata.labels.clone().unwrap_or_default(),
+            node,
+            anti_affinity: vm.spec.anti_affinity.clone(),
+        });
+    }
+
+    /// Every node with a Hypervisor object or the hypervisor label, sorted.
+    fn hypervisor_names(&self, nodes: &BTreeMap<String, std::sync::Arc<Node>>) -> Vec<String> {
         let mut names: Vec<String> = self
             .hypervisors
             .state()
             .iter()
             .filter_map(|h| h.metadata.name.clone())
             .collect();
-        for (name, n) in &nodes {
-            let labelled = n
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(HYPERVISOR_LABEL))
-                .map(String::as_str)
-                == Some("true");
-            if labelled && !names.contains(name) {
+        for (name, n) in nodes {
+            if labelled(Some(n)) && !names.contains(name) {
                 names.push(name.clone());
             }
         }
         names.sort();
-        let candidates = names
-            .into_iter()
-            .map(|name| {
-                let node = nodes.get(&name);
-                let hv = self.hypervisors.get(&ObjectRef::new(&name));
-                let status = hv
-                    .as_ref()
-                    .and_then(|h| h.status.clone())
-                    .unwrap_or_default();
-                let lease = self.leases.get(
-                    &ObjectRef::new(&crate::api::heartbeat_lease_name(&name))
-                        .within(crate::api::HEARTBEAT_LEASE_NAMESPACE),
-                );
-                let labelled = node
-                    .and_then(|n| n.metadata.labels.as_ref())
-                    .and_then(|l| l.get(HYPERVISOR_LABEL))
-                    .map(String::as_str)
-                    == Some("true");
-                let fresh = lease
-                    .and_then(|l| silence(&l, now))
-                    .is_some_and(|(age, duration)| age <= duration + lease_grace);
-                let ineligible = if !labelled {
-                    Some(Reason::NotHypervisor)
-                } else if node
-                    .and_then(|n| n.spec.as_ref())
-                    .and_then(|s| s.unschedulable)
-                    .unwrap_or(false)
-                {
-                    Some(Reason::Cordoned)
-                } else if !conditions::is_true(&status.conditions, conditions::Type::Ready) {
-                    Some(Reason::NotReady)
-                } else if !fresh {
-                    Some(Reason::LeaseStale)
-                } else {
-                    None
-                };
-                let (cpu, mem) = used.get(&name).copied().unwrap_or_default();
-                Candidate {
-                    labels: node
-                        .and_then(|n| n.metadata.labels.clone())
-                        .unwrap_or_default(),
-                    taints: node
-                        .and_then(|n| n.spec.as_ref())
-                        .and_then(|s| s.taints.clone())
-                        .unwrap_or_default(),
-                    ineligible,
-                    allocatable_cpu: status.allocatable.as_ref().map(|a| a.cpu).unwrap_or(0),
-                    allocatable_memory: status
-                        .allocatable
-                        .as_ref()
-                        .and_then(|a| parse_bytes(&a.memory).ok())
-                        .unwrap_or(0),
-                    allocated_cpu: cpu,
-                    allocated_memory: mem,
-                    uefi: status.uefi.unwrap_or(false),
-                    name,
-                }
-            })
-            .collect();
-        (candidates, placed)
+        names
     }
+
+    /// One node as the scheduler sees it: what it offers, what is used, and whether it
+    /// may take VMs at all.
+    fn candidate(
+        &self,
+        name: String,
+        node: Option<&std::sync::Arc<Node>>,
+        (cpu, mem): (i64, u64),
+        now: Timestamp,
+        lease_grace: Duration,
+    ) -> Candidate {
+        let hv = self.hypervisors.get(&ObjectRef::new(&name));
+        let status = hv
+            .as_ref()
+            .and_then(|h| h.status.clone())
+            .unwrap_or_default();
+        let lease = self.leases.get(
+            &ObjectRef::new(&crate::api::heartbeat_lease_name(&name))
+                .within(crate::api::HEARTBEAT_LEASE_NAMESPACE),
+        );
+        let fresh = lease
+            .and_then(|l| silence(&l, now))
+            .is_some_and(|(age, duration)| age <= duration + lease_grace);
+        let ineligible = if !labelled(node) {
+            Some(Reason::NotHypervisor)
+        } else if node
+            .and_then(|n| n.spec.as_ref())
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false)
+        {
+            Some(Reason::Cordoned)
+        } else if !conditions::is_true(&status.conditions, conditions::Type::Ready) {
+            Some(Reason::NotReady)
+        } else if !fresh {
+            Some(Reason::LeaseStale)
+        } else {
+            None
+        };
+        Candidate {
+            labels: node
+                .and_then(|n| n.metadata.labels.clone())
+                .unwrap_or_default(),
+            taints: node
+                .and_then(|n| n.spec.as_ref())
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default(),
+            ineligible,
+            allocatable_cpu: status.allocatable.as_ref().map(|a| a.cpu).unwrap_or(0),
+            allocatable_memory: status
+                .allocatable
+                .as_ref()
+                .and_then(|a| parse_bytes(&a.memory).ok())
+                .unwrap_or(0),
+            allocated_cpu: cpu,
+            allocated_memory: mem,
+            uefi: status.uefi.unwrap_or(false),
+            name,
+        }
+    }
+}
+
+/// CPU and memory used per node.
+type Used = HashMap<String, (i64, u64)>;
+
+/// Whether the Node carries the hypervisor label.
+fn labelled(node: Option<&std::sync::Arc<Node>>) -> bool {
+    node.and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(HYPERVISOR_LABEL))
+        .map(String::as_str)
+        == Some("true")
 }
 
 /// A heartbeat Lease's duration (the agents' default when it names none).
