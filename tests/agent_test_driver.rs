@@ -257,9 +257,17 @@ async fn a_vm_bound_elsewhere_is_not_touched() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(node.domains_for(&uid).await, 0);
     let vm = api.get("other").await.unwrap();
-    assert!(
-        vm.status.unwrap().phase.is_none(),
-        "agent wrote status of a VM bound elsewhere"
+    let agent_wrote = vm
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|f| f.manager.as_deref() == Some(vmlet::agent::FIELD_MANAGER));
+    assert!(!agent_wrote, "agent wrote status of a VM bound elsewhere");
+    // Nobody wrote the phase: the schema's default says Pending.
+    assert_eq!(
+        vm.status.unwrap().phase,
+        Some(vmlet::api::vm::Phase::Pending)
     );
     common::delete_vms_and_namespace(&client, &ns).await;
     node.forget().await;

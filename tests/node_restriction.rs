@@ -263,12 +263,21 @@ async fn an_agent_token_writes_only_its_own_node() {
         )
         .await
         .expect("own Lease");
-    // A live migration's source hands its VM to the target: giving away is allowed.
+    // The binding is the controller's, even a live migration's: an agent cannot give its
+    // VM away, nor write the controller's conditions.
     let give = json!({"status": {"nodeName": node_b}});
-    a_vms
+    let err = a_vms
         .patch_status("vm-a", &PatchParams::default(), &Patch::Merge(&give))
         .await
-        .expect("hand own VM to another node");
+        .expect_err("an agent moved a binding");
+    assert!(err.to_string().contains("not their binding"), "{err}");
+    let healthy = json!({"status": {"conditions": [{"type": "NodeHealthy", "status": "True",
+        "reason": "Forged", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    let err = a_vms
+        .patch_status("vm-a", &PatchParams::default(), &Patch::Merge(&healthy))
+        .await
+        .expect_err("an agent wrote a controller condition");
+    assert!(err.to_string().contains("controller's conditions"), "{err}");
 
     // Its own VM's spec, labels and annotations are the tenant's: refused. Its own
     // finalizer comes and goes.

@@ -25,8 +25,6 @@ use crate::api::{
 /// Field managers: source and target write different parts of one status.
 const SOURCE_MANAGER: &str = "vmlet-agent-migration-source";
 const TARGET_MANAGER: &str = "vmlet-agent-migration-target";
-/// The manager of the one write that moves a VM's binding to the migration's target.
-const REBIND_MANAGER: &str = "vmlet-agent-migration";
 /// The target's manager when it settles a migration its source left unfinished.
 const SETTLE_MANAGER: &str = "vmlet-agent-migration-target-settle";
 /// How long a guest that arrived runs on the target, its migration still Running, before
@@ -334,6 +332,9 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
         .expect("not poisoned")
         .insert(mig_uid.clone(), vm_uid.clone());
     ctx.metrics.migration("started");
+    if let Err(e) = super::status::set_phase(&vm, &ctx, crate::api::vm::Phase::Migrating).await {
+        tracing::warn!(vm = %vm.name_any(), error = %e, "could not say the VM is migrating");
+    }
     tracing::info!(migration = %m.name_any(), vm = %vm.name_any(), %target, "live migration starting");
     tokio::spawn(async move {
         let t = Instant::now();
@@ -415,7 +416,7 @@ async fn finish(
             }
         }
     };
-    conclude(m, ctx, vm, target, outcome, Some(started)).await
+    conclude(m, ctx, vm, outcome, Some(started)).await
 }
 
 /// How a migration ended, and what the source still has to do about it.
@@ -436,13 +437,15 @@ enum Outcome {
 }
 
 /// The source's last steps, the same after a copy it watched and after one it settled
-/// on restart: on success the binding follows the guest and the source's definition and
-/// files go; then the outcome is written and the migration lets go of its finalizer.
+/// on restart: the outcome is written. On success the controller (the binding's one
+/// writer) moves the binding to the target and then lets go of the migration's
+/// finalizer; until then this node holds the VM (see `Migration::unsettled`), and once
+/// it has, [`clean_departed`] removes the source's definition and files. A failed
+/// migration is let go here.
 async fn conclude(
     m: &VirtualMachineMigration,
     ctx: &Context,
     vm: &VirtualMachine,
-    target: &str,
     outcome: Outcome,
     started: Option<Time>,
 ) -> Result<(), Error> {
@@ -461,12 +464,6 @@ async fn conclude(
         } => {
             if stop_source {
                 ctx.lv.destroy(&vm_uid).await?;
-            }
-            rebind(ctx, vm, target).await;
-            // The source's definition, kept for the job statistics, goes now; what
-            // fails here is retried by `clean_departed`.
-            if let Err(e) = forget_departed(ctx, &vm_uid).await {
-                tracing::warn!(migration = %m.name_any(), error = %e, "removing the source's copy failed");
             }
             status.phase = Some(MigrationPhase::Succeeded);
             status.reason = Some("Migrated".into());
@@ -487,60 +484,16 @@ async fn conclude(
             status.message = Some(message);
         }
     }
+    let succeeded = status.phase == Some(MigrationPhase::Succeeded);
     let value = serde_json::to_value(&status).map_err(|e| Error::Other(e.to_string()))?;
     match patch_status(m, ctx, SOURCE_MANAGER, value).await {
         Ok(()) | Err(kube::Error::Api(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    release(m, ctx).await?;
-    Ok(())
-}
-
-/// Moves the VM's binding to `target` in one write, with a fresh resource version as its
-/// precondition, so status.nodeName changes exactly once. The guest runs on the target
-/// now: the binding must follow however long the API server takes, so this retries with
-/// backoff (conflicts at once) until it lands; giving up would leave the VM bound to a
-/// node that no longer runs it.
-async fn rebind(ctx: &Context, vm: &VirtualMachine, target: &str) {
-    let api: Api<VirtualMachine> =
-        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    let mut wait = Duration::from_millis(200);
-    loop {
-        let attempt = async {
-            let fresh = api.get(&vm.name_any()).await?;
-            if fresh.uid() != vm.uid() {
-                // Deleted and created again under the same name: not the VM that moved.
-                return Ok(());
-            }
-            if fresh.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(target) {
-                return Ok(());
-            }
-            let patch = json!({
-                "metadata": {"resourceVersion": fresh.resource_version()},
-                "status": {"nodeName": target},
-            });
-            api.patch_status(
-                &vm.name_any(),
-                &crate::patch::by(REBIND_MANAGER),
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map(|_| ())
-        };
-        match attempt.await {
-            Ok(()) => return,
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            // The VM was deleted meanwhile: nothing is left to bind.
-            Err(kube::Error::Api(s)) if s.code == 404 => return,
-            Err(e) => {
-                tracing::warn!(vm = %vm.name_any(), error = %e, retry_in_s = wait.as_secs_f64(), "rebinding after a migration failed; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(10));
-            }
-        }
+    if !succeeded {
+        release(m, ctx).await?;
     }
+    Ok(())
 }
 
 /// What to do with a migration left Running by a source agent that stopped watching it.
@@ -602,9 +555,9 @@ pub fn target_settles(here: Guest, running_for: Duration) -> bool {
     here == Guest::Active && running_for >= SOURCE_SILENCE
 }
 
-/// The target's look at a Running migration: when [`target_settles`], the binding moves
-/// here and the migration ends Succeeded (the source's leftovers stay until its agent
-/// returns; see [`clean_departed`]).
+/// The target's look at a Running migration: when [`target_settles`], the migration ends
+/// Succeeded, and the controller moves the binding here (the source's leftovers stay
+/// until its agent returns; see [`clean_departed`]).
 async fn watch_arrival(m: &VirtualMachineMigration, ctx: &Context) -> Result<Action, Error> {
     let uid = m.uid().unwrap_or_default();
     let Ok(vm) = get_vm(m, ctx).await else {
@@ -624,12 +577,10 @@ async fn watch_arrival(m: &VirtualMachineMigration, ctx: &Context) -> Result<Act
         return Ok(Action::await_change());
     }
     tracing::warn!(migration = %m.name_any(), vm = %vm.name_any(), running_for_s = running_for.as_secs(), "the guest runs here and the source has not finished its migration: settling it here");
-    rebind(ctx, &vm, &ctx.node).await;
     let done = json!({"phase": MigrationPhase::Succeeded, "reason": "Migrated",
         "message": format!("the guest runs on {}; the source did not finish the migration, so its target settled it after {} s", ctx.node, running_for.as_secs()),
         "completionTime": Time(Timestamp::now())});
     patch_status(m, ctx, SETTLE_MANAGER, done).await?;
-    release(m, ctx).await?;
     ctx.metrics.migration("settled-by-target");
     Ok(Action::await_change())
 }
@@ -754,7 +705,7 @@ async fn settle_interrupted(m: &VirtualMachineMigration, ctx: &Context) -> Resul
             }
         }
     };
-    conclude(m, ctx, &vm, &target, outcome, status.start_time).await?;
+    conclude(m, ctx, &vm, outcome, status.start_time).await?;
     Ok(Action::await_change())
 }
 

@@ -313,17 +313,19 @@ enum Side {
     Target,
 }
 
-/// Whether a migration of VM `ns/name` from (or to) this node has not finished.
+/// Whether a migration of VM `ns/name` from (or to) this node is unsettled: not finished,
+/// or succeeded with the binding not yet moved by the controller.
 async fn migrating(ctx: &Context, ns: &str, name: &str, side: Side) -> Result<bool, Error> {
     let api: Api<crate::api::VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), ns);
     Ok(api.list(&Default::default()).await?.items.iter().any(|m| {
         m.spec.vm_name == name
+            && m.unsettled()
             && m.status.as_ref().is_some_and(|s| {
                 let node = match side {
                     Side::Source => &s.source_node,
                     Side::Target => &s.target_node,
                 };
-                node.as_deref() == Some(ctx.node.as_str()) && s.phase.is_some_and(|p| p.active())
+                node.as_deref() == Some(ctx.node.as_str())
             })
     }))
 }

@@ -137,13 +137,6 @@ struct AgentStatus {
     last_restart_request: Option<String>,
 }
 
-/// The VM conditions the agent writes (the controller writes the others).
-const OUR_CONDITIONS: [conditions::Type; 3] = [
-    conditions::Type::Ready,
-    conditions::Type::DomainDefined,
-    conditions::Type::RestartRequired,
-];
-
 fn phase_of(o: &Observed, problem: Option<&Problem>) -> Phase {
     let running = matches!(o.state, Some(RunState::Running | RunState::Paused));
     if let Some(p) = problem {
@@ -299,7 +292,7 @@ fn current(old: &VirtualMachineStatus) -> Option<AgentStatus> {
         conditions: old
             .conditions
             .iter()
-            .filter(|c| OUR_CONDITIONS.iter().any(|t| c.type_ == t.as_str()))
+            .filter(|c| conditions::Type::written_by(&c.type_, conditions::Writer::Agent))
             .cloned()
             .collect(),
         domain_uuid: old.domain_uuid.clone(),
@@ -313,6 +306,42 @@ fn current(old: &VirtualMachineStatus) -> Option<AgentStatus> {
     })
 }
 
+/// Writes the agent's part of the status: the agent is the one writer of these fields
+/// (the controller writes nodeName and the placement conditions), so nothing is forced.
+async fn apply(vm: &VirtualMachine, ctx: &Context, new: &AgentStatus) -> Result<(), kube::Error> {
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let patch =
+        json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": new});
+    let written = api
+        .patch_status(
+            &vm.name_any(),
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.wrote(written);
+    ctx.metrics.status_written();
+    Ok(())
+}
+
+/// Sets only the phase, the rest of the agent's part as it stands: while a live
+/// migration copies the guest away (Migrating), when the reconcile holds the VM.
+pub async fn set_phase(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    phase: Phase,
+) -> Result<(), kube::Error> {
+    let Some(mut new) = current(&vm.status.clone().unwrap_or_default()) else {
+        return Ok(());
+    };
+    if new.phase == phase {
+        return Ok(());
+    }
+    new.phase = phase;
+    apply(vm, ctx, &new).await
+}
+
 pub async fn write(
     vm: &VirtualMachine,
     ctx: &Context,
@@ -324,19 +353,7 @@ pub async fn write(
     if current(&old).as_ref() == Some(&new) {
         return Ok(());
     }
-    let api: Api<VirtualMachine> =
-        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    let patch =
-        json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": new});
-    let written = api
-        .patch_status(
-            &vm.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    ctx.wrote(written);
-    ctx.metrics.status_written();
+    apply(vm, ctx, &new).await?;
     let ready = new.conditions.first();
     let old_ready = conditions::find(&old.conditions, conditions::Type::Ready);
     let news = old.phase != Some(new.phase)

@@ -24,7 +24,42 @@ pub enum Type {
     TargetReady,
 }
 
+/// Which component writes a condition (each status field has one writer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// The agent of the node the object is about (or bound to).
+    Agent,
+    Controller,
+}
+
 impl Type {
+    pub const ALL: [Type; 7] = [
+        Type::Ready,
+        Type::DomainDefined,
+        Type::RestartRequired,
+        Type::Scheduled,
+        Type::NodeHealthy,
+        Type::DisksLeftBehind,
+        Type::TargetReady,
+    ];
+
+    /// The one component that writes this condition.
+    pub const fn writer(self) -> Writer {
+        match self {
+            Type::Ready | Type::DomainDefined | Type::RestartRequired | Type::TargetReady => {
+                Writer::Agent
+            }
+            Type::Scheduled | Type::NodeHealthy | Type::DisksLeftBehind => Writer::Controller,
+        }
+    }
+
+    /// Whether a condition of type `name` is one `writer` writes.
+    pub fn written_by(name: &str, writer: Writer) -> bool {
+        Type::ALL
+            .iter()
+            .any(|t| t.as_str() == name && t.writer() == writer)
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Type::Ready => "Ready",

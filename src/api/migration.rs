@@ -76,6 +76,23 @@ impl MigrationPhase {
     }
 }
 
+impl VirtualMachineMigration {
+    /// Whether the VM's binding may still change because of this migration: it has not
+    /// finished, or it succeeded and the controller has not moved the binding to the
+    /// target yet (the controller lets go of the finalizer once it has).
+    pub fn unsettled(&self) -> bool {
+        let phase = self.status.as_ref().and_then(|s| s.phase);
+        phase.is_some_and(MigrationPhase::active)
+            || phase == Some(MigrationPhase::Succeeded)
+                && self
+                    .metadata
+                    .finalizers
+                    .iter()
+                    .flatten()
+                    .any(|f| f == super::MIGRATION_FINALIZER)
+    }
+}
+
 /// Where the migration stands. The controller writes phase Pending, Scheduling and
 /// Failed-before-start; the target agent the TargetReady condition; the source agent
 /// Running, Succeeded and Failed.

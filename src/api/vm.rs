@@ -27,6 +27,7 @@ pub const MAX_USER_DATA: usize = 65536;
     selectable = ".status.nodeName",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.nodeName"}"#,
+    printcolumn = r#"{"name":"Node-Healthy","type":"string","jsonPath":".status.conditions[?(@.type==\"NodeHealthy\")].status"}"#,
     printcolumn = r#"{"name":"CPUs","type":"integer","jsonPath":".status.vcpus"}"#,
     printcolumn = r#"{"name":"Memory","type":"string","jsonPath":".status.memory"}"#,
     printcolumn = r#"{"name":"IP","type":"string","jsonPath":".status.interfaces[0].ipAddress"}"#,
@@ -363,14 +364,20 @@ pub struct AntiAffinityTerm {
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Phase {
+    /// Waiting for a node, or being prepared on it. What a VM's status says before its
+    /// agent writes (the schema's default). Objects written by vmlet before the agent
+    /// became the phase's one writer may say `Scheduled`: it reads as Pending.
+    #[serde(alias = "Scheduled")]
     Pending,
-    Scheduled,
     Starting,
     Running,
     Stopping,
     Stopped,
     Failed,
+    /// A live migration copies the guest to another node (its source agent writes it;
+    /// the target's agent writes Running once the binding has moved there).
     Migrating,
+    /// libvirt reports a domain state vmlet does not know.
     Unknown,
 }
 
@@ -378,7 +385,6 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Pending => "Pending",
-            Phase::Scheduled => "Scheduled",
             Phase::Starting => "Starting",
             Phase::Running => "Running",
             Phase::Stopping => "Stopping",
@@ -394,8 +400,9 @@ impl Phase {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineStatus {
-    /// Lifecycle phase.
+    /// Lifecycle phase, written by the agent of the VM's node; Pending until it writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = "Pending"))]
     pub phase: Option<Phase>,
     /// The node the VM is bound to (written by the scheduler).
     #[serde(default, skip_serializing_if = "Option::is_none")]

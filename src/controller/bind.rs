@@ -3,12 +3,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, ResourceExt};
+use kube::api::{Api, ResourceExt};
 use kube::runtime::controller::Action;
-use serde_json::json;
 
+use super::binding::{self, Binding};
 use super::inventory::Assumed;
 use super::scheduler::{self, Placed, Request};
 use super::{Context, FIELD_MANAGER};
@@ -57,25 +55,23 @@ pub(super) fn request(
     }
 }
 
-/// The Scheduled condition and phase, written only when they differ from what is there.
+/// The Scheduled condition (and, binding, nodeName), written only when they differ from
+/// what is there. `bind` binds the VM to that node.
 async fn set_scheduled(
     vm: &VirtualMachine,
     ctx: &Context,
     ok: bool,
     reason: &str,
     message: String,
-    extra: serde_json::Value,
+    bind: Option<&str>,
 ) -> Result<(), Error> {
-    let old = vm.status.clone().unwrap_or_default();
-    let same = conditions::find(&old.conditions, conditions::Type::Scheduled).is_some_and(|c| {
-        c.status == if ok { "True" } else { "False" } && c.reason == reason && c.message == message
-    });
+    let old = Binding::of(vm.status.as_ref());
     // NodeHealthy goes back to True when the VM is bound to a new node, or when the node
     // it waited on (its data is there) renews its heartbeat again.
     let unhealthy = conditions::find(&old.conditions, conditions::Type::NodeHealthy)
         .is_some_and(|c| c.status == "False");
     // Evaluated only for an unhealthy VM: this runs on every bound VM's reconcile.
-    let healthy_again = match (ok && unhealthy, extra["nodeName"].as_str(), &old.node_name) {
+    let healthy_again = match (ok && unhealthy, bind, &old.node_name) {
         (false, _, _) => None,
         (true, Some(new), _) => Some(("Rescheduled", format!("moved to a healthy node ({new})"))),
         (true, None, Some(node)) if super::nodeloss::heartbeat_fresh(ctx, node) => {
@@ -83,55 +79,16 @@ async fn set_scheduled(
         }
         _ => None,
     };
-    if same && extra.is_null() && healthy_again.is_none() {
-        return Ok(());
+    let mut new = old.with(vm, conditions::Type::Scheduled, ok, reason, message);
+    if let Some(node) = bind {
+        new = new.bound_to(Some(node));
     }
-    let cond = conditions::new(
-        &old.conditions,
-        conditions::Type::Scheduled,
-        ok,
-        reason,
-        message,
-        vm.metadata.generation,
-        Time(Timestamp::now()),
-    );
-    let mut conds = vec![cond];
     if let Some((reason, message)) = healthy_again {
-        conds.push(conditions::new(
-            &old.conditions,
-            conditions::Type::NodeHealthy,
-            true,
-            reason,
-            message,
-            vm.metadata.generation,
-            Time(Timestamp::now()),
-        ));
+        new = new.with(vm, conditions::Type::NodeHealthy, true, reason, message);
     }
-    let mut status = json!({"conditions": conds});
-    // Server-side apply drops fields a manager stops sending: a binding this controller
-    // made must be sent again, or the write would unbind the VM.
-    if let Some(node) = &old.node_name {
-        status["nodeName"] = json!(node);
-    }
-    if let serde_json::Value::Object(m) = extra {
-        status.as_object_mut().expect("object").extend(m);
-    }
-    // Optimistic concurrency on every write: one decided on a stale view fails with 409
-    // and is retried on fresh data.
-    let patch = json!({
-        "apiVersion": "vmlet.dev/v1alpha1",
-        "kind": "VirtualMachine",
-        "metadata": {"resourceVersion": vm.resource_version()},
-        "status": status,
-    });
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    api.patch_status(
-        &vm.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    binding::apply(&api, vm, new).await?;
     Ok(())
 }
 
@@ -140,37 +97,16 @@ async fn set_scheduled(
 async fn unbind(vm: &VirtualMachine, ctx: &Context, node: &str) -> Result<(), Error> {
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    let noted = super::nodeloss::note_disks_left(&api, vm, node).await?;
-    let vm = noted.as_ref().unwrap_or(vm);
-    let cond = conditions::new(
-        &vm.status.clone().unwrap_or_default().conditions,
-        conditions::Type::Scheduled,
-        false,
-        "Evicted",
-        format!("shut down to leave {node} (drain); waiting for a new node"),
-        vm.metadata.generation,
-        Time(Timestamp::now()),
-    );
-    // A merge patch replaces the whole list: send every condition, Scheduled replaced.
-    let mut conds: Vec<_> = vm
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|c| c.type_ != conditions::Type::Scheduled.as_str())
-        .collect();
-    conds.push(cond);
-    let patch = json!({
-        "metadata": {"resourceVersion": vm.resource_version()},
-        "status": {"nodeName": null, "phase": Phase::Pending, "conditions": conds},
-    });
-    api.patch_status(
-        &vm.name_any(),
-        &crate::patch::by(FIELD_MANAGER),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    let new = super::nodeloss::note_disks_left(Binding::of(vm.status.as_ref()), vm, node)
+        .with(
+            vm,
+            conditions::Type::Scheduled,
+            false,
+            "Evicted",
+            format!("shut down to leave {node} (drain); waiting for a new node"),
+        )
+        .bound_to(None);
+    binding::apply(&api, vm, new).await?;
     tracing::info!(vm = %vm.name_any(), %node, "evicted: unbound to start elsewhere");
     Ok(())
 }
@@ -182,42 +118,43 @@ async fn forget_eviction(vm: &VirtualMachine, ctx: &Context) -> Result<(), Error
     Ok(())
 }
 
+/// A bound VM (by us, or by someone else): the condition says so, and a drained VM
+/// that has shut down is unbound to start elsewhere.
+async fn reconcile_bound(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    node: String,
+) -> Result<Action, Error> {
+    // The cache has caught up with any assumption.
+    if let Some(uid) = vm.uid() {
+        ctx.view.lock().await.assumed.remove(&uid);
+    }
+    match vm.annotations().get(EVICT_ANNOTATION) {
+        // Drained by shutting down, and down: free it to start elsewhere.
+        Some(from) if *from == node => {
+            let phase = vm.status.as_ref().and_then(|s| s.phase);
+            if !vm.spec.may_restart_elsewhere() {
+                // Its data is only on this node: unbinding would start it on new disks.
+                tracing::warn!(vm = %vm.name_any(), %node, "not unbinding an evicted VM with node-local data (failoverPolicy WaitForNode)");
+            } else if matches!(phase, Some(Phase::Stopped | Phase::Failed) | None) {
+                unbind(vm, ctx, &node).await?;
+            }
+            return Ok(Action::await_change());
+        }
+        // Moved: the annotation has done its work.
+        Some(_) => forget_eviction(vm, ctx).await?,
+        None => {}
+    }
+    set_scheduled(vm, ctx, true, "Scheduled", format!("bound to {node}"), None).await?;
+    Ok(Action::await_change())
+}
+
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     if vm.metadata.deletion_timestamp.is_some() {
         return Ok(super::release::reconcile_deleted(&vm, &ctx, ctx.fencing_bound).await?);
     }
     if let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) {
-        // Bound (by us, or by someone else): the cache has caught up with any assumption,
-        // and the condition should say so.
-        if let Some(uid) = vm.uid() {
-            ctx.view.lock().await.assumed.remove(&uid);
-        }
-        match vm.annotations().get(EVICT_ANNOTATION) {
-            // Drained by shutting down, and down: free it to start elsewhere.
-            Some(from) if *from == node => {
-                let phase = vm.status.as_ref().and_then(|s| s.phase);
-                if !vm.spec.may_restart_elsewhere() {
-                    // Its data is only on this node: unbinding would start it on new disks.
-                    tracing::warn!(vm = %vm.name_any(), %node, "not unbinding an evicted VM with node-local data (failoverPolicy WaitForNode)");
-                } else if matches!(phase, Some(Phase::Stopped | Phase::Failed) | None) {
-                    unbind(&vm, &ctx, &node).await?;
-                }
-                return Ok(Action::await_change());
-            }
-            // Moved: the annotation has done its work.
-            Some(_) => forget_eviction(&vm, &ctx).await?,
-            None => {}
-        }
-        set_scheduled(
-            &vm,
-            &ctx,
-            true,
-            "Scheduled",
-            format!("bound to {node}"),
-            serde_json::Value::Null,
-        )
-        .await?;
-        return Ok(Action::await_change());
+        return reconcile_bound(&vm, &ctx, node).await;
     }
     let Some(class) = ctx.caches.class_of(&vm) else {
         let name = vm
@@ -227,28 +164,12 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             .map(|r| r.name.clone())
             .unwrap_or_default();
         let msg = format!("VirtualMachineClass {name} does not exist");
-        set_scheduled(
-            &vm,
-            &ctx,
-            false,
-            "ClassNotFound",
-            msg,
-            json!({"phase": Phase::Pending}),
-        )
-        .await?;
+        set_scheduled(&vm, &ctx, false, "ClassNotFound", msg, None).await?;
         return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
     };
     let Some(requests) = vm.spec.requests(class.as_ref()) else {
         let msg = "the VM's memory is unknown: set spec.memory or a class that sets it".to_string();
-        set_scheduled(
-            &vm,
-            &ctx,
-            false,
-            "InvalidSpec",
-            msg,
-            json!({"phase": Phase::Pending}),
-        )
-        .await?;
+        set_scheduled(&vm, &ctx, false, "InvalidSpec", msg, None).await?;
         return Ok(Action::await_change());
     };
     let started = Instant::now();
@@ -283,14 +204,13 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     };
     match decision {
         Ok(node) => {
-            let extra = json!({"nodeName": node, "phase": Phase::Scheduled});
             match set_scheduled(
                 &vm,
                 &ctx,
                 true,
                 "Scheduled",
                 format!("bound to {node}"),
-                extra,
+                Some(&node),
             )
             .await
             {
@@ -308,15 +228,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         }
         Err(why) => {
             ctx.metrics.attempt("unschedulable", started.elapsed());
-            set_scheduled(
-                &vm,
-                &ctx,
-                false,
-                "Unschedulable",
-                why.to_string(),
-                json!({"phase": Phase::Pending}),
-            )
-            .await?;
+            set_scheduled(&vm, &ctx, false, "Unschedulable", why.to_string(), None).await?;
             Ok(Action::requeue(RETRY_UNSCHEDULABLE))
         }
     }

@@ -13,6 +13,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
+use super::binding::{self, Binding};
 use super::inventory::Assumed;
 use super::scheduler::{self, Candidate, Placed};
 use super::{Context, FIELD_MANAGER};
@@ -85,65 +86,10 @@ pub fn decide(
     limits: Limits,
     ctx: (scheduler::Strategy, scheduler::Weights),
 ) -> Verdict {
-    let Some(vm) = vm else {
-        return Verdict::Refuse {
-            reason: "VMNotFound",
-            message: format!("VirtualMachine {} does not exist", m.spec.vm_name),
-        };
+    let (vm, source) = match admissible(m, vm, all, limits) {
+        Ok(ok) => ok,
+        Err(verdict) => return verdict,
     };
-    let status = vm.status.clone().unwrap_or_default();
-    let Some(source) = status.node_name.clone() else {
-        return Verdict::Refuse {
-            reason: "NotRunning",
-            message: "the VM is not bound to a node".into(),
-        };
-    };
-    if status.phase != Some(Phase::Running) {
-        return Verdict::Refuse {
-            reason: "NotRunning",
-            message: format!(
-                "the VM is {}: only a running VM migrates live (a stopped one starts wherever it is scheduled next)",
-                status.phase.map(|p| p.as_str()).unwrap_or("not started")
-            ),
-        };
-    }
-    let ns = m.namespace();
-    let same_vm = all.iter().any(|o| {
-        o.uid() != m.uid()
-            && o.namespace() == ns
-            && o.spec.vm_name == m.spec.vm_name
-            && o.status
-                .as_ref()
-                .and_then(|s| s.phase)
-                .is_some_and(|p| p.active())
-    });
-    if same_vm {
-        return Verdict::Wait {
-            reason: "AlreadyMigrating",
-            message: "another migration of this VM is under way".into(),
-        };
-    }
-    let others: Vec<_> = active(all, m).collect();
-    let from_source = others.iter().filter(|(s, _)| *s == source).count();
-    if from_source >= limits.per_node {
-        return Verdict::Wait {
-            reason: "Throttled",
-            message: format!(
-                "{from_source} migrations from {source} under way (limit {} per node)",
-                limits.per_node
-            ),
-        };
-    }
-    if others.len() >= limits.cluster {
-        return Verdict::Wait {
-            reason: "Throttled",
-            message: format!(
-                "{} migrations under way (limit {} in the cluster)",
-                others.len(),
-                limits.cluster
-            ),
-        };
-    }
     let Some(mut req) = request else {
         return Verdict::Refuse {
             reason: "InvalidSpec",
@@ -210,6 +156,80 @@ pub fn decide(
     }
 }
 
+/// The checks before any target is looked at: the VM exists, is bound and runs, no other
+/// migration of it is unsettled, and the limits allow one more. The VM and its node.
+fn admissible<'v>(
+    m: &VirtualMachineMigration,
+    vm: Option<&'v VirtualMachine>,
+    all: &[Arc<VirtualMachineMigration>],
+    limits: Limits,
+) -> Result<(&'v VirtualMachine, String), Verdict> {
+    let Some(vm) = vm else {
+        return Err(Verdict::Refuse {
+            reason: "VMNotFound",
+            message: format!("VirtualMachine {} does not exist", m.spec.vm_name),
+        });
+    };
+    let status = vm.status.clone().unwrap_or_default();
+    let Some(source) = status.node_name.clone() else {
+        return Err(Verdict::Refuse {
+            reason: "NotRunning",
+            message: "the VM is not bound to a node".into(),
+        });
+    };
+    let ns = m.namespace();
+    let same_vm = all.iter().any(|o| {
+        o.uid() != m.uid()
+            && o.namespace() == ns
+            && o.spec.vm_name == m.spec.vm_name
+            && o.unsettled()
+    });
+    if same_vm {
+        return Err(Verdict::Wait {
+            reason: "AlreadyMigrating",
+            message: "another migration of this VM is under way".into(),
+        });
+    }
+    if status.phase == Some(Phase::Migrating) {
+        // The last migration's source wrote it; its target has not written Running yet.
+        return Err(Verdict::Wait {
+            reason: "AlreadyMigrating",
+            message: "the VM's last migration has not settled".into(),
+        });
+    }
+    if status.phase != Some(Phase::Running) {
+        return Err(Verdict::Refuse {
+            reason: "NotRunning",
+            message: format!(
+                "the VM is {}: only a running VM migrates live (a stopped one starts wherever it is scheduled next)",
+                status.phase.map(|p| p.as_str()).unwrap_or("not started")
+            ),
+        });
+    }
+    let others: Vec<_> = active(all, m).collect();
+    let from_source = others.iter().filter(|(s, _)| *s == source).count();
+    if from_source >= limits.per_node {
+        return Err(Verdict::Wait {
+            reason: "Throttled",
+            message: format!(
+                "{from_source} migrations from {source} under way (limit {} per node)",
+                limits.per_node
+            ),
+        });
+    }
+    if others.len() >= limits.cluster {
+        return Err(Verdict::Wait {
+            reason: "Throttled",
+            message: format!(
+                "{} migrations under way (limit {} in the cluster)",
+                others.len(),
+                limits.cluster
+            ),
+        });
+    }
+    Ok((vm, source))
+}
+
 async fn write_status(
     m: &VirtualMachineMigration,
     ctx: &Context,
@@ -235,6 +255,75 @@ async fn write_status(
     Ok(())
 }
 
+/// A Scheduling migration fails when its target has not said it is ready (TargetReady)
+/// within PREPARE_TIMEOUT of being chosen; a queued request waited for its turn first.
+async fn watch_preparation(m: &VirtualMachineMigration, ctx: &Context) -> Result<Action, Error> {
+    let old = m.status.clone().unwrap_or_default();
+    let since = old
+        .scheduled_time
+        .as_ref()
+        .or(m.metadata.creation_timestamp.as_ref())
+        .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
+        .unwrap_or_default();
+    let ready =
+        crate::api::conditions::is_true(&old.conditions, crate::api::conditions::Type::TargetReady);
+    if ready || since <= PREPARE_TIMEOUT {
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+    let failed = VirtualMachineMigrationStatus {
+        phase: Some(MigrationPhase::Failed),
+        reason: Some("TargetTimeout".into()),
+        message: Some(format!(
+            "the target did not prepare the VM within {} s",
+            PREPARE_TIMEOUT.as_secs()
+        )),
+        completion_time: Some(Time(Timestamp::now())),
+        ..old
+    };
+    write_status(m, ctx, failed).await?;
+    Ok(Action::await_change())
+}
+
+/// A migration succeeded: the guest runs on the target, and the binding follows it. The
+/// controller is the one writer of `status.nodeName`; until this lands (and the
+/// finalizer goes) the source agent holds the VM. A VM bound to neither node, or a new
+/// VM under the old name, is left alone.
+async fn follow_guest(m: &VirtualMachineMigration, ctx: &Context) -> Result<(), Error> {
+    let status = m.status.clone().unwrap_or_default();
+    let (Some(source), Some(target)) = (status.source_node, status.target_node) else {
+        return Ok(());
+    };
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+    let Some(vm) = api.get_opt(&m.spec.vm_name).await? else {
+        return Ok(());
+    };
+    let created_before = match (
+        &vm.metadata.creation_timestamp,
+        &m.metadata.creation_timestamp,
+    ) {
+        (Some(v), Some(mig)) => v.0 <= mig.0,
+        _ => true,
+    };
+    let node = vm.status.as_ref().and_then(|s| s.node_name.clone());
+    if !created_before || node.as_deref() != Some(source.as_str()) {
+        return Ok(());
+    }
+    let new = Binding::of(vm.status.as_ref())
+        .bound_to(Some(&target))
+        .with(
+            &vm,
+            crate::api::conditions::Type::Scheduled,
+            true,
+            // As the binder words it, so that its next look writes nothing.
+            "Scheduled",
+            format!("bound to {target}"),
+        );
+    binding::apply(&api, &vm, new).await?;
+    tracing::info!(migration = %m.name_any(), vm = %vm.name_any(), %source, %target, "binding moved with the guest");
+    Ok(())
+}
+
 async fn remove_finalizer(m: &VirtualMachineMigration, ctx: &Context) -> Result<(), Error> {
     let api: Api<VirtualMachineMigration> =
         Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
@@ -247,6 +336,10 @@ pub async fn reconcile(
 ) -> Result<Action, Error> {
     let old = m.status.clone().unwrap_or_default();
     let phase = old.phase.unwrap_or(MigrationPhase::Pending);
+    if phase == MigrationPhase::Succeeded && m.finalizers().iter().any(|f| f == MIGRATION_FINALIZER)
+    {
+        follow_guest(&m, &ctx).await?;
+    }
     if m.metadata.deletion_timestamp.is_some() {
         // Mid-copy the source agent aborts the copy and lets go; otherwise nothing runs.
         if phase != MigrationPhase::Running {
@@ -268,28 +361,7 @@ pub async fn reconcile(
             return Ok(Action::await_change());
         }
         MigrationPhase::Running => return Ok(Action::await_change()),
-        MigrationPhase::Scheduling => {
-            // From when the target was chosen; a queued request waited for its turn.
-            let since = old
-                .scheduled_time
-                .as_ref()
-                .or(m.metadata.creation_timestamp.as_ref())
-                .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
-                .unwrap_or_default();
-            let ready = crate::api::conditions::is_true(
-                &old.conditions,
-                crate::api::conditions::Type::TargetReady,
-            );
-            if !ready && since > PREPARE_TIMEOUT {
-                let msg = format!(
-                    "the target did not prepare the VM within {} s",
-                    PREPARE_TIMEOUT.as_secs()
-                );
-                write_status(&m, &ctx, fail("TargetTimeout", msg)).await?;
-                return Ok(Action::await_change());
-            }
-            return Ok(Action::requeue(Duration::from_secs(30)));
-        }
+        MigrationPhase::Scheduling => return watch_preparation(&m, &ctx).await,
         MigrationPhase::Pending => {}
     }
     if !m.finalizers().iter().any(|f| f == MIGRATION_FINALIZER) {

@@ -2,6 +2,7 @@
 //! VirtualMachine on one of them. Leader-elected: only one replica binds at a time.
 
 mod bind;
+pub mod binding;
 pub mod images;
 pub mod inventory;
 mod metrics;

@@ -7,14 +7,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, ResourceExt};
-use serde_json::json;
+use kube::api::{Api, ResourceExt};
 
+use super::Context;
+use super::binding::{self, Binding};
 use super::inventory::silence;
-use super::{Context, FIELD_MANAGER};
-use crate::api::vm::{Phase, RunStrategy};
+use crate::api::vm::RunStrategy;
 use crate::api::{VirtualMachine, conditions};
 
 /// Hypervisor nodes whose heartbeat has been silent longer than the Lease's duration plus
@@ -66,14 +65,10 @@ fn hypervisor_nodes(ctx: &Context) -> HashSet<String> {
         .collect()
 }
 
-/// The field manager of the node-loss marks (phase Unknown, NodeHealthy): apart from the
-/// binder's, so that neither's server-side apply drops the other's fields.
-const NODE_LOSS_MANAGER: &str = "vmlet-controller-nodeloss";
-
-/// Marks the VM Unknown on its lost node and, when its run strategy wants it running,
-/// unbinds it so that the scheduler places it elsewhere.
+/// Says on the VM that its node is lost (NodeHealthy=False) and, when its run strategy
+/// wants it running and it may restart elsewhere, unbinds it in the same write so that
+/// the scheduler places it elsewhere. Whether it was unbound.
 async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, kube::Error> {
-    let old = vm.status.clone().unwrap_or_default();
     let wants_running = matches!(
         vm.spec.run_strategy.unwrap_or_default(),
         RunStrategy::Always | RunStrategy::RerunOnFailure
@@ -88,73 +83,32 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
             vm.spec.node_local_data().join(", ")
         );
     }
-    let already = old.phase == Some(Phase::Unknown)
-        && conditions::find(&old.conditions, conditions::Type::NodeHealthy)
-            .is_some_and(|c| c.status == "False" && c.message == message);
+    let mut new = Binding::of(vm.status.as_ref()).with(
+        vm,
+        conditions::Type::NodeHealthy,
+        false,
+        "NodeLost",
+        message,
+    );
+    if moves {
+        new = note_disks_left(new, vm, node).bound_to(None);
+    }
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    let mut resource_version = vm.resource_version();
-    if !already {
-        let cond = conditions::new(
-            &old.conditions,
-            conditions::Type::NodeHealthy,
-            false,
-            "NodeLost",
-            message,
-            vm.metadata.generation,
-            Time(Timestamp::now()),
-        );
-        // nodeName is sent again: an apply that left it out would drop the binding.
-        let patch = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine",
-                           "metadata": {"resourceVersion": vm.resource_version()},
-                           "status": {"phase": crate::api::vm::Phase::Unknown, "nodeName": node, "conditions": [cond]}});
-        let marked = api
-            .patch_status(
-                &vm.name_any(),
-                &PatchParams::apply(NODE_LOSS_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
-        resource_version = marked.resource_version();
-    }
-    if !moves {
-        return Ok(false);
-    }
-    if let Some(noted) = note_disks_left(&api, vm, node).await? {
-        resource_version = noted.resource_version();
-    }
-    // Unbind with optimistic concurrency; the scheduler then picks a healthy node.
-    let unbind =
-        json!({"metadata": {"resourceVersion": resource_version}, "status": {"nodeName": null}});
-    let pp = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    api.patch_status(&vm.name_any(), &pp, &Patch::Merge(&unbind))
-        .await?;
-    Ok(true)
+    binding::apply(&api, vm, new).await?;
+    Ok(moves)
 }
 
-/// The field manager of the DisksLeftBehind condition: its own, so that no other write
-/// of the controller drops it.
-const DISKS_MANAGER: &str = "vmlet-controller-disks";
-
-/// Before a VM whose disks hold node-local data leaves `node` on new disks
-/// (failoverPolicy RestartWithNewDisks), says on the VM where the old ones stay: that
-/// node keeps them until the VM is deleted (its agent's sweep confirms the deletion).
-/// Returns the VM as written (its new resourceVersion is the unbinding's precondition).
-pub(super) async fn note_disks_left(
-    api: &Api<VirtualMachine>,
-    vm: &VirtualMachine,
-    node: &str,
-) -> Result<Option<VirtualMachine>, kube::Error> {
+/// `b` with DisksLeftBehind, when the VM leaves `node` on new disks while its node-local
+/// data stays there (failoverPolicy RestartWithNewDisks, or a drain): that node keeps
+/// them until the VM is deleted (its agent's sweep confirms the deletion).
+pub(super) fn note_disks_left(b: Binding, vm: &VirtualMachine, node: &str) -> Binding {
     let disks = vm.spec.node_local_data();
     if disks.is_empty() {
-        return Ok(None);
+        return b;
     }
-    let old = vm.status.clone().unwrap_or_default();
-    let cond = conditions::new(
-        &old.conditions,
+    b.with(
+        vm,
         conditions::Type::DisksLeftBehind,
         true,
         "NodeLocalData",
@@ -163,18 +117,7 @@ pub(super) async fn note_disks_left(
              it runs on new disks",
             disks.join(", ")
         ),
-        vm.metadata.generation,
-        Time(Timestamp::now()),
-    );
-    let patch = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine",
-                       "status": {"conditions": [cond]}});
-    api.patch_status(
-        &vm.name_any(),
-        &PatchParams::apply(DISKS_MANAGER).force(),
-        &Patch::Apply(&patch),
     )
-    .await
-    .map(Some)
 }
 
 /// Pure: whether VMs may be moved off lost nodes. When more than half of the hypervisors
