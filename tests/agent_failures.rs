@@ -77,7 +77,17 @@ async fn missing_qemu_img_shows_on_the_vm_and_the_agent_recovers_once_installed(
     let spec = json!({"memory": "64Mi", "disks": [{"name": "data", "blank": {"size": "1Gi"}}]});
     create_vm(&api, "needs-disk", spec, &node).await;
 
-    let vm = wait_phase(&api, "needs-disk", "Pending", 60).await;
+    // Pending is also what the VM shows before its agent writes: wait for the agent's word.
+    let vm = common::wait_for(Duration::from_secs(60), || async {
+        let vm = api.get("needs-disk").await.ok()?;
+        let s = vm.status.as_ref()?;
+        (s.phase == Some(vmlet::api::vm::Phase::Pending)
+            && vmlet::api::conditions::find(&s.conditions, vmlet::api::conditions::Type::Ready)
+                .is_some())
+        .then_some(vm)
+    })
+    .await
+    .expect("the agent never said why the VM is Pending");
     let ready = condition(&vm, vmlet::api::conditions::Type::Ready);
     assert_eq!(ready.status, "False");
     assert_eq!(ready.reason, "ToolMissing", "{ready:?}");
