@@ -277,7 +277,10 @@ async fn an_agent_token_writes_only_its_own_node() {
         .patch_status("vm-a", &PatchParams::default(), &Patch::Merge(&healthy))
         .await
         .expect_err("an agent wrote a controller condition");
-    assert!(err.to_string().contains("controller's conditions"), "{err}");
+    assert!(
+        err.to_string().contains("conditions the controller owns"),
+        "{err}"
+    );
 
     // Its own VM's spec, labels and annotations are the tenant's: refused. Its own
     // finalizer comes and goes.
