@@ -306,8 +306,11 @@ fn current(old: &VirtualMachineStatus) -> Option<AgentStatus> {
     })
 }
 
-/// Writes the agent's part of the status: the agent is the one writer of these fields
-/// (the controller writes nodeName and the placement conditions), so nothing is forced.
+/// Writes the agent's part of the status, of which the agent is the one writer (the
+/// controller writes nodeName and the placement conditions). Forced, as Kubernetes asks
+/// of controllers for the fields they own: the phase can be owned by whoever made the
+/// status appear (the CRD's default, Pending, is attributed to that request), e.g. the
+/// controller voiding the old node's report when it unbinds the VM.
 async fn apply(vm: &VirtualMachine, ctx: &Context, new: &AgentStatus) -> Result<(), kube::Error> {
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
@@ -316,7 +319,7 @@ async fn apply(vm: &VirtualMachine, ctx: &Context, new: &AgentStatus) -> Result<
     let written = api
         .patch_status(
             &vm.name_any(),
-            &PatchParams::apply(FIELD_MANAGER),
+            &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&patch),
         )
         .await?;

@@ -92,9 +92,47 @@ impl Binding {
     }
 }
 
+/// Pure: the JSON patch that voids what the old node's agent reported about the VM's
+/// instance there (its phase, runtime conditions, domain, interfaces, hardware), for
+/// when the VM leaves that node. Kept: what outlives an instance (startTime,
+/// restartCount, lastRestartRequest). The resourceVersion is tested first.
+pub fn void_report(vm: &VirtualMachine) -> Option<serde_json::Value> {
+    let st = vm.status.as_ref()?;
+    let mut ops = vec![
+        json!({"op": "test", "path": "/metadata/resourceVersion", "value": vm.resource_version()}),
+    ];
+    let present = [
+        ("phase", st.phase.is_some()),
+        ("observedGeneration", st.observed_generation.is_some()),
+        ("domainUUID", st.domain_uuid.is_some()),
+        ("interfaces", !st.interfaces.is_empty()),
+        ("vcpus", st.vcpus.is_some()),
+        ("memory", st.memory.is_some()),
+        ("accel", st.accel.is_some()),
+    ];
+    for (field, there) in present {
+        if there {
+            ops.push(json!({"op": "remove", "path": format!("/status/{field}")}));
+        }
+    }
+    // From the end, so that the indices stay right.
+    for (i, c) in st.conditions.iter().enumerate().rev() {
+        if Type::written_by(&c.type_, Writer::Agent) {
+            ops.push(json!({"op": "test", "path": format!("/status/conditions/{i}/type"), "value": c.type_}));
+            ops.push(json!({"op": "remove", "path": format!("/status/conditions/{i}")}));
+        }
+    }
+    (ops.len() > 1).then_some(serde_json::Value::Array(ops))
+}
+
 /// Writes the controller's part of `vm`'s status when it differs from what `vm` shows,
 /// with `vm`'s resourceVersion as precondition: a decision taken on a stale copy fails
 /// with 409 and is taken again on fresh data. Returns the VM as written, if written.
+///
+/// A VM that leaves its node (unbound) also loses the old node's report first: the
+/// phase and runtime conditions described an instance that no longer runs, and the next
+/// node's agent writes its own (until then the phase reads Pending, the schema's
+/// default). That is a handoff, not a second writer: no value of the agent's is set.
 pub async fn apply(
     api: &Api<VirtualMachine>,
     vm: &VirtualMachine,
@@ -103,6 +141,23 @@ pub async fn apply(
     if !new.differs_from(vm) {
         return Ok(None);
     }
+    let leaves = new.node_name.is_none() && Binding::of(vm.status.as_ref()).node_name.is_some();
+    let voided;
+    let vm = match void_report(vm).filter(|_| leaves) {
+        Some(ops) => {
+            let ops: json_patch::Patch =
+                serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
+            voided = api
+                .patch_status(
+                    &vm.name_any(),
+                    &crate::patch::by(FIELD_MANAGER),
+                    &Patch::Json::<()>(ops),
+                )
+                .await?;
+            &voided
+        }
+        None => vm,
+    };
     let mut status = json!({"conditions": new.conditions});
     if let Some(node) = &new.node_name {
         status["nodeName"] = json!(node);
@@ -176,6 +231,50 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["NodeHealthy", "Scheduled"]
         );
+    }
+
+    #[test]
+    fn leaving_a_node_voids_only_the_agents_report() {
+        let mut v = vm(
+            Some("a"),
+            &[
+                ("Ready", "True", "Running"),
+                ("Scheduled", "True", "Scheduled"),
+                ("DomainDefined", "True", "Defined"),
+            ],
+        );
+        v.metadata.resource_version = Some("7".into());
+        let st = v.status.as_mut().unwrap();
+        st.phase = Some(crate::api::vm::Phase::Running);
+        st.restart_count = Some(2);
+        let ops = void_report(&v).unwrap();
+        let paths: Vec<&str> = ops
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["op"] == "remove")
+            .map(|o| o["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/status/phase",
+                "/status/conditions/2",
+                "/status/conditions/0"
+            ]
+        );
+        let mut doc = serde_json::to_value(&v).unwrap();
+        let ops: json_patch::Patch = serde_json::from_value(ops).unwrap();
+        json_patch::patch(&mut doc, &ops).unwrap();
+        let after: VirtualMachine = serde_json::from_value(doc).unwrap();
+        let st = after.status.unwrap();
+        assert_eq!(st.phase, None);
+        assert_eq!(st.restart_count, Some(2), "what outlives an instance stays");
+        assert_eq!(st.conditions.len(), 1);
+        assert_eq!(st.conditions[0].type_, "Scheduled");
+        // Nothing of the agent's there: nothing to void.
+        let bare = vm(Some("a"), &[("Scheduled", "True", "Scheduled")]);
+        assert!(void_report(&bare).is_none());
     }
 
     #[test]
