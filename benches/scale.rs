@@ -195,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
             kubeconfig: Some(kc.clone()),
             peer_key_file: None,
             downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
+            storage_pools: vec![],
         };
         agents.push(tokio::spawn(vmlet::agent::run_with(
             args,

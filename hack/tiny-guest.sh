@@ -2,6 +2,10 @@
 # Builds the tiny real guest: Debian's cloud kernel and a busybox initramfs whose init
 # prints "vmlet-guest-up" with its uptime on the serial console, then a heartbeat every
 # 2 s (or powers off when the kernel command line says vmlet.poweroff).
+# With vmlet.disk=DEV (e.g. vda) it loads the virtio block driver, writes
+# "vmlet-marker:M" to the start of /dev/DEV when vmlet.write=M is given, prints what
+# the device starts with ("vmlet-disk-read=..."), and each heartbeat carries the
+# device's size as the guest sees it, in 512-byte sectors ("disk-sectors=N").
 #   hack/tiny-guest.sh [DIR]   writes DIR/vmlinuz and DIR/initrd.gz (default .cache/guest)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,7 +16,9 @@ mkdir -p "$OUT" "$CACHE"
 exec 9>"$CACHE/.lock"
 flock 9
 
-if [[ ! -f "$CACHE/vmlinuz" ]]; then
+# The kernel and its virtio block modules come from one package: fetched together.
+MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
+if [[ ! -f "$CACHE/vmlinuz" || ! -f "$CACHE/modules/virtio_blk.ko" ]]; then
   work=$(mktemp -d)
   (
     cd "$work"
@@ -21,6 +27,10 @@ if [[ ! -f "$CACHE/vmlinuz" ]]; then
     apt-get download "$dep" >/dev/null
     dpkg-deb -x linux-image-[0-9]*.deb x
     cp x/boot/vmlinuz-* "$CACHE/vmlinuz.tmp"
+    rm -rf "$CACHE/modules" && mkdir -p "$CACHE/modules"
+    for m in $MODULES; do
+      find x/lib/modules -name "$m.ko" -exec cp {} "$CACHE/modules/" \;
+    done
   )
   rm -rf "$work"
   mv "$CACHE/vmlinuz.tmp" "$CACHE/vmlinuz"
@@ -28,13 +38,14 @@ fi
 
 # Rebuilt when this script (which holds the init program) changes, by content: a fresh
 # clone's new file times must not force a rebuild.
-stamp=$(sha256sum "$0" | cut -c1-16)
+stamp=$(cat "$0" "$CACHE"/modules/*.ko | sha256sum | cut -c1-16)
 if [[ ! -f "$CACHE/initrd.gz" || "$(cat "$CACHE/initrd.stamp" 2>/dev/null)" != "$stamp" ]]; then
   busybox=$(command -v busybox || echo /bin/busybox)
   [[ -x $busybox ]] || { echo "busybox-static is not installed: run hack/deps.sh" >&2; exit 1; }
   work=$(mktemp -d)
-  mkdir -p "$work/bin" "$work/proc" "$work/sys" "$work/dev"
+  mkdir -p "$work/bin" "$work/proc" "$work/sys" "$work/dev" "$work/lib/modules"
   cp "$busybox" "$work/bin/busybox"
+  cp "$CACHE"/modules/*.ko "$work/lib/modules/"
   cat > "$work/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -45,9 +56,32 @@ if grep -q vmlet.poweroff /proc/cmdline; then
   echo "vmlet-guest-poweroff"
   poweroff -f
 fi
+arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | head -n1 | tr -cd 'A-Za-z0-9_-'; }
+dev=$(arg vmlet.disk)
+if [ -n "$dev" ]; then
+  # In dependency order (each module's depends=).
+  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    insmod /lib/modules/$m.ko || echo "vmlet-insmod-failed=$m"
+  done
+  mount -t devtmpfs dev /dev
+  n=0
+  while [ ! -b "/dev/$dev" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+  [ -b "/dev/$dev" ] || echo "vmlet-disk-missing=$dev"
+  mark=$(arg vmlet.write)
+  if [ -n "$mark" ] && [ -b "/dev/$dev" ]; then
+    printf 'vmlet-marker:%s\n' "$mark" | dd of="/dev/$dev" bs=512 count=1 conv=sync,fsync 2>/dev/null
+    sync
+    echo "vmlet-disk-wrote=$mark"
+  fi
+  echo "vmlet-disk-read=$(dd if="/dev/$dev" bs=512 count=1 iflag=direct 2>/dev/null | head -n1 | tr -cd 'A-Za-z0-9:_-')"
+fi
 while true; do
   sleep 2
-  echo "vmlet-guest-heartbeat uptime=$(cut -d' ' -f1 /proc/uptime)"
+  if [ -n "$dev" ]; then
+    echo "vmlet-guest-heartbeat uptime=$(cut -d' ' -f1 /proc/uptime) disk-sectors=$(cat /sys/class/block/$dev/size)"
+  else
+    echo "vmlet-guest-heartbeat uptime=$(cut -d' ' -f1 /proc/uptime)"
+  fi
 done
 INIT
   chmod +x "$work/init"

@@ -27,6 +27,34 @@ where
         .await
 }
 
+/// Adds finalizer `name` to `obj` by a JSON patch conditioned on the resourceVersion
+/// seen: a changed object fails with 409 and is looked at again.
+pub async fn add_finalizer<K>(api: &Api<K>, obj: &K, name: &str) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if obj.finalizers().iter().any(|f| f == name) {
+        return Ok(());
+    }
+    let (path, value) = if obj.finalizers().is_empty() {
+        ("/metadata/finalizers", json!([name]))
+    } else {
+        ("/metadata/finalizers/-", json!(name))
+    };
+    let ops: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": obj.resource_version()},
+        {"op": "add", "path": path, "value": value},
+    ]))
+    .map_err(kube::Error::SerdeError)?;
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Json::<()>(ops),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Removes finalizer `name` from `obj` by a JSON patch that tests it is still at the index
 /// seen; an object already gone, or whose list moved meanwhile, is left to its next event.
 pub async fn remove_finalizer<K>(api: &Api<K>, obj: &K, name: &str) -> Result<(), kube::Error>

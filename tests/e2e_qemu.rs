@@ -265,6 +265,7 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
         kubeconfig: Some(common::kubeconfig_path()),
         peer_key_file: None,
         downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
+        storage_pools: vec![],
     };
     let agent = tokio::spawn(vmlet::agent::run_with(
         args,

@@ -58,7 +58,8 @@ fn render_case(yaml: &str) -> String {
         uefi: ann.get("golden.vmlet.dev/uefi").map(String::as_str) == Some("true"),
         domain_type: vmlet::agent::node::domain_type(&["qemu".into(), "kvm".into()], accel),
     };
-    let domain = render::render(&vm, class.as_ref(), &images, &facts).expect("renders");
+    let domain =
+        render::render(&vm, class.as_ref(), &images.clone().into(), &facts).expect("renders");
     let (xml, _) = render::finish(domain.clone()).unwrap();
     let parsed = Domain::from_xml(&xml).expect("output parses");
     let mut expect = domain;

@@ -357,7 +357,7 @@ fn assert_inert(obj: &DynamicObject) {
         uefi: false,
         domain_type: "qemu".into(),
     };
-    let domain = render::render(&vm, None, &images, &facts).unwrap();
+    let domain = render::render(&vm, None, &images.clone().into(), &facts).unwrap();
     let (xml, _) = render::finish(domain).unwrap();
     let parsed = Domain::from_xml(&xml).unwrap();
     assert!(

@@ -80,6 +80,7 @@ async fn agent_reconnects_after_libvirtd_is_killed_and_restarted() {
         kubeconfig: Some(common::kubeconfig_path()),
         peer_key_file: None,
         downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
+        storage_pools: vec![],
     };
     let agent = tokio::spawn(vmlet::agent::run_with(
         args,

@@ -185,6 +185,7 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
             kubeconfig: Some(common::kubeconfig_path()),
             peer_key_file: None,
             downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
+            storage_pools: vec![],
         };
         let mut child = None;
         if process == Some(i) {

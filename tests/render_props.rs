@@ -105,7 +105,7 @@ proptest! {
             domain_type: if kvm { "kvm" } else { "qemu" }.into(),
             uefi: false,
         };
-        let domain = render::render(&vm, None, &images, &facts).unwrap();
+        let domain = render::render(&vm, None, &images.clone().into(), &facts).unwrap();
         let (xml, _) = render::finish(domain.clone()).unwrap();
         let parsed = Domain::from_xml(&xml).expect("output parses");
         let mut expect = domain;

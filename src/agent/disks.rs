@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::render::DiskFile;
 use super::seed;
+use super::volumes::Origin;
 use crate::api::vm::Disk;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,18 +37,27 @@ async fn qemu_img(args: &[&str], path: &Path) -> Result<(), DiskError> {
     Ok(())
 }
 
-/// Creates what is missing. Existing overlays and blank disks hold guest data and are
-/// never rewritten; the seed is rewritten so that it follows the spec on the next boot.
+/// Creates what is missing. Existing overlays, blank disks and volumes hold guest data
+/// and are never rewritten; the seed is rewritten so that it follows the spec on the
+/// next boot. With `offline` (the domain is about to start, so no QEMU has the files
+/// open) a volume smaller than its size is grown.
 pub async fn prepare(
     vm_dir: &Path,
     files: &[(Disk, DiskFile)],
     uid: &str,
     hostname: &str,
+    offline: bool,
 ) -> Result<(), DiskError> {
     traversable(vm_dir).await?;
     for (disk, file) in files {
         let exists = tokio::fs::metadata(file.path()).await.is_ok();
         match file {
+            DiskFile::Volume { path, size, origin } if !exists => {
+                create_volume(path, *size, origin).await?;
+            }
+            DiskFile::Volume { path, size, .. } if offline => {
+                grow(path, *size).await?;
+            }
             DiskFile::Overlay {
                 path,
                 base,
@@ -95,6 +105,97 @@ pub async fn prepare(
         }
     }
     Ok(())
+}
+
+/// A new volume file, made in a temporary file and renamed into place, so that a file
+/// at `path` is always a whole volume.
+async fn create_volume(path: &Path, size: u64, origin: &Origin) -> Result<(), DiskError> {
+    if let Some(dir) = path.parent() {
+        traversable(dir).await?;
+    }
+    let tmp = path.with_extension("qcow2.tmp");
+    let _ = tokio::fs::remove_file(&tmp).await;
+    match origin {
+        Origin::Empty => {
+            qemu_img(
+                &["create", "-q", "-f", "qcow2", "-o", &format!("size={size}")],
+                &tmp,
+            )
+            .await?
+        }
+        Origin::Copy { from, format } => {
+            let from = from.to_string_lossy();
+            // A full copy: the new volume depends on no other file.
+            qemu_img(&["convert", "-q", "-f", format, "-O", "qcow2", &from], &tmp).await?;
+            grow(&tmp, size).await?;
+        }
+    }
+    private_file(&tmp).await?;
+    tokio::fs::rename(&tmp, path).await?;
+    Ok(())
+}
+
+/// A full qcow2 copy of `from` at `to` (replacing it whole: made aside, then renamed).
+pub async fn copy(from: &Path, to: &Path) -> Result<(), DiskError> {
+    let tmp = to.with_extension("qcow2.tmp");
+    let _ = tokio::fs::remove_file(&tmp).await;
+    let from = from.to_string_lossy();
+    qemu_img(
+        &["convert", "-q", "-f", "qcow2", "-O", "qcow2", &from],
+        &tmp,
+    )
+    .await?;
+    private_file(&tmp).await?;
+    tokio::fs::rename(&tmp, to).await?;
+    Ok(())
+}
+
+/// Grows a qcow2 file that no QEMU has open to `size` (never shrinks it).
+pub async fn grow(path: &Path, size: u64) -> Result<(), DiskError> {
+    if info(path).await?.virtual_size >= size {
+        return Ok(());
+    }
+    let size = size.to_string();
+    let args = ["resize", "-q", "-f", "qcow2"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([path.as_os_str(), std::ffi::OsStr::new(&size)]);
+    let out = super::tools::QEMU_IMG.output(args).await?;
+    if !out.status.success() {
+        return Err(DiskError::QemuImg {
+            path: path.display().to_string(),
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// What `qemu-img info` says about an image file.
+#[derive(Debug, serde::Deserialize)]
+pub struct Info {
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+}
+
+pub async fn info(path: &Path) -> Result<Info, DiskError> {
+    let out = super::tools::QEMU_IMG
+        .output(
+            ["info", "--output=json", "-U"]
+                .iter()
+                .map(std::ffi::OsStr::new)
+                .chain([path.as_os_str()]),
+        )
+        .await?;
+    if !out.status.success() {
+        return Err(DiskError::QemuImg {
+            path: path.display().to_string(),
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| DiskError::QemuImg {
+        path: path.display().to_string(),
+        reason: format!("unreadable qemu-img info: {e}"),
+    })
 }
 
 /// Creates `dir` and its missing parents with mode 0711, and gives `dir` and its parent

@@ -188,6 +188,65 @@ pub struct Disk {
     pub alias: Alias,
 }
 
+/// A disk as libvirt describes it in any domain XML (its live XML has more than the
+/// model above, and in other shapes): what storage operations need to find a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRef {
+    /// disk or cdrom.
+    pub device: String,
+    /// The target device name (vda, sdb).
+    pub dev: String,
+    /// The source file, when it is a file.
+    pub file: Option<String>,
+    pub readonly: bool,
+}
+
+/// The disks in a domain XML, read leniently (every other element ignored).
+pub fn disks_in(xml: &str) -> Result<Vec<DiskRef>, quick_xml::DeError> {
+    #[derive(Deserialize)]
+    struct Dom {
+        devices: Devs,
+    }
+    #[derive(Deserialize)]
+    struct Devs {
+        #[serde(rename = "disk", default)]
+        disks: Vec<D>,
+    }
+    #[derive(Deserialize)]
+    struct D {
+        #[serde(rename = "@device", default)]
+        device: String,
+        source: Option<Src>,
+        target: Tgt,
+        readonly: Option<serde::de::IgnoredAny>,
+    }
+    #[derive(Deserialize)]
+    struct Src {
+        #[serde(rename = "@file")]
+        file: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Tgt {
+        #[serde(rename = "@dev")]
+        dev: String,
+    }
+    let d: Dom = quick_xml::de::from_str(xml)?;
+    Ok(d.devices
+        .disks
+        .into_iter()
+        .map(|d| DiskRef {
+            device: if d.device.is_empty() {
+                "disk".into()
+            } else {
+                d.device
+            },
+            dev: d.target.dev,
+            file: d.source.and_then(|s| s.file),
+            readonly: d.readonly.is_some(),
+        })
+        .collect())
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct DiskDriver {
     #[serde(rename = "@name")]

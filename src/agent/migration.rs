@@ -247,10 +247,17 @@ async fn get_vm(m: &VirtualMachineMigration, ctx: &Context) -> Result<VirtualMac
 /// backing images, the seed) where its domain will look for them.
 async fn prepare_target(m: &VirtualMachineMigration, ctx: &Context) -> Result<(), Error> {
     let vm = get_vm(m, ctx).await?;
-    let images = super::reconcile::resolve_images(&vm, ctx)
-        .await
-        .map_err(|p| Error::Other(p.message))?;
-    super::reconcile::prepare_files(&vm, ctx, &images)
+    let sources = super::render::Sources {
+        images: super::reconcile::resolve_images(&vm, ctx)
+            .await
+            .map_err(|p| Error::Other(p.message))?,
+        // Only pooled volumes migrate (the controller refuses local ones): their files
+        // are already here.
+        volumes: super::volumes::resolve(&vm, ctx)
+            .await
+            .map_err(|p| Error::Other(p.message))?,
+    };
+    super::reconcile::prepare_files(&vm, ctx, &sources, false)
         .await
         .map_err(|p| Error::Other(p.message))?;
     let old = m.status.clone().unwrap_or_default();
@@ -312,11 +319,18 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
         ]
         .into_iter()
         .filter_map(|(from, to)| Some((from, to?)))
+        // A pool may be mounted elsewhere on the target.
+        .chain(ctx.pools.iter().filter_map(|(name, path)| {
+            let there = target_hv.storage_pools.iter().find(|p| p.name == *name)?;
+            Some((path.display().to_string(), there.path.clone()))
+        }))
         .collect(),
         node: &target,
     };
     let xml = ctx.lv.migratable_xml(&vm_uid).await?;
     let dest_xml = rewrite_xml(&xml, &rw).map_err(|e| Error::Other(e.to_string()))?;
+    let copy_disks = disks_to_copy(&xml, ctx.pools.values().map(|p| p.as_path()))
+        .map_err(|e| Error::Other(e.to_string()))?;
     let started = Time(Timestamp::now());
     patch_status(
         &m,
@@ -347,6 +361,7 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
                 &data_uri,
                 dest_xml,
                 ctx.args.migration_tls,
+                copy_disks,
             )
             .await;
         let outcome = finish(&m, &ctx, &vm, &target, res, t, started).await;
@@ -494,6 +509,25 @@ async fn conclude(
         release(m, ctx).await?;
     }
     Ok(())
+}
+
+/// Pure: the target devices of the disks a migration copies: every writable disk except
+/// those in a storage pool (the target mounts the same files).
+pub fn disks_to_copy<'a>(
+    xml: &str,
+    pools: impl Iterator<Item = &'a std::path::Path> + Clone,
+) -> Result<Vec<String>, quick_xml::DeError> {
+    Ok(super::domain::disks_in(xml)?
+        .into_iter()
+        .filter(|d| d.device == "disk" && !d.readonly)
+        .filter(|d| {
+            d.file.as_deref().is_none_or(|f| {
+                let file = std::path::Path::new(f);
+                !pools.clone().any(|p| file.starts_with(p))
+            })
+        })
+        .map(|d| d.dev)
+        .collect())
 }
 
 /// What to do with a migration left Running by a source agent that stopped watching it.

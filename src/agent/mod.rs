@@ -20,7 +20,9 @@ pub mod render;
 mod report;
 pub mod seed;
 mod status;
+mod storage;
 pub mod tools;
+pub mod volumes;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -102,6 +104,14 @@ pub struct Args {
     /// What image downloads may reach and take.
     #[command(flatten)]
     pub downloads: download::DownloadPolicy,
+    /// A shared storage pool, NAME=PATH: a directory every node mounts (NFS, CephFS)
+    /// where volumes with `storage: NAME` live. Repeat for more pools.
+    #[arg(
+        long = "storage-pool",
+        env = "VMLET_STORAGE_POOLS",
+        value_delimiter = ','
+    )]
+    pub storage_pools: Vec<String>,
     /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
     #[arg(long, env = "VMLET_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -179,6 +189,10 @@ pub struct Context {
     /// The uid of this node's Node object, once read: the owner of its Hypervisor and
     /// Lease.
     pub node_uid: std::sync::Mutex<Option<String>>,
+    /// The storage pools (`--storage-pool`), by name.
+    pub pools: std::collections::BTreeMap<String, std::path::PathBuf>,
+    /// VMs whose volumes a restore is rewriting: not started meanwhile.
+    pub restoring: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -252,6 +266,8 @@ pub async fn run_with(
         hypervisors,
         last_renewal: std::sync::Mutex::new(std::time::Instant::now()),
         node_uid: Default::default(),
+        pools: volumes::parse_pools(&args.storage_pools).map_err(|e| anyhow::anyhow!(e))?,
+        restoring: Default::default(),
         http: reqwest::Client::builder()
             .timeout(peers::PEER_TIMEOUT)
             .build()?,
@@ -277,10 +293,12 @@ pub async fn run_with(
     )
     .run(migration::reconcile, migration::error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
+    let storage = storage_controllers(ctx.clone());
     // Not spawned: when this future is dropped, the loops stop with it.
     tokio::select! {
         _ = controller => {},
         _ = migrations => {},
+        _ = storage => {},
         _ = report::hypervisor_loop(ctx.clone()) => {},
         _ = report::heartbeat_loop(ctx.clone()) => {},
         _ = reconcile::orphan_loop(ctx.clone()) => {},
@@ -290,6 +308,30 @@ pub async fn run_with(
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Volumes (growth, deletion), snapshots and restores, each acted on by the agent that
+/// holds the data.
+async fn storage_controllers(ctx: Arc<Context>) {
+    let volumes = Controller::new(
+        Api::<crate::api::VirtualMachineVolume>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .run(storage::volume, storage::error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    let snapshots = Controller::new(
+        Api::<crate::api::VirtualMachineSnapshot>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .run(storage::snapshot, storage::error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    let restores = Controller::new(
+        Api::<crate::api::VirtualMachineRestore>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .run(storage::restore, storage::error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    tokio::join!(volumes, snapshots, restores);
 }
 
 /// Keeps the Hypervisor store (the peers to ask before fencing) filled, when `enabled`

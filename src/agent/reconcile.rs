@@ -352,7 +352,11 @@ async fn apply_steps(
 ) -> Result<Result<Action, Problem>, Error> {
     let uid = vm.uid().unwrap_or_default();
     // Held either way (see plan::plan): not worth resolving images for.
-    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) || ctx.migrations.holds_vm(&uid) {
+    let restoring = ctx.restoring.lock().expect("not poisoned").contains(&uid);
+    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst)
+        || ctx.migrations.holds_vm(&uid)
+        || restoring
+    {
         return Ok(Ok(Action::requeue(plan::HOLD)));
     }
     let spec = match observe_spec(vm, ctx).await {
@@ -407,7 +411,7 @@ async fn apply_steps(
         }
         plan::Plan::Act(acts) => acts,
     };
-    let started_now = match execute(vm, ctx, &acts.steps, xml, &spec.images, &mut rt).await? {
+    let started_now = match execute(vm, ctx, &acts.steps, xml, &spec.sources, &mut rt).await? {
         Ok(started_now) => started_now,
         Err(Halt::NotBound) => return Ok(Ok(Action::await_change())),
         Err(Halt::Problem(p)) => return Ok(Err(p)),
@@ -450,7 +454,7 @@ async fn execute(
     ctx: &Context,
     steps: &[Step],
     xml: String,
-    images: &BTreeMap<String, LocalImage>,
+    sources: &render::Sources,
     rt: &mut VmRuntime,
 ) -> Result<Result<bool, Halt>, Error> {
     let uid = vm.uid().unwrap_or_default();
@@ -467,7 +471,8 @@ async fn execute(
                 }
             }
             Step::Prepare => {
-                if let Err(p) = prepare_files(vm, ctx, images).await {
+                let offline = steps.contains(&Step::Start);
+                if let Err(p) = prepare_files(vm, ctx, sources, offline).await {
                     return Ok(Err(Halt::Problem(p)));
                 }
             }
@@ -563,7 +568,7 @@ async fn report_done(
 /// What the spec resolves to on this node: its class, its images' local files, the
 /// domain it renders to, and the hardware it asks for.
 struct SpecOnNode {
-    images: BTreeMap<String, LocalImage>,
+    sources: render::Sources,
     domain: super::domain::Domain,
     hardware: Option<render::Hardware>,
 }
@@ -584,12 +589,15 @@ async fn observe_spec(vm: &VirtualMachine, ctx: &Context) -> Result<SpecOnNode, 
         },
         None => None,
     };
-    let images = resolve_images(vm, ctx).await?;
-    let domain = render::render(vm, class.as_ref(), &images, &ctx.facts)
+    let sources = render::Sources {
+        images: resolve_images(vm, ctx).await?,
+        volumes: super::volumes::resolve(vm, ctx).await?,
+    };
+    let domain = render::render(vm, class.as_ref(), &sources, &ctx.facts)
         .map_err(|e| Problem::needs_change("InvalidSpec", e.to_string()))?;
     let hardware = render::Hardware::resolve(&vm.spec, class.as_ref()).ok();
     Ok(SpecOnNode {
-        images,
+        sources,
         domain,
         hardware,
     })
@@ -601,19 +609,32 @@ async fn observe_spec(vm: &VirtualMachine, ctx: &Context) -> Result<SpecOnNode, 
 pub(super) async fn prepare_files(
     vm: &VirtualMachine,
     ctx: &Context,
-    images: &BTreeMap<String, LocalImage>,
+    sources: &render::Sources,
+    offline: bool,
 ) -> Result<(), Problem> {
     let uid = vm.uid().unwrap_or_default();
-    let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, images)
+    let files = render::disk_files(&vm.spec, &uid, &ctx.facts.state_dir, sources)
         .map_err(|e| Problem::needs_change("InvalidSpec", e.to_string()))?;
-    disks::prepare(
+    let prepared = disks::prepare(
         &super::layout::vm_dir(&ctx.facts.state_dir, &uid),
         &files,
         &uid,
         &vm.name_any(),
+        offline,
     )
-    .await
-    .map_err(|e| disk_problem(&e))
+    .await;
+    // Each volume says how it stands, made or not.
+    let ns = vm.namespace().unwrap_or_default();
+    for v in sources.volumes.values() {
+        let outcome = match &prepared {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => super::volumes::sizes(&v.path).await,
+        };
+        if let Err(e) = super::volumes::report(ctx, &ns, &v.name, outcome).await {
+            tracing::warn!(volume = %v.name, error = %e, "volume status not written");
+        }
+    }
+    prepared.map_err(|e| disk_problem(&e))
 }
 
 fn grace_period(vm: &VirtualMachine) -> Duration {

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use super::domain::{self, Domain};
 use super::layout::{console_log, derived_mac, domain_name, vm_dir};
 use super::node::{Accel, NodeFacts};
+use super::volumes::{LocalVolume, Origin};
 use crate::api::quantity;
 use crate::api::vm::{self as spec, DiskBus, Firmware, Machine, NicModel, VirtualMachineSpec};
 use crate::api::{VirtualMachine, VirtualMachineClassSpec};
@@ -27,6 +28,8 @@ pub enum RenderError {
     NoUefi,
     #[error("VirtualMachineImage {0:?} is not available on this node")]
     ImageMissing(String),
+    #[error("VirtualMachineVolume {0:?} is not available on this node")]
+    VolumeMissing(String),
     #[error("too many {0} disks")]
     TooManyDisks(&'static str),
 }
@@ -83,6 +86,13 @@ pub enum DiskFile {
     Blank { path: PathBuf, size: u64 },
     /// A cloud-init NoCloud seed ISO.
     Seed { path: PathBuf },
+    /// A VirtualMachineVolume's qcow2 file (outside the VM's directory: it outlives the
+    /// VM), made from `origin` when it does not exist.
+    Volume {
+        path: PathBuf,
+        size: u64,
+        origin: Origin,
+    },
 }
 
 impl DiskFile {
@@ -90,7 +100,24 @@ impl DiskFile {
         match self {
             DiskFile::Overlay { path, .. }
             | DiskFile::Blank { path, .. }
+            | DiskFile::Volume { path, .. }
             | DiskFile::Seed { path } => path,
+        }
+    }
+}
+
+/// What a VM's disks and boot files are made of on this node, by the names the spec uses.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub images: BTreeMap<String, LocalImage>,
+    pub volumes: BTreeMap<String, LocalVolume>,
+}
+
+impl From<BTreeMap<String, LocalImage>> for Sources {
+    fn from(images: BTreeMap<String, LocalImage>) -> Self {
+        Sources {
+            images,
+            volumes: BTreeMap::new(),
         }
     }
 }
@@ -100,14 +127,25 @@ pub fn disk_files(
     vm: &VirtualMachineSpec,
     uid: &str,
     state_dir: &Path,
-    images: &BTreeMap<String, LocalImage>,
+    sources: &Sources,
 ) -> Result<Vec<(spec::Disk, DiskFile)>, RenderError> {
     let dir = vm_dir(state_dir, uid);
     vm.disks
         .iter()
         .map(|d| {
-            let file = if let Some(img) = &d.image {
-                let local = images
+            let file = if let Some(v) = &d.volume {
+                let local = sources
+                    .volumes
+                    .get(&v.name)
+                    .ok_or_else(|| RenderError::VolumeMissing(v.name.clone()))?;
+                DiskFile::Volume {
+                    path: local.path.clone(),
+                    size: local.size,
+                    origin: local.origin.clone(),
+                }
+            } else if let Some(img) = &d.image {
+                let local = sources
+                    .images
                     .get(&img.name)
                     .ok_or_else(|| RenderError::ImageMissing(img.name.clone()))?;
                 DiskFile::Overlay {
@@ -150,11 +188,11 @@ fn device_name(prefix: &'static str, index: usize) -> Result<String, RenderError
     Ok(format!("{prefix}{}", *letter as char))
 }
 
-/// Renders the domain for `vm`. `images` maps VirtualMachineImage names to local files.
+/// Renders the domain for `vm`. `sources` maps image and volume names to local files.
 pub fn render(
     vm: &VirtualMachine,
     class: Option<&VirtualMachineClassSpec>,
-    images: &BTreeMap<String, LocalImage>,
+    sources: &Sources,
     node: &NodeFacts,
 ) -> Result<Domain, RenderError> {
     let uid = vm.metadata.uid.as_deref().ok_or(RenderError::NoUid)?;
@@ -164,7 +202,7 @@ pub fn render(
     if hw.firmware == Firmware::Uefi && !node.uefi {
         return Err(RenderError::NoUefi);
     }
-    let (disks, controllers) = disks_of(vm, uid, node, images, hw.machine)?;
+    let (disks, controllers) = disks_of(vm, uid, node, sources, hw.machine)?;
     let devices = domain::Devices {
         disks,
         controllers,
@@ -219,7 +257,7 @@ pub fn render(
             placement: "static".into(),
             count: hw.vcpus(),
         },
-        os: os_of(vm, &hw, images)?,
+        os: os_of(vm, &hw, &sources.images)?,
         features: domain::Features {
             acpi: domain::Empty {},
             apic: domain::Empty {},
@@ -349,12 +387,12 @@ fn disks_of(
     vm: &VirtualMachine,
     uid: &str,
     node: &NodeFacts,
-    images: &BTreeMap<String, LocalImage>,
+    sources: &Sources,
     machine: Machine,
 ) -> Result<(Vec<domain::Disk>, Vec<domain::Controller>), RenderError> {
     let mut used: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut disks = Vec::new();
-    for (d, file) in disk_files(&vm.spec, uid, &node.state_dir, images)? {
+    for (d, file) in disk_files(&vm.spec, uid, &node.state_dir, sources)? {
         let seed = matches!(file, DiskFile::Seed { .. });
         let bus = Bus::of(seed, d.bus.unwrap_or_default(), machine);
         let dev = device_name(

@@ -86,6 +86,14 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
         migration_uri: ctx.args.migration_uri.clone(),
         state_dir: Some(ctx.facts.state_dir.display().to_string()),
         image_root: Some(ctx.args.image_root.display().to_string()),
+        storage_pools: ctx
+            .pools
+            .iter()
+            .map(|(name, path)| crate::api::hypervisor::StoragePool {
+                name: name.clone(),
+                path: path.display().to_string(),
+            })
+            .collect(),
         vms: Some(count),
         conditions: vec![conditions::new(
             &old.conditions,

@@ -22,6 +22,9 @@ pub enum Type {
     /// VirtualMachineMigration: the target holds the VM's images and files (the target
     /// agent).
     TargetReady,
+    /// VirtualMachineVolume: its file exists and has its size, or why not (the agent
+    /// holding it).
+    VolumeReady,
 }
 
 /// Which component writes a condition (each status field has one writer).
@@ -33,7 +36,7 @@ pub enum Writer {
 }
 
 impl Type {
-    pub const ALL: [Type; 7] = [
+    pub const ALL: [Type; 8] = [
         Type::Ready,
         Type::DomainDefined,
         Type::RestartRequired,
@@ -41,14 +44,17 @@ impl Type {
         Type::NodeHealthy,
         Type::DisksLeftBehind,
         Type::TargetReady,
+        Type::VolumeReady,
     ];
 
     /// The one component that writes this condition.
     pub const fn writer(self) -> Writer {
         match self {
-            Type::Ready | Type::DomainDefined | Type::RestartRequired | Type::TargetReady => {
-                Writer::Agent
-            }
+            Type::Ready
+            | Type::DomainDefined
+            | Type::RestartRequired
+            | Type::TargetReady
+            | Type::VolumeReady => Writer::Agent,
             Type::Scheduled | Type::NodeHealthy | Type::DisksLeftBehind => Writer::Controller,
         }
     }
@@ -69,6 +75,7 @@ impl Type {
             Type::NodeHealthy => "NodeHealthy",
             Type::DisksLeftBehind => "DisksLeftBehind",
             Type::TargetReady => "TargetReady",
+            Type::VolumeReady => "VolumeReady",
         }
     }
 }

@@ -95,6 +95,10 @@ pub struct HypervisorStatus {
     /// Where this node keeps downloaded VirtualMachineImages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_root: Option<String>,
+    /// The storage pools this node's agent declares (`--storage-pool NAME=PATH`): shared
+    /// directories where volumes of that `storage` live.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storage_pools: Vec<StoragePool>,
     /// VMs bound here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vms: Option<i32>,
@@ -184,4 +188,13 @@ mod endpoint_tests {
         let err = endpoint_on_node("http://10.0.0.5:1", &bare).unwrap_err();
         assert!(err.contains("lists none"), "{err}");
     }
+}
+
+/// A storage pool as one node mounts it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct StoragePool {
+    /// The pool's name, as volumes name it in `storage`.
+    pub name: String,
+    /// The directory on this node.
+    pub path: String,
 }

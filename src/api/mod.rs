@@ -10,6 +10,7 @@ pub mod migration;
 pub mod quantity;
 mod schema;
 pub mod vm;
+pub mod volume;
 
 pub use class::{VirtualMachineClass, VirtualMachineClassSpec};
 pub use hypervisor::{Hypervisor, HypervisorSpec, HypervisorStatus};
@@ -19,6 +20,10 @@ pub use migration::{
     VirtualMachineMigrationStatus,
 };
 pub use vm::{VirtualMachine, VirtualMachineSpec, VirtualMachineStatus};
+pub use volume::{
+    VirtualMachineRestore, VirtualMachineSnapshot, VirtualMachineVolume, VirtualMachineVolumeSpec,
+    VirtualMachineVolumeStatus,
+};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -29,6 +34,11 @@ pub const DOMAIN_FINALIZER: &str = "vmlet.dev/domain";
 /// The finalizer the controller puts on a migration it schedules, so that deleting it
 /// mid-copy reaches the source agent, which aborts the copy and then removes it.
 pub const MIGRATION_FINALIZER: &str = "vmlet.dev/migration";
+/// The finalizer on a volume: the controller keeps it while a VM uses the volume; the
+/// agent holding its data removes it once the data is deleted.
+pub const VOLUME_FINALIZER: &str = "vmlet.dev/volume";
+/// The finalizer the agent that takes a snapshot holds until its copies are deleted.
+pub const SNAPSHOT_FINALIZER: &str = "vmlet.dev/snapshot";
 /// Set by `kubectl vm drain` to the node a VM must leave by shutting down (its
 /// evictionStrategy is Shutdown): that node's agent stops it, the controller then unbinds
 /// it, and it starts wherever it is scheduled next.
@@ -72,6 +82,12 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
             "virtualmachinemigrations.yaml",
             VirtualMachineMigration::crd(),
         ),
+        ("virtualmachinevolumes.yaml", VirtualMachineVolume::crd()),
+        (
+            "virtualmachinesnapshots.yaml",
+            VirtualMachineSnapshot::crd(),
+        ),
+        ("virtualmachinerestores.yaml", VirtualMachineRestore::crd()),
     ]
 }
 

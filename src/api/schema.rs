@@ -76,6 +76,13 @@ pub fn disk_size(_: &mut SchemaGenerator) -> Schema {
     )
 }
 
+pub fn volume_size(_: &mut SchemaGenerator) -> Schema {
+    optional(
+        bytes("1Mi", "64Ti"),
+        "The volume's size, e.g. 10Gi (1Mi to 64Ti); it may grow, never shrink.",
+    )
+}
+
 pub fn reserved_memory(_: &mut SchemaGenerator) -> Schema {
     optional(
         bytes("0", "1Ti"),

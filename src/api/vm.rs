@@ -227,9 +227,9 @@ pub struct Boot {
     pub cmdline: Option<String>,
 }
 
-/// One disk: exactly one of image, blank or cloudInit.
+/// One disk: exactly one of image, blank, volume or cloudInit.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-#[x_kube(validation = Rule::new("[has(self.image), has(self.blank), has(self.cloudInit)].exists_one(x, x)").message("exactly one of image, blank or cloudInit must be set"))]
+#[x_kube(validation = Rule::new("[has(self.image), has(self.blank), has(self.volume), has(self.cloudInit)].exists_one(x, x)").message("exactly one of image, blank, volume or cloudInit must be set"))]
 #[serde(rename_all = "camelCase")]
 pub struct Disk {
     /// Disk name, a DNS label unique within the VM.
@@ -250,6 +250,10 @@ pub struct Disk {
     /// An empty disk of the given size, created on first start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blank: Option<BlankDisk>,
+    /// A VirtualMachineVolume (same namespace): a disk that outlives the VM, written by
+    /// one VM at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<ImageRef>,
     /// A cloud-init NoCloud seed (CD-ROM labelled cidata) written by the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<CloudInit>,
@@ -460,22 +464,37 @@ pub struct InterfaceStatus {
 
 impl VirtualMachineSpec {
     /// The disks whose only copy lives on the node the VM runs on: writable image
-    /// overlays and blank disks. A cloud-init seed is regenerated at every start and a
+    /// overlays, blank disks and volumes on local storage (`shared` says which volumes
+    /// are on a storage pool). A cloud-init seed is regenerated at every start and a
     /// read-only overlay is never written, so neither counts.
-    pub fn node_local_data(&self) -> Vec<&str> {
+    pub fn node_local_data(&self, shared: &dyn Fn(&str) -> bool) -> Vec<&str> {
         self.disks
             .iter()
             .filter(|d| d.cloud_init.is_none() && d.read_only != Some(true))
-            .filter(|d| d.image.is_some() || d.blank.is_some())
+            .filter(|d| {
+                d.image.is_some()
+                    || d.blank.is_some()
+                    || d.volume.as_ref().is_some_and(|v| !shared(&v.name))
+            })
             .map(|d| d.name.as_str())
             .collect()
     }
 
+    /// The names of the volumes the VM uses.
+    pub fn volumes(&self) -> impl Iterator<Item = &str> {
+        self.disks
+            .iter()
+            .filter_map(|d| d.volume.as_ref().map(|v| v.name.as_str()))
+    }
+
     /// Whether the VM may be started on another node without its current disks (node
     /// loss, a drain that shuts it down): only when nothing is lost by it, or its spec
-    /// says so.
-    pub fn may_restart_elsewhere(&self) -> bool {
-        self.node_local_data().is_empty()
+    /// says so. A local volume never moves: its VM runs where it lives.
+    pub fn may_restart_elsewhere(&self, shared: &dyn Fn(&str) -> bool) -> bool {
+        if self.volumes().any(|v| !shared(v)) {
+            return false;
+        }
+        self.node_local_data(shared).is_empty()
             || self.failover_policy == Some(FailoverPolicy::RestartWithNewDisks)
     }
 
@@ -530,6 +549,7 @@ mod tests {
             || disk(serde_json::json!({"name": "ro", "image": {"name": "i"}, "readOnly": true}));
         let blank = || disk(serde_json::json!({"name": "data", "blank": {"size": "1Gi"}}));
         let seed = || disk(serde_json::json!({"name": "seed", "cloudInit": {}}));
+        let vol = |name: &str| disk(serde_json::json!({"name": name, "volume": {"name": name}}));
         use FailoverPolicy::*;
         // (disks, policy) -> (node-local disks, may restart elsewhere)
         type Row = (Vec<Disk>, Option<FailoverPolicy>, Vec<&'static str>, bool);
@@ -551,15 +571,37 @@ mod tests {
                 vec!["root", "data"],
                 true,
             ),
+            // Volumes: "pooled" is on a storage pool, "here" on a node's local storage.
+            (vec![vol("pooled"), seed()], None, vec![], true),
+            (vec![vol("here")], None, vec!["here"], false),
+            // New disks cannot stand in for a local volume: it stays where it lives.
+            (
+                vec![vol("here")],
+                Some(RestartWithNewDisks),
+                vec!["here"],
+                false,
+            ),
+            (vec![vol("pooled"), blank()], None, vec!["data"], false),
+            (
+                vec![vol("pooled"), blank()],
+                Some(RestartWithNewDisks),
+                vec!["data"],
+                true,
+            ),
         ];
+        let shared = |name: &str| name == "pooled";
         for (disks, policy, local, may) in table {
             let spec = VirtualMachineSpec {
                 disks,
                 failover_policy: policy,
                 ..Default::default()
             };
-            assert_eq!(spec.node_local_data(), local);
-            assert_eq!(spec.may_restart_elsewhere(), may, "{local:?} {policy:?}");
+            assert_eq!(spec.node_local_data(&shared), local);
+            assert_eq!(
+                spec.may_restart_elsewhere(&shared),
+                may,
+                "{local:?} {policy:?}"
+            );
         }
     }
 }

@@ -52,6 +52,7 @@ pub(super) fn request(
         node_selector: vm.spec.node_selector.clone(),
         tolerations: vm.spec.tolerations.clone(),
         anti_affinity: vm.spec.anti_affinity.clone(),
+        ..Default::default()
     }
 }
 
@@ -97,7 +98,7 @@ async fn set_scheduled(
 async fn unbind(vm: &VirtualMachine, ctx: &Context, node: &str) -> Result<(), Error> {
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    let new = super::nodeloss::note_disks_left(Binding::of(vm.status.as_ref()), vm, node)
+    let new = super::nodeloss::note_disks_left(Binding::of(vm.status.as_ref()), ctx, vm, node)
         .with(
             vm,
             conditions::Type::Scheduled,
@@ -133,7 +134,10 @@ async fn reconcile_bound(
         // Drained by shutting down, and down: free it to start elsewhere.
         Some(from) if *from == node => {
             let phase = vm.status.as_ref().and_then(|s| s.phase);
-            if !vm.spec.may_restart_elsewhere() {
+            if !vm
+                .spec
+                .may_restart_elsewhere(&|v| ctx.caches.shared_volume(vm, v))
+            {
                 // Its data is only on this node: unbinding would start it on new disks.
                 tracing::warn!(vm = %vm.name_any(), %node, "not unbinding an evicted VM with node-local data (failoverPolicy WaitForNode)");
             } else if matches!(phase, Some(Phase::Stopped | Phase::Failed) | None) {
@@ -179,7 +183,17 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         // deciding again would count the VM twice.
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    let req = request(&vm, class.as_ref(), requests);
+    let mut req = request(&vm, class.as_ref(), requests);
+    match super::volumes::needs_of(&ctx, &vm) {
+        Ok(needs) => {
+            req.node = needs.node;
+            req.pools = needs.pools;
+        }
+        Err(b) => {
+            set_scheduled(&vm, &ctx, false, b.reason, b.message, None).await?;
+            return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
+        }
+    }
     let decision = {
         let mut view = ctx.view.lock().await;
         let epoch = ctx.epoch.load(std::sync::atomic::Ordering::SeqCst);
@@ -204,6 +218,19 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     };
     match decision {
         Ok(node) => {
+            // The volumes first: a VM is bound only once it is their one writer.
+            let claimed = match super::volumes::claim(&ctx, &vm, &node).await {
+                Ok(c) => c,
+                Err(e) => {
+                    ctx.view.lock().await.forget(&uid);
+                    return Err(e.into());
+                }
+            };
+            if let Err(b) = claimed {
+                ctx.view.lock().await.forget(&uid);
+                set_scheduled(&vm, &ctx, false, b.reason, b.message, None).await?;
+                return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
+            }
             match set_scheduled(
                 &vm,
                 &ctx,

@@ -112,9 +112,19 @@ pub struct Caches {
     pub hypervisors: Store<Hypervisor>,
     pub leases: Store<Lease>,
     pub migrations: Store<VirtualMachineMigration>,
+    pub volumes: Store<crate::api::VirtualMachineVolume>,
+    pub snapshots: Store<crate::api::VirtualMachineSnapshot>,
 }
 
 impl Caches {
+    /// Whether volume `name` of `vm`'s namespace is on a storage pool (unknown: no).
+    pub fn shared_volume(&self, vm: &VirtualMachine, name: &str) -> bool {
+        let ns = vm.metadata.namespace.clone().unwrap_or_default();
+        self.volumes
+            .get(&ObjectRef::new(name).within(&ns))
+            .is_some_and(|v| v.spec.pool().is_some())
+    }
+
     pub fn class_of(
         &self,
         vm: &VirtualMachine,
@@ -289,6 +299,11 @@ impl Caches {
             allocated_cpu: cpu,
             allocated_memory: mem,
             uefi: status.uefi.unwrap_or(false),
+            pools: status
+                .storage_pools
+                .iter()
+                .map(|p| p.name.clone())
+                .collect(),
             name,
         }
     }

@@ -421,11 +421,26 @@ pub async fn reconcile(
 /// cache shows the migration Scheduling.
 async fn admit(m: &VirtualMachineMigration, ctx: &Context, vm: Option<&VirtualMachine>) -> Verdict {
     let class = vm.and_then(|vm| ctx.caches.class_of(vm));
+    if let Some(vm) = vm {
+        // A local volume lives on its node: its VM stays there.
+        let pinned = vm.spec.volumes().find(|v| !ctx.caches.shared_volume(vm, v));
+        if let Some(v) = pinned {
+            return Verdict::Refuse {
+                reason: "VolumePinned",
+                message: format!(
+                    "volume {v} is local to its node: a VM using one does not move (put it on a storage pool to move it)"
+                ),
+            };
+        }
+    }
     let request = vm.and_then(|vm| {
         let class = class.clone()?;
-        vm.spec
+        let mut req = vm
+            .spec
             .requests(class.as_ref())
-            .map(|r| super::bind::request(vm, class.as_ref(), r))
+            .map(|r| super::bind::request(vm, class.as_ref(), r))?;
+        req.pools = super::volumes::needs_of(ctx, vm).ok()?.pools;
+        Some(req)
     });
     let all = ctx.caches.migrations.state();
     let hv = |name: &str| {
@@ -490,18 +505,7 @@ async fn admit(m: &VirtualMachineMigration, ctx: &Context, vm: Option<&VirtualMa
 async fn add_finalizer(m: &VirtualMachineMigration, ctx: &Context) -> Result<(), Error> {
     let api: Api<VirtualMachineMigration> =
         Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
-    let ops: json_patch::Patch = serde_json::from_value(json!([
-        {"op": "test", "path": "/metadata/resourceVersion", "value": m.resource_version()},
-        {"op": "add", "path": if m.finalizers().is_empty() { "/metadata/finalizers" } else { "/metadata/finalizers/-" },
-         "value": if m.finalizers().is_empty() { json!([MIGRATION_FINALIZER]) } else { json!(MIGRATION_FINALIZER) }},
-    ]))
-    .expect("a valid patch");
-    api.patch(
-        &m.name_any(),
-        &PatchParams::default(),
-        &Patch::Json::<()>(ops),
-    )
-    .await?;
+    crate::patch::add_finalizer(&api, m, MIGRATION_FINALIZER).await?;
     Ok(())
 }
 

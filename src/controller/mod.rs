@@ -12,6 +12,7 @@ pub mod rebalance;
 mod release;
 pub mod scheduler;
 pub mod selector;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -237,6 +238,13 @@ async fn start(
     let (nodes, nodes_run) = cache(Api::<Node>::all(client.clone()));
     let (migrations, migrations_run) = cache(Api::<VirtualMachineMigration>::all(client.clone()));
     tokio::spawn(migrations_run);
+    let (volumes, volumes_run) =
+        cache(Api::<crate::api::VirtualMachineVolume>::all(client.clone()));
+    tokio::spawn(volumes_run);
+    let (snapshots, snapshots_run) = cache(Api::<crate::api::VirtualMachineSnapshot>::all(
+        client.clone(),
+    ));
+    tokio::spawn(snapshots_run);
     let (leases, lease_writer) = reflector::store::<Lease>();
     tokio::spawn(classes_run);
     tokio::spawn(nodes_run);
@@ -250,6 +258,8 @@ async fn start(
             hypervisors,
             leases,
             migrations,
+            volumes,
+            snapshots,
         },
         view: Default::default(),
         epoch: Default::default(),
@@ -268,6 +278,7 @@ async fn start(
     });
     ctx.caches.classes.wait_until_ready().await?;
     ctx.caches.nodes.wait_until_ready().await?;
+    ctx.caches.volumes.wait_until_ready().await?;
     let writers = Writers {
         vms: vm_writer,
         hypervisors: hv_writer,
@@ -366,6 +377,24 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
     )
     .run(images::reconcile, images::error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
-    tokio::join!(placement, migrations, images);
+    // A VM's change (its deletion above all) may release the volumes it named.
+    let volumes = Controller::new(
+        Api::<crate::api::VirtualMachineVolume>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::<VirtualMachine>::all(client.clone()),
+        watcher::Config::default(),
+        |vm: VirtualMachine| {
+            let ns = vm.metadata.namespace.clone().unwrap_or_default();
+            vm.spec
+                .volumes()
+                .map(|v| ObjectRef::new(v).within(&ns))
+                .collect::<Vec<_>>()
+        },
+    )
+    .run(volumes::reconcile, volumes::error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    tokio::join!(placement, migrations, images, volumes);
     Ok(())
 }

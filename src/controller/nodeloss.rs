@@ -73,14 +73,15 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
         vm.spec.run_strategy.unwrap_or_default(),
         RunStrategy::Always | RunStrategy::RerunOnFailure
     );
-    let moves = wants_running && vm.spec.may_restart_elsewhere();
+    let shared = |v: &str| ctx.caches.shared_volume(vm, v);
+    let moves = wants_running && vm.spec.may_restart_elsewhere(&shared);
     let mut message = format!("node {node} stopped renewing its heartbeat; its domains are fenced");
     if wants_running && !moves {
         // Restarting elsewhere would start it on empty disks: the data waits on the node.
         message += &format!(
             "; the VM stays bound to {node} because disk(s) {} hold data only that node has \
              (set spec.failoverPolicy: RestartWithNewDisks to restart it elsewhere on new disks)",
-            vm.spec.node_local_data().join(", ")
+            vm.spec.node_local_data(&shared).join(", ")
         );
     }
     let mut new = Binding::of(vm.status.as_ref()).with(
@@ -91,7 +92,7 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
         message,
     );
     if moves {
-        new = note_disks_left(new, vm, node).bound_to(None);
+        new = note_disks_left(new, ctx, vm, node).bound_to(None);
     }
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
@@ -102,8 +103,15 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
 /// `b` with DisksLeftBehind, when the VM leaves `node` on new disks while its node-local
 /// data stays there (failoverPolicy RestartWithNewDisks, or a drain): that node keeps
 /// them until the VM is deleted (its agent's sweep confirms the deletion).
-pub(super) fn note_disks_left(b: Binding, vm: &VirtualMachine, node: &str) -> Binding {
-    let disks = vm.spec.node_local_data();
+pub(super) fn note_disks_left(
+    b: Binding,
+    ctx: &Context,
+    vm: &VirtualMachine,
+    node: &str,
+) -> Binding {
+    let disks = vm
+        .spec
+        .node_local_data(&|v| ctx.caches.shared_volume(vm, v));
     if disks.is_empty() {
         return b;
     }

@@ -49,6 +49,8 @@ pub struct Candidate {
     pub allocated_memory: u64,
     /// Whether its libvirt offers UEFI firmware (Hypervisor status.uefi).
     pub uefi: bool,
+    /// The storage pools its agent declares (Hypervisor status.storagePools).
+    pub pools: Vec<String>,
 }
 
 /// A VM already placed, for anti-affinity.
@@ -72,6 +74,10 @@ pub struct Request {
     pub anti_affinity: Vec<AntiAffinityTerm>,
     /// It boots UEFI firmware: only nodes that offer it can run it.
     pub uefi: bool,
+    /// The node its local volumes live on: it runs there or nowhere.
+    pub node: Option<String>,
+    /// The storage pools its volumes are on: the node must have each.
+    pub pools: Vec<String>,
 }
 
 /// Why a hypervisor was filtered out; the order is the order of the message.
@@ -83,6 +89,8 @@ pub enum Reason {
     LeaseStale,
     NodeSelector,
     NoUefi,
+    VolumeElsewhere,
+    NoStoragePool,
     Taint,
     AntiAffinity,
     InsufficientCpu,
@@ -98,6 +106,8 @@ impl Reason {
             Reason::LeaseStale => "heartbeat lease stale",
             Reason::NodeSelector => "node selector mismatch",
             Reason::NoUefi => "no UEFI firmware",
+            Reason::VolumeElsewhere => "its local volume is on another node",
+            Reason::NoStoragePool => "storage pool missing",
             Reason::Taint => "untolerated taint",
             Reason::AntiAffinity => "anti-affinity conflict",
             Reason::InsufficientCpu => "insufficient cpu",
@@ -210,6 +220,12 @@ fn filter(req: &Request, c: &Candidate, forbidden: &BTreeSet<(String, String)>) 
     if req.uefi && !c.uefi {
         return Some(Reason::NoUefi);
     }
+    if req.node.as_ref().is_some_and(|n| *n != c.name) {
+        return Some(Reason::VolumeElsewhere);
+    }
+    if req.pools.iter().any(|p| !c.pools.contains(p)) {
+        return Some(Reason::NoStoragePool);
+    }
     let hard = |t: &&Taint| {
         (t.effect == "NoSchedule" || t.effect == "NoExecute")
             && !KUBELET_HEALTH_TAINTS.contains(&t.key.as_str())
@@ -318,6 +334,46 @@ mod tests {
             memory: mem_gi * GI,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn volumes_pin_a_vm_to_their_node_or_to_nodes_with_their_pool() {
+        let mut a = node("a", 8, 16);
+        let mut b = node("b", 8, 16);
+        a.pools = vec!["nfs".into()];
+        b.pools = vec!["nfs".into(), "ceph".into()];
+        let nodes = [a, b];
+        let with = |node: Option<&str>, pools: &[&str]| Request {
+            node: node.map(str::to_string),
+            pools: pools.iter().map(|p| p.to_string()).collect(),
+            ..req(1, 1)
+        };
+        for (r, want) in [
+            (with(Some("a"), &[]), Ok("a")),
+            (with(Some("b"), &["nfs"]), Ok("b")),
+            (with(None, &["ceph"]), Ok("b")),
+            (with(Some("a"), &["ceph"]), Err(())),
+            (with(None, &["gluster"]), Err(())),
+        ] {
+            let got = schedule(&r, &nodes, &[], Strategy::Spread, Weights::default());
+            assert_eq!(
+                got.as_deref().map_err(|_| ()),
+                want,
+                "{:?} {:?}",
+                r.node,
+                r.pools
+            );
+        }
+        let why = schedule(
+            &with(Some("c"), &[]),
+            &nodes,
+            &[],
+            Strategy::Spread,
+            Weights::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(why.contains("its local volume is on another node"), "{why}");
     }
 
     #[test]

@@ -39,17 +39,19 @@ pub enum Stay {
 /// The plan for a VM: its strategy (default LiveMigrate), and a VM that is not running
 /// has nothing to migrate, so it moves by the shutdown path, which only VMs without
 /// node-local data (or that accept new disks) may take.
-pub fn plan(vm: &VirtualMachine) -> Plan {
+/// `shared` says which of its volumes are on a storage pool (a local volume never moves).
+pub fn plan(vm: &VirtualMachine, shared: &dyn Fn(&str) -> bool) -> Plan {
     let running = vm.status.as_ref().and_then(|s| s.phase) == Some(Phase::Running);
+    let local_volume = vm.spec.volumes().any(|v| !shared(v));
     match vm
         .spec
         .eviction_strategy
         .unwrap_or(EvictionStrategy::LiveMigrate)
     {
         EvictionStrategy::None => Plan::Stay(Stay::Strategy),
-        EvictionStrategy::LiveMigrate if running => Plan::Migrate,
+        EvictionStrategy::LiveMigrate if running && !local_volume => Plan::Migrate,
         EvictionStrategy::LiveMigrate | EvictionStrategy::Shutdown
-            if !vm.spec.may_restart_elsewhere() =>
+            if !vm.spec.may_restart_elsewhere(shared) =>
         {
             Plan::Stay(Stay::LocalData)
         }
@@ -57,13 +59,14 @@ pub fn plan(vm: &VirtualMachine) -> Plan {
     }
 }
 
-fn why_stays(vm: &VirtualMachine, why: Stay) -> String {
+fn why_stays(vm: &VirtualMachine, why: Stay, shared: &dyn Fn(&str) -> bool) -> String {
     match why {
         Stay::Strategy => "evictionStrategy None".into(),
         Stay::LocalData => format!(
             "disk(s) {} hold data only this node has: live-migrate it while it runs \
-             (evictionStrategy LiveMigrate), or set failoverPolicy: RestartWithNewDisks",
-            vm.spec.node_local_data().join(", ")
+             (evictionStrategy LiveMigrate), or set failoverPolicy: RestartWithNewDisks \
+             (a local volume stays with its node)",
+            vm.spec.node_local_data(shared).join(", ")
         ),
     }
 }
@@ -133,11 +136,26 @@ pub async fn drain(client: &kube::Client, node: &str, timeout: Duration) -> anyh
     let mut acted: std::collections::BTreeSet<String> = Default::default();
     loop {
         let vms = on_node(client, node).await?;
+        let pooled: std::collections::BTreeSet<String> =
+            Api::<crate::api::VirtualMachineVolume>::all(client.clone())
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .filter(|v| v.spec.pool().is_some())
+                .map(|v| format!("{}/{}", v.namespace().unwrap_or_default(), v.name_any()))
+                .collect();
+        let shared_of = |vm: &VirtualMachine| {
+            let ns = vm.namespace().unwrap_or_default();
+            let pooled = &pooled;
+            move |v: &str| pooled.contains(&format!("{ns}/{v}"))
+        };
+        let plan = |vm: &VirtualMachine| plan(vm, &shared_of(vm));
         let moving: Vec<&VirtualMachine> = vms
             .iter()
             .filter(|vm| {
                 if let Plan::Stay(why) = plan(vm) {
-                    stay.insert(key(vm), why_stays(vm, why));
+                    stay.insert(key(vm), why_stays(vm, why, &shared_of(vm)));
                     false
                 } else {
                     true
@@ -231,11 +249,17 @@ mod tests {
 
     #[test]
     fn plans_follow_strategy_and_state() {
-        assert_eq!(plan(&vm(None, "Running")), Plan::Migrate);
-        assert_eq!(plan(&vm(Some("LiveMigrate"), "Stopped")), Plan::ShutDown);
-        assert_eq!(plan(&vm(Some("Shutdown"), "Running")), Plan::ShutDown);
+        assert_eq!(plan(&vm(None, "Running"), &|_| false), Plan::Migrate);
         assert_eq!(
-            plan(&vm(Some("None"), "Running")),
+            plan(&vm(Some("LiveMigrate"), "Stopped"), &|_| false),
+            Plan::ShutDown
+        );
+        assert_eq!(
+            plan(&vm(Some("Shutdown"), "Running"), &|_| false),
+            Plan::ShutDown
+        );
+        assert_eq!(
+            plan(&vm(Some("None"), "Running"), &|_| false),
             Plan::Stay(Stay::Strategy)
         );
         // Node-local data: live migration carries it; a shutdown would leave it behind.
@@ -245,7 +269,7 @@ mod tests {
                 serde_json::from_value(json!({"name": "d", "blank": {"size": "1Gi"}})).unwrap(),
             ];
             v.spec.failover_policy = policy.map(|p| serde_json::from_value(json!(p)).unwrap());
-            plan(&v)
+            plan(&v, &|_| false)
         };
         assert_eq!(with_disk(None, "Running", None), Plan::Migrate);
         assert_eq!(

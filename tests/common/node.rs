@@ -103,6 +103,7 @@ impl Node {
             kubeconfig: Some(super::kubeconfig_path()),
             peer_key_file: None,
             downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
+            storage_pools: vec![],
         };
         customize(&mut args);
         let mut n = Node {

@@ -431,27 +431,71 @@ impl Libvirt for Connection {
         data_uri: &str,
         dest_xml: String,
         tls: bool,
+        copy_disks: Vec<String>,
     ) -> Result<()> {
         let (uuid, dest_uri, data_uri) =
             (uuid.to_string(), dest_uri.to_string(), data_uri.to_string());
         self.call(move |c| {
             let d = c.lookup_domain_by_uuid_string(&uuid)?;
-            let mut flags = sys::VIR_MIGRATE_LIVE
-                | sys::VIR_MIGRATE_PEER2PEER
-                | sys::VIR_MIGRATE_PERSIST_DEST
-                | sys::VIR_MIGRATE_NON_SHARED_INC;
+            let mut flags =
+                sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER | sys::VIR_MIGRATE_PERSIST_DEST;
+            if !copy_disks.is_empty() {
+                // Only the named disks: the others are on storage the target shares, and
+                // copying one onto itself would destroy it.
+                flags |= sys::VIR_MIGRATE_NON_SHARED_INC;
+            }
             if tls {
                 // Memory and the disks' NBD stream, both over TLS.
                 flags |= sys::VIR_MIGRATE_TLS;
             }
-            d.migrate_to_uri2(
-                Some(&dest_uri),
-                Some(&data_uri),
-                Some(&dest_xml),
-                flags,
-                None,
-                0,
-            )?;
+            let params = virt::domain::MigrateParameters {
+                uri: Some(data_uri),
+                dest_xml: Some(dest_xml),
+                migrate_disks: copy_disks,
+                ..Default::default()
+            };
+            d.migrate_to_uri3(Some(&dest_uri), params, flags)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn block_resize(&self, uuid: &str, disk: &str, bytes: u64) -> Result<()> {
+        let (uuid, disk) = (uuid.to_string(), disk.to_string());
+        self.call(move |c| {
+            let d = c.lookup_domain_by_uuid_string(&uuid)?;
+            d.block_resize(&disk, bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn backup(&self, uuid: &str, backup_xml: String) -> Result<()> {
+        let uuid = uuid.to_string();
+        self.call(move |c| {
+            let d = c.lookup_domain_by_uuid_string(&uuid)?;
+            let xml = std::ffi::CString::new(backup_xml)
+                .map_err(|e| LibvirtError::Refused(e.to_string()))?;
+            // SAFETY: a live domain handle and a NUL-terminated XML string.
+            if unsafe { sys::virDomainBackupBegin(d.as_ptr(), xml.as_ptr(), std::ptr::null(), 0) }
+                < 0
+            {
+                return Err(virt::error::Error::last_error().into());
+            }
+            // The job runs in QEMU; its end is when no job remains on the domain.
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                if d.job_info()?.r#type == sys::VIR_DOMAIN_JOB_NONE as i32 {
+                    break;
+                }
+            }
+            let done = d.job_stats(sys::VIR_DOMAIN_JOB_STATS_COMPLETED)?;
+            if done.r#type != sys::VIR_DOMAIN_JOB_COMPLETED as i32 {
+                return Err(LibvirtError::Refused(format!(
+                    "the backup job ended without completing (job type {})",
+                    done.r#type
+                )));
+            }
             Ok(())
         })
         .await

@@ -301,6 +301,7 @@ impl Libvirt for Fake {
         _data_uri: &str,
         dest_xml: String,
         _tls: bool,
+        _copy_disks: Vec<String>,
     ) -> Result<()> {
         self.check_up()?;
         let Some(dest) = find(dest_uri) else {
@@ -320,6 +321,19 @@ impl Libvirt for Fake {
             forget_stopped_transients(d);
             Ok(())
         })
+    }
+
+    async fn block_resize(&self, uuid: &str, _disk: &str, _bytes: u64) -> Result<()> {
+        match self.record(uuid) {
+            Some(r) if r.state.active() => Ok(()),
+            _ => Err(refused(
+                "Requested operation is not valid: domain is not running",
+            )),
+        }
+    }
+
+    async fn backup(&self, _uuid: &str, _xml: String) -> Result<()> {
+        Err(refused("the fake libvirt copies no disks"))
     }
 
     async fn completed_job(&self, uuid: &str) -> Result<(Option<u64>, Option<u64>)> {
@@ -432,18 +446,18 @@ mod tests {
         src.define(xml("m", A)).await.unwrap();
         assert_eq!(Fake::open("fake:///src").list().await.unwrap().len(), 1);
         assert!(
-            src.migrate(A, "fake:///dst", "", xml("m", A), false)
+            src.migrate(A, "fake:///dst", "", xml("m", A), false, vec![])
                 .await
                 .is_err(),
             "a stopped domain does not migrate"
         );
         src.start(A).await.unwrap();
         assert!(
-            src.migrate(A, "fake:///nowhere", "", xml("m", A), false)
+            src.migrate(A, "fake:///nowhere", "", xml("m", A), false, vec![])
                 .await
                 .is_err()
         );
-        src.migrate(A, "fake:///dst", "", xml("m", A), false)
+        src.migrate(A, "fake:///dst", "", xml("m", A), false, vec![])
             .await
             .unwrap();
         assert_eq!(state(&src, A), Some(RunState::MigratedAway));

@@ -150,7 +150,8 @@ pub trait Libvirt: Send + Sync {
     /// The running domain's XML in the form a migration destination takes.
     async fn migratable_xml(&self, uuid: &str) -> Result<String>;
     /// Live-migrates a running domain, peer to peer, to the libvirt at `dest_uri`
-    /// (memory, and incrementally the local disks, over `data_uri`); the destination
+    /// (memory, and incrementally the disks named in `copy_disks` by target device, over
+    /// `data_uri`; disks not named are on storage both nodes share); the destination
     /// defines it from `dest_xml`. The source's definition stays, shut off
     /// ([`RunState::MigratedAway`]), until undefined. Returns when the migration ends.
     async fn migrate(
@@ -160,7 +161,14 @@ pub trait Libvirt: Send + Sync {
         data_uri: &str,
         dest_xml: String,
         tls: bool,
+        copy_disks: Vec<String>,
     ) -> Result<()>;
+    /// Grows a disk of a running domain (named by its source file) to `bytes`; the guest
+    /// sees the new size at once.
+    async fn block_resize(&self, uuid: &str, disk: &str, bytes: u64) -> Result<()>;
+    /// Copies disks of a running domain as they are at this instant (libvirt's push-mode
+    /// backup job, described by `backup_xml`), and returns when the copies are complete.
+    async fn backup(&self, uuid: &str, backup_xml: String) -> Result<()>;
     /// Statistics of the domain's last completed job: (downtime in ms, bytes sent).
     async fn completed_job(&self, uuid: &str) -> Result<(Option<u64>, Option<u64>)>;
     /// Aborts the domain's running job (a migration): the domain keeps running here.
