@@ -282,6 +282,29 @@ async fn an_agent_token_writes_only_its_own_node() {
         "{err}"
     );
 
+    // A volume: how its data stands is the agent's to say; who holds it and where it
+    // lives are the controller's.
+    let volumes: Api<vmlet::api::VirtualMachineVolume> = Api::namespaced(client.clone(), &ns);
+    let v = vmlet::api::VirtualMachineVolume::new(
+        "vol",
+        serde_json::from_value(json!({"size": "64Mi"})).unwrap(),
+    );
+    volumes.create(&PostParams::default(), &v).await.unwrap();
+    let a_volumes: Api<vmlet::api::VirtualMachineVolume> = Api::namespaced(agent.clone(), &ns);
+    let ready = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachineVolume",
+        "status": {"phase": "Ready", "allocatedBytes": 67108864}});
+    a_volumes
+        .patch_status("vol", &pp, &Patch::Apply(&ready))
+        .await
+        .expect("an agent says how a volume's data stands");
+    let grab = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachineVolume",
+        "status": {"phase": "Ready", "allocatedBytes": 67108864, "user": "vm-a"}});
+    let err = a_volumes
+        .patch_status("vol", &pp, &Patch::Apply(&grab))
+        .await
+        .expect_err("an agent claimed a volume");
+    assert!(err.to_string().contains("who holds a volume"), "{err}");
+
     // Its own VM's spec, labels and annotations are the tenant's: refused. Its own
     // finalizer comes and goes.
     let own_only = "may change only its own finalizer there";

@@ -480,6 +480,8 @@ async fn timed_gib(lab: &Lab) {
 /// of hack/hosts.sh see) writes its marker on host 1; host 1's agent is cut off from the
 /// API server, fences (destroys its domain), the controller declares the node lost and
 /// restarts the VM on host 2, where the guest reads the marker: the data came along.
+/// Then a snapshot taken on host 2 (kept on the pool) is cloned into a local volume on
+/// host 1, where a VM boots from it with the marker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_on_a_pooled_volume_fails_over_with_its_data() {
     use common::proxy::{Proxy, admin_kubeconfig, fast, proxied_kubeconfig};
@@ -623,6 +625,50 @@ async fn a_vm_on_a_pooled_volume_fails_over_with_its_data() {
         t.elapsed().as_secs_f64()
     );
     proxy.heal();
+
+    // A snapshot of it (on host 2) lives on the pool; a clone of that snapshot on host
+    // 1's local storage boots on host 1 with the marker.
+    let snaps: Api<VirtualMachineSnapshot> = Api::namespaced(client.clone(), &ns);
+    let s = VirtualMachineSnapshot::new(
+        "ha-snap",
+        serde_json::from_value(json!({"vmName": "ha"})).unwrap(),
+    );
+    snaps.create(&PostParams::default(), &s).await.unwrap();
+    let ready = common::wait_for(Duration::from_secs(120), || async {
+        let st = snaps.get("ha-snap").await.ok()?.status?;
+        (st.ready_to_use == Some(true)).then_some(st)
+    })
+    .await
+    .expect("the snapshot on the pool never became ready");
+    assert_eq!(ready.volumes[0].storage, "shared");
+    let v = VirtualMachineVolume::new(
+        "cloned",
+        serde_json::from_value(
+            json!({"size": "64Mi", "source": {"snapshot": {"name": "ha-snap", "disk": "data"}}}),
+        )
+        .unwrap(),
+    );
+    volumes.create(&PostParams::default(), &v).await.unwrap();
+    let spec = json!({
+        "runStrategy": "Always",
+        "memory": "128Mi",
+        "nodeSelector": {LABEL: run, "kubernetes.io/hostname": states[0].0},
+        "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"},
+                 "cmdline": cmdline(None)},
+        "disks": [{"name": "data", "volume": {"name": "cloned"}}],
+    });
+    let vm = VirtualMachine::new("clone", serde_json::from_value(spec).unwrap());
+    let clone_uid = vms
+        .create(&PostParams::default(), &vm)
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let on_a = states[0].1.join("vms").join(&clone_uid).join("console.log");
+    console_says(&on_a, 0, "vmlet-disk-read=vmlet-marker:pooled", 180).await;
+    let cloned = volumes.get("cloned").await.unwrap().status.unwrap();
+    assert_eq!(cloned.node.as_deref(), Some(states[0].0.as_str()));
     common::delete_vms_and_namespace(&client, &ns).await;
     for (node, _) in &states {
         common::forget_node(&client, node).await;
