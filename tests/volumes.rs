@@ -59,7 +59,6 @@ async fn lab() -> Lab {
     let dir = common::qemu_tempdir();
     let state = dir.path().join("state");
     let images = dir.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
     let node = format!("vol-{}", std::process::id());
     common::node_with_address(
         &client,
@@ -74,24 +73,11 @@ async fn lab() -> Lab {
             .expect("libvirtd (hack/libvirt.sh up)"),
     );
     let args = vmlet::agent::Args {
-        node: node.clone(),
-        libvirt_uri: "qemu:///system".into(),
-        state_dir: state.clone(),
-        image_root: images.clone(),
         accel: vmlet::agent::accel::AccelChoice::Auto,
-        reserved_memory: "0".into(),
-        metrics_addr: "127.0.0.1:0".into(),
-        advertise_address: None,
-        migration_uri: None,
-        migration_tls: true,
         orphan_grace_seconds: 30,
-        lease_duration_seconds: 15,
         heartbeat_seconds: 5,
         fence_after_seconds: 15,
-        kubeconfig: Some(common::kubeconfig_path()),
-        peer_key_file: None,
-        downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
-        storage_pools: vec![],
+        ..common::agent_args(&node, "qemu:///system", dir.path())
     };
     tokio::spawn(vmlet::agent::run_with(args, lv, std::future::pending()));
     tokio::spawn(vmlet::controller::run_until(
@@ -171,6 +157,13 @@ impl Lab {
             self.vms().get(name).await.ok().and_then(|v| v.status)
         );
     }
+}
+
+/// Creates VM `name` from `spec`; its uid.
+async fn create(api: &Api<VirtualMachine>, name: &str, spec: serde_json::Value) -> String {
+    let vm = VirtualMachine::new(name, serde_json::from_value(spec).unwrap());
+    let vm = api.create(&PostParams::default(), &vm).await.unwrap();
+    vm.metadata.uid.unwrap()
 }
 
 fn cmdline(write: Option<&str>) -> String {
@@ -516,30 +509,15 @@ async fn a_vm_on_a_pooled_volume_fails_over_with_its_data() {
         )
         .await;
         let base = dir.path().join(format!("h{}", i + 1));
-        std::fs::create_dir_all(base.join("images")).unwrap();
         let mut args = vmlet::agent::Args {
-            node: node.clone(),
-            libvirt_uri: uri.to_string(),
-            state_dir: base.join("state"),
-            image_root: base.join("images"),
-            accel: vmlet::agent::accel::AccelChoice::Tcg,
-            reserved_memory: "0".into(),
-            metrics_addr: "127.0.0.1:0".into(),
-            advertise_address: None,
-            migration_uri: None,
-            migration_tls: true,
-            orphan_grace_seconds: 5,
-            lease_duration_seconds: 15,
-            heartbeat_seconds: 2,
-            fence_after_seconds: 0,
             kubeconfig: Some(if i == 0 {
                 cut_off.clone()
             } else {
                 common::kubeconfig_path()
             }),
             peer_key_file: Some(key.clone()),
-            downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
             storage_pools: vec![format!("shared={}", pool.display())],
+            ..common::agent_args(&node, uri, &base)
         };
         fast(&mut args);
         tokio::spawn(vmlet::agent::run_with(
@@ -584,14 +562,7 @@ async fn a_vm_on_a_pooled_volume_fails_over_with_its_data() {
             .await
             .unwrap();
     }
-    let vm = VirtualMachine::new("ha", serde_json::from_value(spec).unwrap());
-    let uid = vms
-        .create(&PostParams::default(), &vm)
-        .await
-        .unwrap()
-        .metadata
-        .uid
-        .unwrap();
+    let uid = create(&vms, "ha", spec).await;
     let on_a = states[0].1.join("vms").join(&uid).join("console.log");
     console_says(&on_a, 0, "vmlet-disk-wrote=pooled", 120).await;
     // From now on the VM may run on either node; its spec stops writing.
@@ -657,14 +628,7 @@ async fn a_vm_on_a_pooled_volume_fails_over_with_its_data() {
                  "cmdline": cmdline(None)},
         "disks": [{"name": "data", "volume": {"name": "cloned"}}],
     });
-    let vm = VirtualMachine::new("clone", serde_json::from_value(spec).unwrap());
-    let clone_uid = vms
-        .create(&PostParams::default(), &vm)
-        .await
-        .unwrap()
-        .metadata
-        .uid
-        .unwrap();
+    let clone_uid = create(&vms, "clone", spec).await;
     let on_a = states[0].1.join("vms").join(&clone_uid).join("console.log");
     console_says(&on_a, 0, "vmlet-disk-read=vmlet-marker:pooled", 180).await;
     let cloned = volumes.get("cloned").await.unwrap().status.unwrap();

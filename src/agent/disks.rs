@@ -20,12 +20,18 @@ pub enum DiskError {
     Io(#[from] std::io::Error),
 }
 
-async fn qemu_img(args: &[&str], path: &Path) -> Result<(), DiskError> {
+/// Runs qemu-img with `args` then `path` then `after`; its output when it succeeded.
+async fn run_qemu_img(
+    args: &[&str],
+    path: &Path,
+    after: &[&str],
+) -> Result<std::process::Output, DiskError> {
     let out = super::tools::QEMU_IMG
         .output(
             args.iter()
                 .map(std::ffi::OsStr::new)
-                .chain([path.as_os_str()]),
+                .chain([path.as_os_str()])
+                .chain(after.iter().map(std::ffi::OsStr::new)),
         )
         .await?;
     if !out.status.success() {
@@ -34,7 +40,11 @@ async fn qemu_img(args: &[&str], path: &Path) -> Result<(), DiskError> {
             reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    Ok(out)
+}
+
+async fn qemu_img(args: &[&str], path: &Path) -> Result<(), DiskError> {
+    run_qemu_img(args, path, &[]).await.map(|_| ())
 }
 
 /// Creates what is missing. Existing overlays, blank disks and volumes hold guest data
@@ -155,19 +165,9 @@ pub async fn grow(path: &Path, size: u64) -> Result<(), DiskError> {
     if info(path).await?.virtual_size >= size {
         return Ok(());
     }
-    let size = size.to_string();
-    let args = ["resize", "-q", "-f", "qcow2"]
-        .iter()
-        .map(std::ffi::OsStr::new)
-        .chain([path.as_os_str(), std::ffi::OsStr::new(&size)]);
-    let out = super::tools::QEMU_IMG.output(args).await?;
-    if !out.status.success() {
-        return Err(DiskError::QemuImg {
-            path: path.display().to_string(),
-            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    run_qemu_img(&["resize", "-q", "-f", "qcow2"], path, &[&size.to_string()])
+        .await
+        .map(|_| ())
 }
 
 /// What `qemu-img info` says about an image file.
@@ -178,20 +178,7 @@ pub struct Info {
 }
 
 pub async fn info(path: &Path) -> Result<Info, DiskError> {
-    let out = super::tools::QEMU_IMG
-        .output(
-            ["info", "--output=json", "-U"]
-                .iter()
-                .map(std::ffi::OsStr::new)
-                .chain([path.as_os_str()]),
-        )
-        .await?;
-    if !out.status.success() {
-        return Err(DiskError::QemuImg {
-            path: path.display().to_string(),
-            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    let out = run_qemu_img(&["info", "--output=json", "-U"], path, &[]).await?;
     serde_json::from_slice(&out.stdout).map_err(|e| DiskError::QemuImg {
         path: path.display().to_string(),
         reason: format!("unreadable qemu-img info: {e}"),

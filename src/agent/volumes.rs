@@ -161,19 +161,30 @@ pub async fn resolve(
     Ok(out)
 }
 
+/// The source object `name` of kind `K` in `ns`, or VolumeSourceNotFound.
+async fn source_object<K>(ctx: &Context, ns: &str, name: &str) -> Result<K, Problem>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    api.get_opt(name).await.ok().flatten().ok_or_else(|| {
+        problem(
+            "VolumeSourceNotFound",
+            format!("{} {name} does not exist", K::kind(&())),
+        )
+    })
+}
+
 /// Where a new volume's data comes from.
 async fn origin(ctx: &Context, ns: &str, vol: &VirtualMachineVolume) -> Result<Origin, Problem> {
     let Some(source) = &vol.spec.source else {
         return Ok(Origin::Empty);
     };
     if let Some(img) = &source.image {
-        let api: Api<VirtualMachineImage> = Api::namespaced(ctx.client.clone(), ns);
-        let image = api.get_opt(&img.name).await.ok().flatten().ok_or_else(|| {
-            problem(
-                "VolumeSourceNotFound",
-                format!("VirtualMachineImage {} does not exist", img.name),
-            )
-        })?;
+        let image: VirtualMachineImage = source_object(ctx, ns, &img.name).await?;
         let local = ctx.images.ensure(ns, &image.spec).await.map_err(|e| {
             problem(
                 "VolumeSourceNotReady",
@@ -186,18 +197,7 @@ async fn origin(ctx: &Context, ns: &str, vol: &VirtualMachineVolume) -> Result<O
         });
     }
     if let Some(other) = &source.volume {
-        let api: Api<VirtualMachineVolume> = Api::namespaced(ctx.client.clone(), ns);
-        let src = api
-            .get_opt(&other.name)
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| {
-                problem(
-                    "VolumeSourceNotFound",
-                    format!("VirtualMachineVolume {} does not exist", other.name),
-                )
-            })?;
+        let src: VirtualMachineVolume = source_object(ctx, ns, &other.name).await?;
         if let Some(user) = src.status.as_ref().and_then(|s| s.user.clone()) {
             return Err(problem(
                 "VolumeSourceInUse",
@@ -218,18 +218,7 @@ async fn origin(ctx: &Context, ns: &str, vol: &VirtualMachineVolume) -> Result<O
     let Some(snap) = &source.snapshot else {
         return Ok(Origin::Empty);
     };
-    let api: Api<VirtualMachineSnapshot> = Api::namespaced(ctx.client.clone(), ns);
-    let s = api
-        .get_opt(&snap.name)
-        .await
-        .ok()
-        .flatten()
-        .ok_or_else(|| {
-            problem(
-                "VolumeSourceNotFound",
-                format!("VirtualMachineSnapshot {} does not exist", snap.name),
-            )
-        })?;
+    let s: VirtualMachineSnapshot = source_object(ctx, ns, &snap.name).await?;
     let st = s.status.clone().unwrap_or_default();
     if st.phase != Some(SnapshotPhase::Succeeded) {
         return Err(problem(

@@ -386,3 +386,29 @@ where
     .await
     .is_some()
 }
+
+/// An agent's arguments for a test node `node` on libvirt `uri`, with its state and
+/// image root under `base`; tests change what they need (struct update syntax).
+pub fn agent_args(node: &str, uri: &str, base: &std::path::Path) -> vmlet::agent::Args {
+    std::fs::create_dir_all(base.join("images")).unwrap();
+    vmlet::agent::Args {
+        node: node.to_string(),
+        libvirt_uri: uri.to_string(),
+        state_dir: base.join("state"),
+        image_root: base.join("images"),
+        accel: vmlet::agent::accel::AccelChoice::Tcg,
+        reserved_memory: "0".into(),
+        metrics_addr: "127.0.0.1:0".into(),
+        advertise_address: None,
+        migration_uri: None,
+        migration_tls: true,
+        orphan_grace_seconds: 5,
+        lease_duration_seconds: 15,
+        heartbeat_seconds: 2,
+        fence_after_seconds: 0,
+        kubeconfig: Some(kubeconfig_path()),
+        peer_key_file: None,
+        downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
+        storage_pools: vec![],
+    }
+}
