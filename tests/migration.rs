@@ -151,6 +151,7 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
     let run = format!("{prefix}-{}", std::process::id());
     let mut hosts = Vec::new();
     let mut tasks = Vec::new();
+    std::fs::create_dir_all(dir.path().join("pool")).unwrap();
     for (i, uri) in HOSTS.iter().enumerate() {
         let lv = Connection::open(uri)
             .await
@@ -185,7 +186,8 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
             kubeconfig: Some(common::kubeconfig_path()),
             peer_key_file: None,
             downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
-            storage_pools: vec![],
+            // One directory both hosts see: a storage pool.
+            storage_pools: vec![format!("shared={}", dir.path().join("pool").display())],
         };
         let mut child = None;
         if process == Some(i) {
@@ -800,4 +802,86 @@ fn uid_suffix() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos()
+}
+
+/// A VM whose data disk is a volume on a storage pool migrates live: only its node-local
+/// disk is copied (the pooled one is opened by the target in place: copying it onto
+/// itself would destroy it), and after a restart on the target the guest reads the
+/// marker it wrote on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_volume_stays_in_place_when_its_vm_migrates() {
+    let _serial = HOSTS_LOCK.lock().await;
+    let lab = lab("migpool").await;
+    let volumes: Api<vmlet::api::VirtualMachineVolume> =
+        Api::namespaced(lab.client.clone(), &lab.ns);
+    let v = vmlet::api::VirtualMachineVolume::new(
+        "pooled",
+        serde_json::from_value(json!({"size": "64Mi", "storage": "shared"})).unwrap(),
+    );
+    volumes.create(&PostParams::default(), &v).await.unwrap();
+    let boot = |cmdline: &str| {
+        json!({"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"},
+               "cmdline": format!("console=ttyS0 panic=-1 vmlet.disk=vda {cmdline}")})
+    };
+    let uid = lab
+        .create_vm(
+            "p",
+            json!({"boot": boot("vmlet.write=migrated"),
+                   "disks": [{"name": "data", "volume": {"name": "pooled"}},
+                             {"name": "scratch", "blank": {"size": "16Mi"}}]}),
+        )
+        .await;
+    let source = lab.running("p", None).await;
+    let (src, dst) = if source == lab.hosts[0].node {
+        (&lab.hosts[0], &lab.hosts[1])
+    } else {
+        (&lab.hosts[1], &lab.hosts[0])
+    };
+    let src_console = src.state.join("vms").join(&uid).join("console.log");
+    common::wait_for(Duration::from_secs(120), || async {
+        std::fs::read_to_string(&src_console)
+            .ok()?
+            .contains("vmlet-disk-wrote=migrated")
+            .then_some(())
+    })
+    .await
+    .expect("the guest never wrote its marker");
+    let migs: Api<VirtualMachineMigration> = Api::namespaced(lab.client.clone(), &lab.ns);
+    let m = VirtualMachineMigration::new(
+        "move-p",
+        serde_json::from_value(json!({"vmName": "p"})).unwrap(),
+    );
+    migs.create(&PostParams::default(), &m).await.unwrap();
+    let done = common::wait_for(Duration::from_secs(180), || async {
+        let st = migs.get("move-p").await.ok()?.status?;
+        st.phase?.finished().then_some(st)
+    })
+    .await
+    .expect("the migration never finished");
+    assert_eq!(done.phase, Some(MigrationPhase::Succeeded), "{done:?}");
+    lab.running("p", Some(&dst.node)).await;
+    // Restarted on the target without writing: the marker is on the pooled volume.
+    lab.vms()
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"boot": boot("")},
+                "metadata": {"annotations": {vmlet::api::RESTART_ANNOTATION: "after-move"}}})),
+        )
+        .await
+        .unwrap();
+    let dst_console = dst.state.join("vms").join(&uid).join("console.log");
+    let read = common::wait_for(Duration::from_secs(120), || async {
+        std::fs::read_to_string(&dst_console)
+            .ok()?
+            .contains("vmlet-disk-read=vmlet-marker:migrated")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        read.is_some(),
+        "the target's guest did not read the marker: {}",
+        std::fs::read_to_string(&dst_console).unwrap_or_default()
+    );
+    lab.teardown().await;
 }

@@ -62,7 +62,9 @@ pub async fn prepare(
     for (disk, file) in files {
         let exists = tokio::fs::metadata(file.path()).await.is_ok();
         match file {
-            DiskFile::Volume { path, size, origin } if !exists => {
+            DiskFile::Volume {
+                path, size, origin, ..
+            } if !exists => {
                 create_volume(path, *size, origin).await?;
             }
             DiskFile::Volume { path, size, .. } if offline => {

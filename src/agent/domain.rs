@@ -255,6 +255,8 @@ pub struct DiskDriver {
     pub format: String,
     #[serde(rename = "@discard", default, skip_serializing_if = "Option::is_none")]
     pub discard: Option<String>,
+    #[serde(rename = "@cache", default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -331,6 +331,10 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
     let dest_xml = rewrite_xml(&xml, &rw).map_err(|e| Error::Other(e.to_string()))?;
     let copy_disks = disks_to_copy(&xml, ctx.pools.values().map(|p| p.as_path()))
         .map_err(|e| Error::Other(e.to_string()))?;
+    let shared = disks_to_copy(&xml, std::iter::empty())
+        .map_err(|e| Error::Other(e.to_string()))?
+        .len()
+        > copy_disks.len();
     let started = Time(Timestamp::now());
     patch_status(
         &m,
@@ -362,6 +366,7 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
                 dest_xml,
                 ctx.args.migration_tls,
                 copy_disks,
+                shared,
             )
             .await;
         let outcome = finish(&m, &ctx, &vm, &target, res, t, started).await;

@@ -87,11 +87,14 @@ pub enum DiskFile {
     /// A cloud-init NoCloud seed ISO.
     Seed { path: PathBuf },
     /// A VirtualMachineVolume's qcow2 file (outside the VM's directory: it outlives the
-    /// VM), made from `origin` when it does not exist.
+    /// VM), made from `origin` when it does not exist. A `shared` one (on a storage pool)
+    /// bypasses the host's page cache, so that another host that opens it after a
+    /// migration or a failover reads what this one wrote.
     Volume {
         path: PathBuf,
         size: u64,
         origin: Origin,
+        shared: bool,
     },
 }
 
@@ -142,6 +145,7 @@ pub fn disk_files(
                     path: local.path.clone(),
                     size: local.size,
                     origin: local.origin.clone(),
+                    shared: local.shared,
                 }
             } else if let Some(img) = &d.image {
                 let local = sources
@@ -407,6 +411,7 @@ fn disks_of(
                 name: "qemu".into(),
                 format: format.as_str().into(),
                 discard: (!seed).then(|| "unmap".into()),
+                cache: matches!(file, DiskFile::Volume { shared: true, .. }).then(|| "none".into()),
             },
             source: domain::DiskSource {
                 file: path_str(file.path()),

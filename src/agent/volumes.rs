@@ -91,6 +91,8 @@ pub struct LocalVolume {
     pub path: PathBuf,
     pub size: u64,
     pub origin: Origin,
+    /// On a storage pool: other nodes open the same file.
+    pub shared: bool,
 }
 
 fn problem(reason: &'static str, message: String) -> Problem {
@@ -152,6 +154,7 @@ pub async fn resolve(
             name.to_string(),
             LocalVolume {
                 name: name.to_string(),
+                shared: vol.spec.pool().is_some(),
                 path,
                 size,
                 origin,

@@ -432,6 +432,7 @@ impl Libvirt for Connection {
         dest_xml: String,
         tls: bool,
         copy_disks: Vec<String>,
+        shared: bool,
     ) -> Result<()> {
         let (uuid, dest_uri, data_uri) =
             (uuid.to_string(), dest_uri.to_string(), data_uri.to_string());
@@ -447,6 +448,10 @@ impl Libvirt for Connection {
             if tls {
                 // Memory and the disks' NBD stream, both over TLS.
                 flags |= sys::VIR_MIGRATE_TLS;
+            }
+            if shared {
+                // Pooled disks are opened with cache=none on both sides.
+                flags |= sys::VIR_MIGRATE_UNSAFE;
             }
             let params = virt::domain::MigrateParameters {
                 uri: Some(data_uri),

@@ -302,6 +302,7 @@ impl Libvirt for Fake {
         dest_xml: String,
         _tls: bool,
         _copy_disks: Vec<String>,
+        _shared: bool,
     ) -> Result<()> {
         self.check_up()?;
         let Some(dest) = find(dest_uri) else {
@@ -446,18 +447,18 @@ mod tests {
         src.define(xml("m", A)).await.unwrap();
         assert_eq!(Fake::open("fake:///src").list().await.unwrap().len(), 1);
         assert!(
-            src.migrate(A, "fake:///dst", "", xml("m", A), false, vec![])
+            src.migrate(A, "fake:///dst", "", xml("m", A), false, vec![], false)
                 .await
                 .is_err(),
             "a stopped domain does not migrate"
         );
         src.start(A).await.unwrap();
         assert!(
-            src.migrate(A, "fake:///nowhere", "", xml("m", A), false, vec![])
+            src.migrate(A, "fake:///nowhere", "", xml("m", A), false, vec![], false)
                 .await
                 .is_err()
         );
-        src.migrate(A, "fake:///dst", "", xml("m", A), false, vec![])
+        src.migrate(A, "fake:///dst", "", xml("m", A), false, vec![], false)
             .await
             .unwrap();
         assert_eq!(state(&src, A), Some(RunState::MigratedAway));

@@ -154,6 +154,10 @@ pub trait Libvirt: Send + Sync {
     /// `data_uri`; disks not named are on storage both nodes share); the destination
     /// defines it from `dest_xml`. The source's definition stays, shut off
     /// ([`RunState::MigratedAway`]), until undefined. Returns when the migration ends.
+    /// With `shared`, the disks not copied are on a storage pool the admin declared
+    /// shared: libvirt's own guess (it recognises NFS, CephFS, GFS2 and a few more) is
+    /// overridden.
+    #[allow(clippy::too_many_arguments)]
     async fn migrate(
         &self,
         uuid: &str,
@@ -162,6 +166,7 @@ pub trait Libvirt: Send + Sync {
         dest_xml: String,
         tls: bool,
         copy_disks: Vec<String>,
+        shared: bool,
     ) -> Result<()>;
     /// Grows a disk of a running domain (named by its source file) to `bytes`; the guest
     /// sees the new size at once.
