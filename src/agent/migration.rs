@@ -329,12 +329,8 @@ async fn start_copy(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Resul
     };
     let xml = ctx.lv.migratable_xml(&vm_uid).await?;
     let dest_xml = rewrite_xml(&xml, &rw).map_err(|e| Error::Other(e.to_string()))?;
-    let copy_disks = disks_to_copy(&xml, ctx.pools.values().map(|p| p.as_path()))
+    let (copy_disks, shared) = disks_to_copy(&xml, ctx.pools.values().map(|p| p.as_path()))
         .map_err(|e| Error::Other(e.to_string()))?;
-    let shared = disks_to_copy(&xml, std::iter::empty())
-        .map_err(|e| Error::Other(e.to_string()))?
-        .len()
-        > copy_disks.len();
     let started = Time(Timestamp::now());
     patch_status(
         &m,
@@ -516,23 +512,26 @@ async fn conclude(
     Ok(())
 }
 
-/// Pure: the target devices of the disks a migration copies: every writable disk except
-/// those in a storage pool (the target mounts the same files).
+/// Pure: the target devices of the disks a migration copies (every writable disk except
+/// those in a storage pool: the target mounts the same files), and whether any writable
+/// disk stays in place for that reason.
 pub fn disks_to_copy<'a>(
     xml: &str,
     pools: impl Iterator<Item = &'a std::path::Path> + Clone,
-) -> Result<Vec<String>, quick_xml::DeError> {
-    Ok(super::domain::disks_in(xml)?
+) -> Result<(Vec<String>, bool), quick_xml::DeError> {
+    let (copied, pooled): (Vec<_>, Vec<_>) = super::domain::disks_in(xml)?
         .into_iter()
         .filter(|d| d.device == "disk" && !d.readonly)
-        .filter(|d| {
+        .partition(|d| {
             d.file.as_deref().is_none_or(|f| {
                 let file = std::path::Path::new(f);
                 !pools.clone().any(|p| file.starts_with(p))
             })
-        })
-        .map(|d| d.dev)
-        .collect())
+        });
+    Ok((
+        copied.into_iter().map(|d| d.dev).collect(),
+        !pooled.is_empty(),
+    ))
 }
 
 /// What to do with a migration left Running by a source agent that stopped watching it.

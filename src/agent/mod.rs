@@ -191,8 +191,8 @@ pub struct Context {
     pub node_uid: std::sync::Mutex<Option<String>>,
     /// The storage pools (`--storage-pool`), by name.
     pub pools: std::collections::BTreeMap<String, std::path::PathBuf>,
-    /// VMs whose volumes a restore is rewriting: not started meanwhile.
-    pub restoring: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// VMs whose volumes a snapshot or a restore is copying: not started meanwhile.
+    pub storage_busy: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -267,7 +267,7 @@ pub async fn run_with(
         last_renewal: std::sync::Mutex::new(std::time::Instant::now()),
         node_uid: Default::default(),
         pools: volumes::parse_pools(&args.storage_pools).map_err(|e| anyhow::anyhow!(e))?,
-        restoring: Default::default(),
+        storage_busy: Default::default(),
         http: reqwest::Client::builder()
             .timeout(peers::PEER_TIMEOUT)
             .build()?,

@@ -352,10 +352,12 @@ async fn apply_steps(
 ) -> Result<Result<Action, Problem>, Error> {
     let uid = vm.uid().unwrap_or_default();
     // Held either way (see plan::plan): not worth resolving images for.
-    let restoring = ctx.restoring.lock().expect("not poisoned").contains(&uid);
-    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst)
-        || ctx.migrations.holds_vm(&uid)
-        || restoring
+    let busy = ctx
+        .storage_busy
+        .lock()
+        .expect("not poisoned")
+        .contains(&uid);
+    if ctx.fenced.load(std::sync::atomic::Ordering::SeqCst) || ctx.migrations.holds_vm(&uid) || busy
     {
         return Ok(Ok(Action::requeue(plan::HOLD)));
     }

@@ -325,7 +325,7 @@ struct Busy<'a> {
 
 impl<'a> Busy<'a> {
     fn hold(ctx: &'a Context, uid: &str) -> Self {
-        ctx.restoring
+        ctx.storage_busy
             .lock()
             .expect("not poisoned")
             .insert(uid.to_string());
@@ -339,7 +339,7 @@ impl<'a> Busy<'a> {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.ctx
-            .restoring
+            .storage_busy
             .lock()
             .expect("not poisoned")
             .remove(&self.uid);
@@ -508,8 +508,9 @@ mod tests {
         let copy = |pools: &[&str]| {
             super::super::migration::disks_to_copy(LIVE, pools.iter().map(Path::new)).unwrap()
         };
-        assert_eq!(copy(&[]), ["vda", "vdb"]);
-        assert_eq!(copy(&["/var/lib/vmlet/volumes"]), ["vdb"]);
-        assert_eq!(copy(&["/srv/nfs"]), ["vda", "vdb"]);
+        let dev = |d: &[&str]| d.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(copy(&[]), (dev(&["vda", "vdb"]), false));
+        assert_eq!(copy(&["/var/lib/vmlet/volumes"]), (dev(&["vdb"]), true));
+        assert_eq!(copy(&["/srv/nfs"]), (dev(&["vda", "vdb"]), false));
     }
 }

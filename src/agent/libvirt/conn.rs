@@ -261,15 +261,14 @@ impl Connection {
 
 #[async_trait::async_trait]
 impl Libvirt for Connection {
-    /// None while the connection works; why not, while it does not.
     fn down(&self) -> Option<String> {
         self.down.lock().expect("not poisoned").clone()
     }
 
-    /// Watches the connection and, when libvirtd has gone away (restart, crash), opens a
-    /// new one with backoff (1 s doubling to 30 s), registers lifecycle events on it again
-    /// and announces every domain as changed, so that each VM is looked at afresh.
     async fn keep_connected(&self) {
+        // When libvirtd has gone away (restart, crash): a new connection with backoff (1 s
+        // doubling to 30 s), lifecycle events registered on it again, and every domain
+        // announced as changed, so that each VM is looked at afresh.
         let mut wait = Duration::from_secs(1);
         loop {
             tokio::time::sleep(if self.down().is_some() {
@@ -338,7 +337,6 @@ impl Libvirt for Connection {
         .await
     }
 
-    /// Every domain on the node, active or not.
     async fn list(&self) -> Result<Vec<DomainInfo>> {
         self.call(|c| {
             let flags =
@@ -362,7 +360,6 @@ impl Libvirt for Connection {
         .await
     }
 
-    /// Defines (or redefines) a domain from XML.
     async fn define(&self, xml: String) -> Result<()> {
         self.call(move |c| {
             c.define_domain_xml(&xml)?;
@@ -375,7 +372,6 @@ impl Libvirt for Connection {
         self.with_domain(uuid, |d| d.create().map(|_| ())).await
     }
 
-    /// Asks the guest to power off through ACPI.
     async fn shutdown(&self, uuid: &str) -> Result<()> {
         self.with_domain(uuid, |d| match d.is_active()? {
             true => d.shutdown().map(|_| ()),
@@ -392,7 +388,6 @@ impl Libvirt for Connection {
         .await
     }
 
-    /// Removes the definition; also NVRAM, which UEFI domains carry.
     async fn undefine(&self, uuid: &str) -> Result<()> {
         self.with_domain(uuid, |d| {
             match d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM) {
@@ -409,7 +404,6 @@ impl Libvirt for Connection {
         .await
     }
 
-    /// The running domain's XML in the form a migration destination takes.
     async fn migratable_xml(&self, uuid: &str) -> Result<String> {
         let uuid = uuid.to_string();
         self.call(move |c| {
@@ -419,11 +413,6 @@ impl Libvirt for Connection {
         .await
     }
 
-    /// Live-migrates a running domain, peer to peer: this libvirtd connects to the one at
-    /// `dest_uri` and sends memory (and, incrementally over the backing images the target
-    /// already has, the local disks) over `data_uri`. The destination defines it from
-    /// `dest_xml`. The source's definition stays (shut off) until [`Self::undefine`], so
-    /// that its completed-job statistics can be read. Blocks a pool thread until done.
     async fn migrate(
         &self,
         uuid: &str,
@@ -506,7 +495,6 @@ impl Libvirt for Connection {
         .await
     }
 
-    /// Statistics of the domain's last completed job: (downtime in ms, bytes sent).
     async fn completed_job(&self, uuid: &str) -> Result<(Option<u64>, Option<u64>)> {
         let uuid = uuid.to_string();
         self.call(move |c| {
@@ -523,8 +511,6 @@ impl Libvirt for Connection {
             .await
     }
 
-    /// libvirt's domain capabilities for x86_64 guests of `virttype` (kvm, qemu); an
-    /// error when libvirt cannot run such guests at all (e.g. no usable /dev/kvm).
     async fn domain_capabilities(&self, virttype: &str) -> Result<String> {
         let virttype = virttype.to_string();
         self.call(move |c| {
@@ -533,24 +519,20 @@ impl Libvirt for Connection {
         .await
     }
 
-    /// Starts a domain that libvirt forgets once it stops (the KVM probe); its UUID.
     async fn create_transient(&self, xml: String) -> Result<String> {
         self.call(move |c| uuid_of(&c.create_domain_xml(&xml, 0)?))
             .await
     }
 
-    /// Where this libvirt holds the guest, for settling a migration.
     async fn guest(&self, uuid: &str) -> Result<Guest> {
         let uuid = uuid.to_string();
         self.call(move |c| guest_in(c, &uuid)).await
     }
 
-    /// Resumes a paused domain.
     async fn resume(&self, uuid: &str) -> Result<()> {
         self.with_domain(uuid, |d| d.resume().map(|_| ())).await
     }
 
-    /// Aborts the domain's running job (a migration): the domain keeps running here.
     async fn abort_job(&self, uuid: &str) -> Result<()> {
         let uuid = uuid.to_string();
         self.call(move |c| {
@@ -565,7 +547,6 @@ impl Libvirt for Connection {
         .await
     }
 
-    /// (MAC, IP) pairs libvirt can tell, from its DHCP leases; empty when it cannot.
     async fn addresses(&self, uuid: &str) -> Result<Vec<(String, String)>> {
         let uuid = uuid.to_string();
         self.call(move |c| {
@@ -586,7 +567,6 @@ impl Libvirt for Connection {
         .await
     }
 
-    /// CPU, memory, disk and network counters of every running domain.
     async fn stats(&self) -> Result<Vec<DomainStats>> {
         self.call(|c| {
             let types = sys::VIR_DOMAIN_STATS_CPU_TOTAL
@@ -651,8 +631,6 @@ impl Libvirt for Connection {
         .await
     }
 
-    /// The UUID of every domain whose lifecycle changes (started, stopped, crashed,
-    /// undefined...), from now on. A subscriber that falls behind skips old events.
     fn lifecycle_events(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.events.subscribe()
     }
