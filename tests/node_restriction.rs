@@ -235,6 +235,7 @@ async fn an_agent_token_writes_only_its_own_node() {
         )
         .await
         .expect("an agent writes its own node's entry");
+    storage(&client, &agent, &ns, &node_a, &node_b).await;
     // RBAC: an agent never creates VMs.
     let new_vm = VirtualMachine::new(
         "sneaky",
@@ -466,4 +467,128 @@ async fn an_agent_token_writes_only_its_own_node() {
         Some(&cluster_scoped),
     );
     common::delete_namespace(&client, &ns).await;
+}
+
+/// Storage: an agent publishes an image once, as itself, and holds only the image
+/// finalizer; it writes only restores and snapshots its own node carries out, and never
+/// claims a volume.
+async fn storage(
+    client: &kube::Client,
+    agent: &kube::Client,
+    ns: &str,
+    node_a: &str,
+    node_b: &str,
+) {
+    use vmlet::api::volume::{VirtualMachineRestore, VirtualMachineSnapshot, VirtualMachineVolume};
+    let pp = PostParams::default();
+    let images: Api<vmlet::api::VirtualMachineImage> = Api::namespaced(client.clone(), ns);
+    let a_images: Api<vmlet::api::VirtualMachineImage> = Api::namespaced(agent.clone(), ns);
+    let published = vmlet::api::VirtualMachineImage::new(
+        "tpl",
+        serde_json::from_value(json!({"format": "qcow2", "source": {"volume": {"name": "v"}}}))
+            .unwrap(),
+    );
+    images.create(&pp, &published).await.unwrap();
+    let publish = |node: &str| {
+        json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachineImage",
+        "status": {"published": {"storage": "local", "node": node, "sizeBytes": 1}}})
+    };
+    let by = PatchParams::apply("vmlet-agent-publish").force();
+    let once = "publish an image once as its own";
+    eventually_denied(once, || {
+        let (api, body, by) = (a_images.clone(), publish(node_b), by.clone());
+        async move { api.patch_status("tpl", &by, &Patch::Apply(body)).await }
+    })
+    .await;
+    a_images
+        .patch_status("tpl", &by, &Patch::Apply(publish(node_a)))
+        .await
+        .expect("an agent publishes an image as its own");
+    let mut again = publish(node_a);
+    again["status"]["published"]["sizeBytes"] = json!(2);
+    denied(
+        a_images
+            .patch_status("tpl", &by, &Patch::Apply(again))
+            .await,
+        once,
+    )
+    .unwrap();
+    let merge = |v: serde_json::Value| Patch::Merge(v);
+    a_images
+        .patch(
+            "tpl",
+            &PatchParams::default(),
+            &merge(json!({"metadata": {"finalizers": ["vmlet.dev/image"]}})),
+        )
+        .await
+        .expect("an agent holds the image finalizer");
+    denied(
+        a_images
+            .patch(
+                "tpl",
+                &PatchParams::default(),
+                &merge(json!({"metadata": {"labels": {"x": "y"}}})),
+            )
+            .await,
+        "may change only its own finalizer",
+    )
+    .unwrap();
+    a_images
+        .patch(
+            "tpl",
+            &PatchParams::default(),
+            &merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("an agent lets the image finalizer go");
+
+    // A restore names the node that carries it out: its own, never another's.
+    let restores: Api<VirtualMachineRestore> = Api::namespaced(client.clone(), ns);
+    let a_restores: Api<VirtualMachineRestore> = Api::namespaced(agent.clone(), ns);
+    let r = VirtualMachineRestore::new(
+        "r",
+        serde_json::from_value(json!({"vmName": "vm-a", "snapshotName": "s"})).unwrap(),
+    );
+    restores.create(&pp, &r).await.unwrap();
+    let restore = |node: &str| {
+        json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachineRestore",
+        "status": {"phase": "Pending", "node": node}})
+    };
+    let by = PatchParams::apply("vmlet-agent").force();
+    eventually_denied("may only write restores its node carries out", || {
+        let (api, body, by) = (a_restores.clone(), restore(node_b), by.clone());
+        async move { api.patch_status("r", &by, &Patch::Apply(body)).await }
+    })
+    .await;
+    a_restores
+        .patch_status("r", &by, &Patch::Apply(restore(node_a)))
+        .await
+        .expect("an agent writes a restore it carries out");
+
+    // Snapshots: only those its node takes. Volumes: never who holds them.
+    let snaps: Api<VirtualMachineSnapshot> = Api::namespaced(client.clone(), ns);
+    let s = VirtualMachineSnapshot::new(
+        "s",
+        serde_json::from_value(json!({"vmName": "vm-b"})).unwrap(),
+    );
+    snaps.create(&pp, &s).await.unwrap();
+    let a_snaps: Api<VirtualMachineSnapshot> = Api::namespaced(agent.clone(), ns);
+    let snap = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachineSnapshot",
+        "status": {"phase": "InProgress", "node": node_b}});
+    denied(
+        a_snaps.patch_status("s", &by, &Patch::Apply(snap)).await,
+        "may only write snapshots its node takes",
+    )
+    .unwrap();
+    let vols: Api<VirtualMachineVolume> = Api::namespaced(client.clone(), ns);
+    let v = VirtualMachineVolume::new("v", serde_json::from_value(json!({"size": "1Gi"})).unwrap());
+    vols.create(&pp, &v).await.unwrap();
+    let a_vols: Api<VirtualMachineVolume> = Api::namespaced(agent.clone(), ns);
+    let claim = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachineVolume",
+        "status": {"user": "vm-a", "node": node_a}});
+    denied(
+        a_vols.patch_status("v", &by, &Patch::Apply(claim)).await,
+        "may not change who holds a volume",
+    )
+    .unwrap();
 }

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use vmlet::agent::libvirt::Connection;
+use vmlet::api::image::ImagePhase;
 use vmlet::api::volume::{
     RestorePhase, VirtualMachineRestore, VirtualMachineSnapshot, VirtualMachineVolume, VolumePhase,
 };
-use vmlet::api::{VirtualMachine, conditions};
+use vmlet::api::{VirtualMachine, VirtualMachineImage, conditions};
 
 const LABEL: &str = "vmlet.dev/volumes-test";
 
@@ -50,16 +51,17 @@ async fn forget_stale_nodes(client: &kube::Client) {
     }
 }
 
-async fn lab() -> Lab {
+/// A node of its own (named for `tag`) with an in-process agent and controller.
+async fn lab(tag: &str) -> Lab {
     vmlet::telemetry::init();
     let client = common::client().await;
     common::ensure_crds(&client).await;
     forget_stale_nodes(&client).await;
-    let ns = common::namespace(&client, "volumes").await;
+    let ns = common::namespace(&client, tag).await;
     let dir = common::qemu_tempdir();
     let state = dir.path().join("state");
     let images = dir.path().join("images");
-    let node = format!("vol-{}", std::process::id());
+    let node = format!("{tag}-{}", std::process::id());
     common::node_with_address(
         &client,
         &node,
@@ -113,13 +115,23 @@ impl Lab {
 
     /// A VM on volume `vol` whose guest writes `write` to it first, if given.
     async fn vm(&self, name: &str, vol: &str, write: Option<&str>) -> String {
+        self.vm_on(name, json!({"volume": {"name": vol}}), write)
+            .await
+    }
+
+    /// A VM whose one disk, `data`, is `disk` (its source).
+    async fn vm_on(&self, name: &str, disk: serde_json::Value, write: Option<&str>) -> String {
+        let mut data = json!({"name": "data"});
+        data.as_object_mut()
+            .unwrap()
+            .extend(disk.as_object().unwrap().clone());
         let spec = json!({
             "runStrategy": "Always",
             "memory": "128Mi",
             "nodeSelector": {LABEL: self.node},
             "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"},
                      "cmdline": cmdline(write)},
-            "disks": [{"name": "data", "volume": {"name": vol}}],
+            "disks": [data],
         });
         let vm = VirtualMachine::new(name, serde_json::from_value(spec).unwrap());
         let vm = self
@@ -243,7 +255,7 @@ async fn restore(lab: &Lab, name: &str, vm: &str, snap: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_outlive_vms_grow_snapshot_restore_and_clone() {
-    let lab = lab().await;
+    let lab = lab("volumes").await;
     lab.volume("data", json!({"size": "64Mi"})).await;
 
     // The first VM writes its marker; the volume is made on its node and claimed by it.
@@ -430,6 +442,157 @@ async fn volumes_outlive_vms_grow_snapshot_restore_and_clone() {
     assert!(!copy_file.exists(), "the deleted volume's file stayed");
 
     timed_gib(&lab).await;
+    common::delete_vms_and_namespace(&lab.client, &lab.ns).await;
+    common::forget_node(&lab.client, &lab.node).await;
+}
+
+/// Waits until image `name` is published and Ready; where its copy is.
+async fn published(lab: &Lab, name: &str) -> vmlet::api::image::PublishedImage {
+    let api: Api<VirtualMachineImage> = Api::namespaced(lab.client.clone(), &lab.ns);
+    let p = common::wait_for(Duration::from_secs(120), || async {
+        let st = api.get(name).await.ok()?.status?;
+        (st.phase == Some(ImagePhase::Ready)).then_some(st.published?)
+    })
+    .await;
+    match p {
+        Some(p) => p,
+        None => panic!(
+            "{name} never published: {:?}",
+            api.get(name).await.ok().and_then(|i| i.status)
+        ),
+    }
+}
+
+async fn gone<K>(api: &Api<K>, name: &str) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    common::wait_for(Duration::from_secs(60), || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .is_some()
+}
+
+/// A configured disk becomes a template: published from a snapshot while its VM runs,
+/// and from the volume itself once no VM uses it (until then it waits, saying why). VMs
+/// boot from both with the marker; the copies outlive their sources; a deleted image
+/// keeps its copy while a VM's overlay reads it, then the copy goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_disks_publish_as_templates() {
+    let lab = lab("publish").await;
+    let images: Api<VirtualMachineImage> = Api::namespaced(lab.client.clone(), &lab.ns);
+    let image = |name: &str, source: serde_json::Value| {
+        let spec = json!({"format": "qcow2", "source": source});
+        VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap())
+    };
+    lab.volume("golden", json!({"size": "64Mi"})).await;
+    let uid = lab.vm("maker", "golden", Some("golden")).await;
+    console_says(&lab.console(&uid), 0, "vmlet-disk-wrote=golden", 120).await;
+
+    let pp = PostParams::default();
+    images
+        .create(
+            &pp,
+            &image("from-vol", json!({"volume": {"name": "golden"}})),
+        )
+        .await
+        .unwrap();
+    let waiting = common::wait_for(Duration::from_secs(30), || async {
+        let st = images.get("from-vol").await.ok()?.status?;
+        let n = st.nodes.into_iter().find(|n| n.node == lab.node)?;
+        (n.reason.as_deref() == Some("ImageSourceInUse")).then_some(n.message?)
+    })
+    .await
+    .expect("publishing a volume in use did not wait");
+    assert!(waiting.contains("maker"), "{waiting}");
+
+    let t = Instant::now();
+    snapshot(&lab, "snap", "maker").await;
+    images
+        .create(
+            &pp,
+            &image(
+                "from-snap",
+                json!({"snapshot": {"name": "snap", "disk": "data"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let p = published(&lab, "from-snap").await;
+    println!(
+        "snapshot and publish of a running 64 MiB volume: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        (p.storage.as_str(), p.node.as_str()),
+        ("local", lab.node.as_str())
+    );
+    let snaps: Api<VirtualMachineSnapshot> = Api::namespaced(lab.client.clone(), &lab.ns);
+    snaps
+        .delete("snap", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(gone(&snaps, "snap").await, "the snapshot stayed");
+    let uid = lab
+        .vm_on("t1", json!({"image": {"name": "from-snap"}}), None)
+        .await;
+    console_says(
+        &lab.console(&uid),
+        0,
+        "vmlet-disk-read=vmlet-marker:golden",
+        120,
+    )
+    .await;
+
+    lab.vms()
+        .delete("maker", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(gone(&lab.vms(), "maker").await);
+    published(&lab, "from-vol").await;
+    lab.volumes()
+        .delete("golden", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(gone(&lab.volumes(), "golden").await, "the volume stayed");
+    lab.volume(
+        "fresh",
+        json!({"size": "64Mi", "source": {"image": {"name": "from-vol"}}}),
+    )
+    .await;
+    let uid = lab.vm("t2", "fresh", None).await;
+    console_says(
+        &lab.console(&uid),
+        0,
+        "vmlet-disk-read=vmlet-marker:golden",
+        120,
+    )
+    .await;
+
+    let snap_uid = images.get("from-snap").await.unwrap().metadata.uid.unwrap();
+    let copy = lab
+        .state
+        .join("published")
+        .join(format!("{snap_uid}.qcow2"));
+    assert!(copy.exists(), "{}", copy.display());
+    images
+        .delete("from-snap", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        images.get_opt("from-snap").await.unwrap().is_some(),
+        "deleted while in use"
+    );
+    assert!(copy.exists(), "the copy went while a VM reads it");
+    lab.vms()
+        .delete("t1", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(gone(&images, "from-snap").await, "the image stayed");
+    assert!(!copy.exists(), "the deleted image's copy stayed");
+
     common::delete_vms_and_namespace(&lab.client, &lab.ns).await;
     common::forget_node(&lab.client, &lab.node).await;
 }

@@ -12,9 +12,18 @@ use crate::api::image::{ImageNodeStatus, ImagePhase, VirtualMachineImage};
 
 /// What one use of the image on this node found.
 pub enum Found<'a> {
-    Ready { size: Option<u64> },
-    Downloading { bytes: Option<u64> },
+    Ready {
+        size: Option<u64>,
+    },
+    Downloading {
+        bytes: Option<u64>,
+    },
     Failed(&'a ImageError),
+    /// A published image's source is not ready to copy on this node.
+    Waiting {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// Pure: this node's entry for what was found.
@@ -31,6 +40,13 @@ pub fn entry(node: &str, found: &Found<'_>) -> ImageNodeStatus {
             node: node.to_string(),
             phase: ImagePhase::Downloading,
             bytes: bytes.map(to_i64),
+            ..Default::default()
+        },
+        Found::Waiting { reason, message } => ImageNodeStatus {
+            node: node.to_string(),
+            phase: ImagePhase::Pending,
+            reason: Some(reason.to_string()),
+            message: Some(message.clone()),
             ..Default::default()
         },
         Found::Failed(e) => ImageNodeStatus {

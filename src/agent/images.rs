@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::download::{DownloadError, DownloadPolicy, Downloader};
 use super::render::LocalImage;
-use crate::api::image::{ImageFormat, VirtualMachineImageSpec};
+use crate::api::image::{ImageFormat, VirtualMachineImage, VirtualMachineImageSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -48,6 +48,12 @@ pub enum ImageError {
     },
     #[error("cannot inspect image {0}: {1}")]
     Inspect(String, String),
+    /// A published image whose copy is not made yet (its agent is on it).
+    #[error("not published yet: {0}")]
+    NotPublished(String),
+    /// A published image kept in another node's local storage, or a pool this node lacks.
+    #[error("its copy is kept {0}, not on this node")]
+    Elsewhere(String),
     #[error(transparent)]
     Tool(#[from] super::tools::ToolError),
     #[error("I/O error in the image cache: {0}")]
@@ -64,6 +70,8 @@ impl ImageError {
             | ImageError::Missing { .. }
             | ImageError::Tool(_)
             | ImageError::Inspect(..)
+            | ImageError::NotPublished(_)
+            | ImageError::Elsewhere(_)
             | ImageError::Io(_) => true,
             _ => false,
         }
@@ -86,6 +94,8 @@ impl ImageError {
             ImageError::BackingFile(..) => "ImageHasBackingFile",
             ImageError::DataFile(..) => "ImageHasDataFile",
             ImageError::WrongFormat { .. } => "ImageFormatMismatch",
+            ImageError::NotPublished(_) => "ImageNotPublished",
+            ImageError::Elsewhere(_) => "ImageElsewhere",
             ImageError::Tool(super::tools::ToolError::Missing(_)) => "ToolMissing",
             ImageError::Inspect(..) | ImageError::Io(_) | ImageError::Tool(_) => "ImageError",
         }
@@ -126,6 +136,9 @@ pub struct ImageCache {
     /// another fetched by knowing its hash).
     cache_dir: PathBuf,
     state_dir: PathBuf,
+    /// Where published images' copies are: this node's name, its storage pools.
+    node: String,
+    pools: std::collections::BTreeMap<String, PathBuf>,
     image_root: PathBuf,
     downloader: Arc<Downloader>,
     /// By (namespace, sha256, url): a slow source never holds up the same image from
@@ -138,28 +151,36 @@ impl ImageCache {
         ImageCache {
             cache_dir: state_dir.join("image-cache"),
             state_dir: state_dir.to_path_buf(),
+            node: String::new(),
+            pools: Default::default(),
             image_root,
             downloader: Arc::new(Downloader::new(policy)),
             fetches: Default::default(),
         }
     }
 
-    /// The local, verified file for an image of namespace `ns`; starts its download on
-    /// first use and says Downloading until it is there.
-    pub async fn ensure(
-        &self,
-        ns: &str,
-        spec: &VirtualMachineImageSpec,
-    ) -> Result<LocalImage, ImageError> {
+    /// This node's name and storage pools, where published images' copies are.
+    pub fn with_storage(
+        mut self,
+        node: &str,
+        pools: std::collections::BTreeMap<String, PathBuf>,
+    ) -> Self {
+        self.node = node.to_string();
+        self.pools = pools;
+        self
+    }
+
+    /// The local, verified file for an image; starts its download on first use and says
+    /// Downloading until it is there.
+    pub async fn ensure(&self, img: &VirtualMachineImage) -> Result<LocalImage, ImageError> {
+        let spec = &img.spec;
+        let ns = img.metadata.namespace.as_deref().unwrap_or_default();
         let path = if let Some(http) = &spec.source.http {
             self.fetch(ns, &http.url, &http.sha256).await?
         } else if let Some(hp) = &spec.source.host_path {
             self.confine(&hp.path)?
         } else {
-            return Err(ImageError::Missing {
-                path: String::new(),
-                reason: "no source".into(),
-            });
+            self.published(img)?
         };
         let format = match spec.format {
             ImageFormat::Qcow2 => "qcow2",
@@ -169,6 +190,26 @@ impl ImageCache {
             check_base_image(&path, format).await?;
         }
         Ok(LocalImage { path, format })
+    }
+
+    /// The copy of a published image, if this node has it.
+    fn published(&self, img: &VirtualMachineImage) -> Result<PathBuf, ImageError> {
+        let name = img.metadata.name.clone().unwrap_or_default();
+        let Some(p) = img.status.as_ref().and_then(|s| s.published.as_ref()) else {
+            return Err(ImageError::NotPublished(name));
+        };
+        let root =
+            match p.pinned_node() {
+                Some(n) if n == self.node => self.state_dir.clone(),
+                Some(n) => return Err(ImageError::Elsewhere(format!("on node {n}"))),
+                None => self.pools.get(&p.storage).cloned().ok_or_else(|| {
+                    ImageError::Elsewhere(format!("in storage pool {}", p.storage))
+                })?,
+            };
+        Ok(super::volumes::image_file(
+            &root,
+            img.metadata.uid.as_deref().unwrap_or_default(),
+        ))
     }
 
     /// The bytes a download of this image in namespace `ns` has received, while it runs.
@@ -201,9 +242,16 @@ impl ImageCache {
                 root: root.display().to_string(),
             });
         }
-        // The default image root lies in the state directory; the VMs' own files and the
-        // download cache beside it are never images.
-        let private = [self.state_dir.join("vms"), self.cache_dir.clone()];
+        // The default image root lies in the state directory; the VMs' own files, the
+        // download cache and the tenants' volumes, snapshots and published images beside
+        // it are never images: another namespace could name them.
+        let private = [
+            self.state_dir.join("vms"),
+            self.cache_dir.clone(),
+            self.state_dir.join("volumes"),
+            self.state_dir.join("snapshots"),
+            self.state_dir.join("published"),
+        ];
         if private
             .iter()
             .filter_map(|d| std::fs::canonicalize(d).ok())

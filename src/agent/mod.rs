@@ -15,6 +15,7 @@ pub mod migration;
 pub mod node;
 pub mod peers;
 pub mod plan;
+mod publish;
 mod reconcile;
 pub mod render;
 mod report;
@@ -234,6 +235,7 @@ pub async fn run_with(
     // The peers to ask before fencing: watched only when there is a key to ask with.
     let (hypervisors, hv_writer) = kube::runtime::reflector::store::<crate::api::Hypervisor>();
     let hv_stream = watch_peers(client.clone(), hv_writer, peer_key.is_some());
+    let pools = volumes::parse_pools(&args.storage_pools).map_err(|e| anyhow::anyhow!(e))?;
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -246,7 +248,8 @@ pub async fn run_with(
             &args.state_dir,
             args.image_root.clone(),
             args.downloads.clone(),
-        ),
+        )
+        .with_storage(&args.node, pools.clone()),
         client,
         node: args.node.clone(),
         lv: lv.clone(),
@@ -266,7 +269,7 @@ pub async fn run_with(
         hypervisors,
         last_renewal: std::sync::Mutex::new(std::time::Instant::now()),
         node_uid: Default::default(),
-        pools: volumes::parse_pools(&args.storage_pools).map_err(|e| anyhow::anyhow!(e))?,
+        pools,
         storage_busy: Default::default(),
         http: reqwest::Client::builder()
             .timeout(peers::PEER_TIMEOUT)
@@ -331,7 +334,63 @@ async fn storage_controllers(ctx: Arc<Context>) {
     )
     .run(storage::restore, storage::error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
-    tokio::join!(volumes, snapshots, restores);
+    tokio::join!(volumes, snapshots, restores, published_images(ctx.clone()));
+}
+
+/// Images published from a volume or snapshot: looked at again when their source changes
+/// (a snapshot becomes ready, a volume is let go by its VM).
+async fn published_images(ctx: Arc<Context>) {
+    use crate::api::{VirtualMachineImage, VirtualMachineSnapshot, VirtualMachineVolume};
+    use kube::runtime::reflector::{ObjectRef, Store};
+    fn naming(
+        store: &Store<VirtualMachineImage>,
+        ns: Option<String>,
+        named: impl Fn(&VirtualMachineImage) -> bool,
+    ) -> Vec<ObjectRef<VirtualMachineImage>> {
+        store
+            .state()
+            .iter()
+            .filter(|i| i.metadata.namespace == ns && named(i))
+            .map(|i| ObjectRef::from(&**i))
+            .collect()
+    }
+    let images = Controller::new(
+        Api::<VirtualMachineImage>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    );
+    let (by_snapshot, by_volume) = (images.store(), images.store());
+    images
+        .watches(
+            Api::<VirtualMachineSnapshot>::all(ctx.client.clone()),
+            watcher::Config::default(),
+            move |s: VirtualMachineSnapshot| {
+                let name = s.metadata.name.clone().unwrap_or_default();
+                naming(&by_snapshot, s.metadata.namespace, |i| {
+                    i.spec
+                        .source
+                        .snapshot
+                        .as_ref()
+                        .is_some_and(|r| r.name == name)
+                })
+            },
+        )
+        .watches(
+            Api::<VirtualMachineVolume>::all(ctx.client.clone()),
+            watcher::Config::default(),
+            move |v: VirtualMachineVolume| {
+                let name = v.metadata.name.clone().unwrap_or_default();
+                naming(&by_volume, v.metadata.namespace, |i| {
+                    i.spec
+                        .source
+                        .volume
+                        .as_ref()
+                        .is_some_and(|r| r.name == name)
+                })
+            },
+        )
+        .run(publish::reconcile, storage::error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await
 }
 
 /// Keeps the Hypervisor store (the peers to ask before fencing) filled, when `enabled`

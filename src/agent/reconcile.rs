@@ -250,7 +250,7 @@ pub(super) async fn resolve_images(
                 ),
             ));
         }
-        let ensured = ctx.images.ensure(&ns, &img.spec).await;
+        let ensured = ctx.images.ensure(&img).await;
         let found = match &ensured {
             Ok(local) => image_report::Found::Ready {
                 size: tokio::fs::metadata(&local.path).await.ok().map(|m| m.len()),

@@ -353,12 +353,15 @@ async fn restore_status(
     message: String,
 ) -> Result<(), kube::Error> {
     let old = r.status.clone().unwrap_or_default();
-    if old.phase == Some(phase) && old.message.as_deref() == Some(message.as_str()) {
+    if old.phase == Some(phase)
+        && old.message.as_deref() == Some(message.as_str())
+        && old.node.as_deref() == Some(ctx.node.as_str())
+    {
         return Ok(());
     }
     let api: Api<VirtualMachineRestore> =
         Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
-    let mut status = json!({"phase": phase, "message": message});
+    let mut status = json!({"phase": phase, "message": message, "node": ctx.node});
     if phase != RestorePhase::Pending {
         status["completionTime"] = json!(Time(Timestamp::now()));
     }

@@ -66,6 +66,12 @@ pub fn volume_file(root: &Path, volume_uid: &str) -> PathBuf {
     root.join("volumes").join(format!("{volume_uid}.qcow2"))
 }
 
+/// A published image's copy under its storage root. Not under the image root's default
+/// (`<state>/images`), where a hostPath image of another namespace could name it.
+pub fn image_file(root: &Path, image_uid: &str) -> PathBuf {
+    root.join("published").join(format!("{image_uid}.qcow2"))
+}
+
 /// One disk's copy in a snapshot, under its storage root.
 pub fn snapshot_file(root: &Path, snapshot_uid: &str, disk: &str) -> PathBuf {
     root.join("snapshots")
@@ -188,7 +194,7 @@ async fn origin(ctx: &Context, ns: &str, vol: &VirtualMachineVolume) -> Result<O
     };
     if let Some(img) = &source.image {
         let image: VirtualMachineImage = source_object(ctx, ns, &img.name).await?;
-        let local = ctx.images.ensure(ns, &image.spec).await.map_err(|e| {
+        let local = ctx.images.ensure(&image).await.map_err(|e| {
             problem(
                 "VolumeSourceNotReady",
                 format!("VirtualMachineImage {}: {e}", img.name),

@@ -19,12 +19,21 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new("!has(self.source.volume) && !has(self.source.snapshot) || self.format == 'qcow2'").message("an image published from a volume or snapshot is qcow2").field_path(".format"))]
+#[x_kube(validation = Rule::new("(!has(oldSelf.source.volume) && !has(oldSelf.source.snapshot)) || self == oldSelf").message("a published image's spec is immutable"))]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineImageSpec {
     /// qcow2 or raw for disks; kernel or initrd for direct kernel boot.
     pub format: ImageFormat,
-    /// Where the image comes from: exactly one of http or hostPath.
+    /// Where the image comes from: exactly one of http, hostPath, volume or snapshot.
     pub source: ImageSource,
+}
+
+impl VirtualMachineImageSpec {
+    /// Whether the image is a copy of a volume or snapshot that an agent publishes.
+    pub fn published(&self) -> bool {
+        self.source.volume.is_some() || self.source.snapshot.is_some()
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -36,9 +45,9 @@ pub enum ImageFormat {
     Initrd,
 }
 
-/// Exactly one of http or hostPath.
+/// Exactly one of http, hostPath, volume or snapshot.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[x_kube(validation = Rule::new("[has(self.http), has(self.hostPath)].exists_one(x, x)").message("exactly one of source.http or source.hostPath must be set"))]
+#[x_kube(validation = Rule::new("[has(self.http), has(self.hostPath), has(self.volume), has(self.snapshot)].exists_one(x, x)").message("exactly one of source.http, source.hostPath, source.volume or source.snapshot must be set"))]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSource {
     /// Download over http(s), verified against a sha256 before use.
@@ -47,6 +56,15 @@ pub struct ImageSource {
     /// A file under the agent's image root (default /var/lib/vmlet/images).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_path: Option<HostPathSource>,
+    /// Publishes a VirtualMachineVolume (same namespace) as a template: copied once, when
+    /// no VM uses it, by the node that holds it. The copy lives where the volume does (the
+    /// node's local storage, or its pool) and outlives the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<super::vm::ImageRef>,
+    /// Publishes one disk of a VirtualMachineSnapshot (same namespace), copied once by the
+    /// node that took the snapshot, kept where the snapshot's copy is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<super::volume::SnapshotDiskRef>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -82,9 +100,32 @@ pub struct VirtualMachineImageStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::schema::image_nodes")]
     pub nodes: Vec<ImageNodeStatus>,
+    /// Where the copy of a published image (source volume or snapshot) lives, written
+    /// once by the agent that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<PublishedImage>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::schema::conditions")]
     pub conditions: Vec<Condition>,
+}
+
+/// The copy of a published image: VMs and volumes that use the image run where it is.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedImage {
+    /// `local` (on `node` only) or the storage pool that holds the copy.
+    pub storage: String,
+    /// The node that made the copy; for local storage, the only node that has it.
+    pub node: String,
+    /// The copy's size as a disk, in bytes.
+    pub size_bytes: i64,
+}
+
+impl PublishedImage {
+    /// The node a VM using the image must run on, if the copy is local.
+    pub fn pinned_node(&self) -> Option<&str> {
+        (self.storage == super::volume::LOCAL).then_some(self.node.as_str())
+    }
 }
 
 /// Where an image stands, on one node or overall.

@@ -39,6 +39,9 @@ pub const MIGRATION_FINALIZER: &str = "vmlet.dev/migration";
 pub const VOLUME_FINALIZER: &str = "vmlet.dev/volume";
 /// The finalizer the agent that takes a snapshot holds until its copies are deleted.
 pub const SNAPSHOT_FINALIZER: &str = "vmlet.dev/snapshot";
+/// On a published VirtualMachineImage: held by the agent that keeps its copy until no VM
+/// or volume in the making uses it.
+pub const IMAGE_FINALIZER: &str = "vmlet.dev/image";
 /// Set by `kubectl vm drain` to the node a VM must leave by shutting down (its
 /// evictionStrategy is Shutdown): that node's agent stops it, the controller then unbinds
 /// it, and it starts wherever it is scheduled next.

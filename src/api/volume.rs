@@ -249,6 +249,9 @@ pub struct VirtualMachineRestoreStatus {
     /// Pending while the VM runs, then Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<RestorePhase>,
+    /// The node whose agent carries it out (where the VM is bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// What it waits for, how long it took, or why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -114,6 +114,7 @@ pub struct Caches {
     pub migrations: Store<VirtualMachineMigration>,
     pub volumes: Store<crate::api::VirtualMachineVolume>,
     pub snapshots: Store<crate::api::VirtualMachineSnapshot>,
+    pub images: Store<crate::api::VirtualMachineImage>,
 }
 
 impl Caches {

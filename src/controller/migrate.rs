@@ -432,6 +432,15 @@ async fn admit(m: &VirtualMachineMigration, ctx: &Context, vm: Option<&VirtualMa
                 ),
             };
         }
+        // So is an image published on a node's local storage: no other node has it.
+        if let Ok(super::volumes::Needs { node: Some(n), .. }) = super::volumes::needs_of(ctx, vm) {
+            return Verdict::Refuse {
+                reason: "ImagePinned",
+                message: format!(
+                    "the VM's image is published on node {n}'s local storage: no other node has it"
+                ),
+            };
+        }
     }
     let request = vm.and_then(|vm| {
         let class = class.clone()?;

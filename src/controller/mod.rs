@@ -245,6 +245,8 @@ async fn start(
         client.clone(),
     ));
     tokio::spawn(snapshots_run);
+    let (images, images_run) = cache(Api::<crate::api::VirtualMachineImage>::all(client.clone()));
+    tokio::spawn(images_run);
     let (leases, lease_writer) = reflector::store::<Lease>();
     tokio::spawn(classes_run);
     tokio::spawn(nodes_run);
@@ -260,6 +262,7 @@ async fn start(
             migrations,
             volumes,
             snapshots,
+            images,
         },
         view: Default::default(),
         epoch: Default::default(),

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::{Context, FIELD_MANAGER};
 use crate::api::volume::{SnapshotPhase, VirtualMachineSnapshot, VirtualMachineVolume};
-use crate::api::{VOLUME_FINALIZER, VirtualMachine};
+use crate::api::{VOLUME_FINALIZER, VirtualMachine, VirtualMachineImage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,26 +42,65 @@ fn blocked(reason: &'static str, message: String) -> Blocked {
     Blocked { reason, message }
 }
 
-/// Pure: what the volumes of `vm` ask of its node, or why it cannot be placed yet.
-pub fn needs(
-    vm: &VirtualMachine,
-    volume: &dyn Fn(&str) -> Option<Arc<VirtualMachineVolume>>,
-    snapshot: &dyn Fn(&str) -> Option<Arc<VirtualMachineSnapshot>>,
-) -> Result<Needs, Blocked> {
-    let me = vm.name_any();
-    let mut out = Needs::default();
-    let mut pin = |node: String, why: &str| -> Result<(), Blocked> {
-        match &out.node {
+/// The objects `needs` looks up by name in the VM's namespace.
+pub struct Lookup<'a> {
+    pub volume: &'a dyn Fn(&str) -> Option<Arc<VirtualMachineVolume>>,
+    pub snapshot: &'a dyn Fn(&str) -> Option<Arc<VirtualMachineSnapshot>>,
+    pub image: &'a dyn Fn(&str) -> Option<Arc<VirtualMachineImage>>,
+}
+
+impl Needs {
+    fn pin(&mut self, node: String, why: &str) -> Result<(), Blocked> {
+        match &self.node {
             Some(n) if *n != node => Err(blocked(
                 "VolumeConflict",
-                format!("{why} lives on node {node}, another local volume on {n}"),
+                format!("{why} lives on node {node}, other local data on {n}"),
             )),
             _ => {
-                out.node = Some(node);
+                self.node = Some(node);
                 Ok(())
             }
         }
-    };
+    }
+
+    fn pool(&mut self, pool: &str) {
+        if !self.pools.iter().any(|p| p == pool) {
+            self.pools.push(pool.to_string());
+        }
+    }
+
+    /// A published image's copy is read where it is kept (other images: anywhere).
+    fn image(&mut self, look: &Lookup<'_>, name: &str, why: &str) -> Result<(), Blocked> {
+        let Some(img) = (look.image)(name).filter(|i| i.spec.published()) else {
+            return Ok(());
+        };
+        match img.status.as_ref().and_then(|s| s.published.as_ref()) {
+            None => Err(blocked(
+                "ImageNotPublished",
+                format!("VirtualMachineImage {name} is not published yet"),
+            )),
+            Some(p) => match p.pinned_node() {
+                Some(node) => self.pin(node.to_string(), &format!("{why} (image {name})")),
+                None => {
+                    self.pool(&p.storage);
+                    Ok(())
+                }
+            },
+        }
+    }
+}
+
+/// Pure: what the volumes and published images of `vm` ask of its node, or why it cannot
+/// be placed yet.
+pub fn needs(vm: &VirtualMachine, look: &Lookup<'_>) -> Result<Needs, Blocked> {
+    let me = vm.name_any();
+    let mut out = Needs::default();
+    for d in &vm.spec.disks {
+        if let Some(i) = &d.image {
+            out.image(look, &i.name, &format!("disk {}", d.name))?;
+        }
+    }
+    let (volume, snapshot) = (look.volume, look.snapshot);
     for name in vm.spec.volumes() {
         let Some(v) = volume(name).filter(|v| v.metadata.deletion_timestamp.is_none()) else {
             return Err(blocked(
@@ -78,18 +117,20 @@ pub fn needs(
                 ),
             ));
         }
+        let source = v.spec.source.clone().unwrap_or_default();
+        // A new volume is made where its source's data is: a published image's copy.
+        if let (Some(i), None) = (&source.image, st.allocated_bytes) {
+            out.image(look, &i.name, &format!("volume {name}'s source"))?;
+        }
         if let Some(pool) = v.spec.pool() {
-            if !out.pools.iter().any(|p| p == pool) {
-                out.pools.push(pool.to_string());
-            }
+            out.pool(pool);
             continue;
         }
         if let Some(node) = st.node {
-            pin(node, &format!("volume {name}"))?;
+            out.pin(node, &format!("volume {name}"))?;
             continue;
         }
         // A new local volume is made where its source's data is, when that is local.
-        let source = v.spec.source.clone().unwrap_or_default();
         if let Some(other) = source.volume {
             let src = volume(&other.name);
             if let Some(node) = src
@@ -97,7 +138,7 @@ pub fn needs(
                 .filter(|s| s.spec.pool().is_none())
                 .and_then(|s| s.status.clone()?.node)
             {
-                pin(node, &format!("volume {name}'s source {}", other.name))?;
+                out.pin(node, &format!("volume {name}'s source {}", other.name))?;
             }
         }
         if let Some(snap) = source.snapshot {
@@ -119,7 +160,7 @@ pub fn needs(
                 .iter()
                 .any(|c| c.disk == snap.disk && c.storage == crate::api::volume::LOCAL);
             if let (true, Some(node)) = (local, st.node) {
-                pin(node, &format!("volume {name}'s snapshot {}", snap.name))?;
+                out.pin(node, &format!("volume {name}'s snapshot {}", snap.name))?;
             }
         }
     }
@@ -131,8 +172,11 @@ pub fn needs_of(ctx: &Context, vm: &VirtualMachine) -> Result<Needs, Blocked> {
     let ns = vm.namespace().unwrap_or_default();
     needs(
         vm,
-        &|n| ctx.caches.volumes.get(&ObjectRef::new(n).within(&ns)),
-        &|n| ctx.caches.snapshots.get(&ObjectRef::new(n).within(&ns)),
+        &Lookup {
+            volume: &|n| ctx.caches.volumes.get(&ObjectRef::new(n).within(&ns)),
+            snapshot: &|n| ctx.caches.snapshots.get(&ObjectRef::new(n).within(&ns)),
+            image: &|n| ctx.caches.images.get(&ObjectRef::new(n).within(&ns)),
+        },
     )
 }
 
@@ -248,14 +292,19 @@ pub fn error_policy(v: Arc<VirtualMachineVolume>, err: &Error, ctx: Arc<Context>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::image::{PublishedImage, VirtualMachineImageStatus as ImageStatus};
     use crate::api::volume::{
         SnapshotVolume, VirtualMachineSnapshotStatus, VirtualMachineVolumeStatus,
     };
 
     fn vm(volumes: &[&str]) -> VirtualMachine {
+        // "img:NAME" is a disk on image NAME; anything else a volume.
         let disks: Vec<_> = volumes
             .iter()
-            .map(|v| json!({"name": v, "volume": {"name": v}}))
+            .map(|v| match v.strip_prefix("img:") {
+                Some(i) => json!({"name": i, "image": {"name": i}}),
+                None => json!({"name": v, "volume": {"name": v}}),
+            })
             .collect();
         let mut vm = VirtualMachine::new(
             "me",
@@ -322,12 +371,54 @@ mod tests {
             }],
             ..Default::default()
         });
+        let image = |name: &str, source: serde_json::Value, published: Option<(&str, &str)>| {
+            let spec = json!({"format": "qcow2", "source": source});
+            let mut i = VirtualMachineImage::new(name, serde_json::from_value(spec).unwrap());
+            i.status = published.map(|(storage, node)| ImageStatus {
+                published: Some(PublishedImage {
+                    storage: storage.into(),
+                    node: node.into(),
+                    size_bytes: 1,
+                }),
+                ..Default::default()
+            });
+            Arc::new(i)
+        };
+        let from_vol = json!({"volume": {"name": "v"}});
+        let imgs = [
+            image("tpl-a", from_vol.clone(), Some(("local", "a"))),
+            image("tpl-nfs", from_vol.clone(), Some(("nfs", "b"))),
+            image("tpl-wait", from_vol, None),
+            image("plain", json!({"hostPath": {"path": "/x"}}), None),
+        ];
+        let mut made = (*vol(
+            "made-from-tpl-a",
+            json!({"size": "1Gi", "source": {"image": {"name": "tpl-a"}}}),
+            Some("b"),
+            None,
+        ))
+        .clone();
+        made.status.as_mut().unwrap().allocated_bytes = Some(1);
+        let vols = [
+            vols.to_vec(),
+            vec![
+                vol(
+                    "from-tpl-a",
+                    json!({"size": "1Gi", "storage": "nfs", "source": {"image": {"name": "tpl-a"}}}),
+                    None,
+                    None,
+                ),
+                Arc::new(made),
+            ],
+        ]
+        .concat();
         let mut p = s.clone();
         p.metadata.name = Some("p".into());
         p.status.as_mut().unwrap().phase = Some(SnapshotPhase::InProgress);
         let snaps = [Arc::new(s), Arc::new(p)];
         let volume = |n: &str| vols.iter().find(|v| v.name_any() == n).cloned();
         let snapshot = |n: &str| snaps.iter().find(|v| v.name_any() == n).cloned();
+        let image = |n: &str| imgs.iter().find(|v| v.name_any() == n).cloned();
         let ok = |node: Option<&str>, pools: &[&str]| -> Result<Needs, &'static str> {
             Ok(Needs {
                 node: node.map(str::to_string),
@@ -346,8 +437,20 @@ mod tests {
             (vec!["from-snap"], ok(Some("c"), &[])),
             (vec!["from-snap", "on-a"], Err("VolumeConflict")),
             (vec!["from-pending"], Err("VolumeSourceNotReady")),
+            (vec!["img:plain"], ok(None, &[])),
+            (vec!["img:tpl-a"], ok(Some("a"), &[])),
+            (vec!["img:tpl-a", "on-b"], Err("VolumeConflict")),
+            (vec!["img:tpl-nfs", "on-a"], ok(Some("a"), &["nfs"])),
+            (vec!["img:tpl-wait"], Err("ImageNotPublished")),
+            (vec!["from-tpl-a"], ok(Some("a"), &["nfs"])),
+            (vec!["made-from-tpl-a"], ok(Some("b"), &[])),
         ] {
-            let got = needs(&vm(&uses), &volume, &snapshot).map_err(|b| b.reason);
+            let look = Lookup {
+                volume: &volume,
+                snapshot: &snapshot,
+                image: &image,
+            };
+            let got = needs(&vm(&uses), &look).map_err(|b| b.reason);
             assert_eq!(got, want, "{uses:?}");
         }
     }
