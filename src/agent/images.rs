@@ -432,3 +432,44 @@ fn inspect_verdict(path: &Path, format: &str, info: &serde_json::Value) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image root that holds the state directory (or is it) still never yields a
+    /// VM's disk, a download, a volume, a snapshot copy or a published image.
+    #[test]
+    fn the_state_directorys_disks_are_never_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let cache = ImageCache::new(&state, dir.path().to_path_buf(), Default::default());
+        for sub in [
+            "vms/u",
+            "image-cache/ns",
+            "volumes",
+            "snapshots/s",
+            "published",
+            "images",
+        ] {
+            std::fs::create_dir_all(state.join(sub)).unwrap();
+            std::fs::write(state.join(sub).join("disk.qcow2"), b"x").unwrap();
+        }
+        for sub in [
+            "vms/u",
+            "image-cache/ns",
+            "volumes",
+            "snapshots/s",
+            "published",
+        ] {
+            let path = state.join(sub).join("disk.qcow2");
+            let got = cache.confine(path.to_str().unwrap());
+            assert!(
+                matches!(got, Err(ImageError::InStateDir(_))),
+                "{sub}: {got:?}"
+            );
+        }
+        let fine = state.join("images").join("disk.qcow2");
+        assert!(cache.confine(fine.to_str().unwrap()).is_ok());
+    }
+}
