@@ -6,6 +6,10 @@
 # "vmlet-marker:M" to the start of /dev/DEV when vmlet.write=M is given, prints what
 # the device starts with ("vmlet-disk-read=..."), and each heartbeat carries the
 # device's size as the guest sees it, in 512-byte sectors ("disk-sectors=N").
+# With vmlet.qga=1 it runs Debian's QEMU guest agent (qemu-ga, with the libraries it
+# links) on the org.qemu.guest_agent.0 virtio-serial port and says "vmlet-qga-up".
+# With vmlet.fs=DEV (e.g. vdb) it makes an ext2 filesystem on /dev/DEV unless it holds
+# one, and mounts it on /mnt: a filesystem for the guest agent to freeze.
 #   hack/tiny-guest.sh [DIR]   writes DIR/vmlinuz and DIR/initrd.gz (default .cache/guest)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,8 +21,8 @@ exec 9>"$CACHE/.lock"
 flock 9
 
 # The kernel and its virtio block modules come from one package: fetched together.
-MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
-if [[ ! -f "$CACHE/vmlinuz" || ! -f "$CACHE/modules/virtio_blk.ko" ]]; then
+MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console"
+if [[ ! -f "$CACHE/vmlinuz" || ! -f "$CACHE/modules/virtio_console.ko" ]]; then
   work=$(mktemp -d)
   (
     cd "$work"
@@ -36,16 +40,37 @@ if [[ ! -f "$CACHE/vmlinuz" || ! -f "$CACHE/modules/virtio_blk.ko" ]]; then
   mv "$CACHE/vmlinuz.tmp" "$CACHE/vmlinuz"
 fi
 
+# The guest agent, from the same Debian release as this host: the libraries it links are
+# this host's (qemu needs the same ones), copied beside it by what ldd resolves.
+if [[ ! -x "$CACHE/qga/qemu-ga" ]]; then
+  work=$(mktemp -d)
+  (
+    cd "$work"
+    apt-get download qemu-guest-agent >/dev/null 2>&1 || { apt-get update -qq && apt-get download qemu-guest-agent >/dev/null; }
+    dpkg-deb -x qemu-guest-agent_*.deb x
+    rm -rf "$CACHE/qga.tmp" && mkdir -p "$CACHE/qga.tmp/lib"
+    cp x/usr/sbin/qemu-ga "$CACHE/qga.tmp/"
+    ldd x/usr/sbin/qemu-ga | grep -o '/[^ ]*' | while read -r lib; do
+      cp -L "$lib" "$CACHE/qga.tmp/lib/"
+    done
+  )
+  rm -rf "$work" "$CACHE/qga"
+  mv "$CACHE/qga.tmp" "$CACHE/qga"
+fi
+
 # Rebuilt when this script (which holds the init program) changes, by content: a fresh
 # clone's new file times must not force a rebuild.
-stamp=$(cat "$0" "$CACHE"/modules/*.ko | sha256sum | cut -c1-16)
+stamp=$(cat "$0" "$CACHE"/modules/*.ko "$CACHE/qga/qemu-ga" | sha256sum | cut -c1-16)
 if [[ ! -f "$CACHE/initrd.gz" || "$(cat "$CACHE/initrd.stamp" 2>/dev/null)" != "$stamp" ]]; then
   busybox=$(command -v busybox || echo /bin/busybox)
   [[ -x $busybox ]] || { echo "busybox-static is not installed: run hack/deps.sh" >&2; exit 1; }
   work=$(mktemp -d)
-  mkdir -p "$work/bin" "$work/proc" "$work/sys" "$work/dev" "$work/lib/modules"
+  mkdir -p "$work/bin" "$work/proc" "$work/sys" "$work/dev" "$work/lib/modules" "$work/lib64" "$work/tmp" "$work/var/run"
   cp "$busybox" "$work/bin/busybox"
   cp "$CACHE"/modules/*.ko "$work/lib/modules/"
+  cp "$CACHE/qga/qemu-ga" "$work/bin/"
+  cp "$CACHE"/qga/lib/* "$work/lib/"
+  ln -s ../lib/ld-linux-x86-64.so.2 "$work/lib64/ld-linux-x86-64.so.2"
   cat > "$work/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -58,12 +83,39 @@ if grep -q vmlet.poweroff /proc/cmdline; then
 fi
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | head -n1 | tr -cd 'A-Za-z0-9_-'; }
 dev=$(arg vmlet.disk)
-if [ -n "$dev" ]; then
+qga=$(arg vmlet.qga)
+fs=$(arg vmlet.fs)
+if [ -n "$dev" ] || [ -n "$qga" ] || [ -n "$fs" ]; then
   # In dependency order (each module's depends=).
-  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console; do
     insmod /lib/modules/$m.ko || echo "vmlet-insmod-failed=$m"
   done
   mount -t devtmpfs dev /dev
+fi
+if [ -n "$fs" ]; then
+  n=0
+  while [ ! -b "/dev/$fs" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+  mkdir -p /mnt
+  mount -t ext2 "/dev/$fs" /mnt 2>/dev/null || { mke2fs -q "/dev/$fs" && mount -t ext2 "/dev/$fs" /mnt; }
+  if grep -q " /mnt " /proc/mounts; then echo "vmlet-fs-mounted=$fs"; else echo "vmlet-fs-failed=$fs"; fi
+fi
+if [ -n "$qga" ]; then
+  port=
+  n=0
+  while [ -z "$port" ] && [ $n -lt 100 ]; do
+    for p in /sys/class/virtio-ports/*; do
+      [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+    done
+    [ -n "$port" ] || { sleep 0.1; n=$((n+1)); }
+  done
+  if [ -n "$port" ]; then
+    LD_LIBRARY_PATH=/lib /bin/qemu-ga -m virtio-serial -p "$port" -t /tmp &
+    echo "vmlet-qga-up port=$port"
+  else
+    echo "vmlet-qga-missing"
+  fi
+fi
+if [ -n "$dev" ]; then
   n=0
   while [ ! -b "/dev/$dev" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
   [ -b "/dev/$dev" ] || echo "vmlet-disk-missing=$dev"

@@ -319,8 +319,23 @@ async fn volumes_outlive_vms_grow_snapshot_restore_and_clone() {
         "{shrink:?}"
     );
 
-    // A snapshot while it runs; then the guest overwrites the marker.
+    // A snapshot while it runs (crash-consistent: no guest agent); then the guest
+    // overwrites the marker.
     let took = snapshot(&lab, "snap1", "writer").await;
+    let snaps: Api<VirtualMachineSnapshot> = Api::namespaced(lab.client.clone(), &lab.ns);
+    assert_eq!(
+        snaps
+            .get("snap1")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .indications,
+        vec![
+            vmlet::api::volume::SnapshotIndication::Online,
+            vmlet::api::volume::SnapshotIndication::NoGuestAgent
+        ]
+    );
     println!(
         "snapshot of a running 96 MiB volume: {:.2} s",
         took.as_secs_f64()
@@ -592,6 +607,78 @@ async fn configured_disks_publish_as_templates() {
         .unwrap();
     assert!(gone(&images, "from-snap").await, "the image stayed");
     assert!(!copy.exists(), "the deleted image's copy stayed");
+
+    common::delete_vms_and_namespace(&lab.client, &lab.ns).await;
+    common::forget_node(&lab.client, &lab.node).await;
+}
+
+/// A snapshot of a running VM with a guest agent freezes its filesystems for the instant
+/// of the copy: the tiny guest mounts an ext2 filesystem on its volume and runs Debian's
+/// qemu-ga. A VM whose channel has no agent behind it is still copied, crash-consistent,
+/// and its snapshot says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_freeze_the_guests_filesystems_through_its_agent() {
+    let lab = lab("quiesce").await;
+    let snaps: Api<VirtualMachineSnapshot> = Api::namespaced(lab.client.clone(), &lab.ns);
+    let mut uids = Vec::new();
+    for (name, cmdline) in [
+        ("agent", "console=ttyS0 panic=-1 vmlet.fs=vda vmlet.qga=1"),
+        ("mute", "console=ttyS0 panic=-1 vmlet.fs=vda"),
+    ] {
+        let vol = format!("{name}-fs");
+        lab.volume(&vol, json!({"size": "64Mi"})).await;
+        let spec = json!({
+            "runStrategy": "Always",
+            "memory": "256Mi",
+            "guestAgent": true,
+            "nodeSelector": {LABEL: lab.node},
+            "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"},
+                     "cmdline": cmdline},
+            "disks": [{"name": "data", "volume": {"name": vol}}],
+        });
+        uids.push(create(&lab.vms(), name, spec).await);
+    }
+    console_says(&lab.console(&uids[0]), 0, "vmlet-qga-up", 120).await;
+    console_says(&lab.console(&uids[0]), 0, "vmlet-fs-mounted=vda", 120).await;
+    console_says(&lab.console(&uids[1]), 0, "vmlet-fs-mounted=vda", 120).await;
+    // The agent opens its port a moment after it says it started.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    use vmlet::api::volume::SnapshotIndication::*;
+    let took = snapshot(&lab, "frozen", "agent").await;
+    let st = snaps.get("frozen").await.unwrap().status.unwrap();
+    println!(
+        "quiesced snapshot: {:.2} s ({:?})",
+        took.as_secs_f64(),
+        st.message
+    );
+    assert_eq!(st.indications, vec![Online, GuestAgent], "{:?}", st.message);
+    assert!(
+        st.message
+            .as_deref()
+            .is_some_and(|m| m.contains("1 filesystem(s) frozen")),
+        "{:?}",
+        st.message
+    );
+    // The guest runs on, thawed: it still writes its heartbeat.
+    let at = len(&lab.console(&uids[0]));
+    console_says(&lab.console(&uids[0]), at, "vmlet-guest-heartbeat", 30).await;
+
+    snapshot(&lab, "crash", "mute").await;
+    let st = snaps.get("crash").await.unwrap().status.unwrap();
+    assert_eq!(
+        st.indications,
+        vec![Online, QuiesceFailed],
+        "{:?}",
+        st.message
+    );
+    assert!(
+        st.message
+            .as_deref()
+            .is_some_and(|m| m.contains("not quiesced")),
+        "{:?}",
+        st.message
+    );
 
     common::delete_vms_and_namespace(&lab.client, &lab.ns).await;
     common::forget_node(&lab.client, &lab.node).await;

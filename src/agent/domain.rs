@@ -166,6 +166,8 @@ pub struct Devices {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<Serial>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<Channel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graphics: Option<Graphics>,
     pub video: Video,
     pub memballoon: ModelOnly,
@@ -348,6 +350,22 @@ pub struct SerialSource {
 pub struct SerialTarget {
     #[serde(rename = "@port")]
     pub port: u32,
+}
+
+/// The guest agent's virtio-serial channel; libvirt picks the host socket's path.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Channel {
+    #[serde(rename = "@type")]
+    pub kind: String,
+    pub target: ChannelTarget,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ChannelTarget {
+    #[serde(rename = "@type")]
+    pub kind: String,
+    #[serde(rename = "@name")]
+    pub name: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

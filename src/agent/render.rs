@@ -14,6 +14,9 @@ use crate::api::quantity;
 use crate::api::vm::{self as spec, DiskBus, Firmware, Machine, NicModel, VirtualMachineSpec};
 use crate::api::{VirtualMachine, VirtualMachineClassSpec};
 
+/// The virtio-serial port name qemu-ga looks for in the guest.
+pub const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RenderError {
     #[error("VM has no uid yet")]
@@ -212,6 +215,13 @@ pub fn render(
         controllers,
         interfaces: interfaces_of(vm, uid),
         serial: Some(serial_of(node, uid)),
+        channel: (vm.spec.guest_agent == Some(true)).then(|| domain::Channel {
+            kind: "unix".into(),
+            target: domain::ChannelTarget {
+                kind: "virtio".into(),
+                name: GUEST_AGENT_CHANNEL.into(),
+            },
+        }),
         graphics: (vm.spec.graphics == Some(true)).then(|| domain::Graphics {
             kind: "vnc".into(),
             autoport: "yes".into(),

@@ -15,10 +15,11 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
 use super::Context;
+use super::libvirt::Quiesce;
 use super::volumes::{snapshot_file, storage_root, volume_file};
 use crate::api::volume::{
-    RestorePhase, SnapshotPhase, SnapshotVolume, VirtualMachineRestore, VirtualMachineSnapshot,
-    VirtualMachineVolume,
+    RestorePhase, SnapshotIndication, SnapshotPhase, SnapshotVolume, VirtualMachineRestore,
+    VirtualMachineSnapshot, VirtualMachineVolume,
 };
 use crate::api::{SNAPSHOT_FINALIZER, VOLUME_FINALIZER, VirtualMachine, quantity};
 
@@ -187,11 +188,21 @@ pub async fn snapshot(s: Arc<VirtualMachineSnapshot>, ctx: Arc<Context>) -> Resu
     let started = Instant::now();
     let taken = take(&ctx, &vm, &uid).await;
     let status = match taken {
-        Ok(volumes) => {
+        Ok((volumes, online)) => {
             tracing::info!(snapshot = %s.name_any(), vm = %vm.name_any(), took_s = started.elapsed().as_secs_f64(), "snapshot taken");
+            let mut message = format!(
+                "{} volume(s) copied in {:.1} s",
+                volumes.len(),
+                started.elapsed().as_secs_f64()
+            );
+            match &online {
+                Some(Quiesce::Frozen(n)) => message += &format!("; {n} filesystem(s) frozen"),
+                Some(Quiesce::Failed(why)) => message += &format!("; not quiesced: {why}"),
+                _ => {}
+            }
             json!({"phase": SnapshotPhase::Succeeded, "readyToUse": true, "node": ctx.node,
                    "vmUid": vm_uid, "creationTime": Time(Timestamp::now()), "volumes": volumes,
-                   "message": format!("{} volume(s) copied in {:.1} s", volumes.len(), started.elapsed().as_secs_f64())})
+                   "indications": indications(online.as_ref()), "message": message})
         }
         Err(e) => {
             for dir in snapshot_dirs(&ctx, &uid) {
@@ -245,13 +256,26 @@ async fn copies(ctx: &Context, vm: &VirtualMachine, snap_uid: &str) -> Result<Ve
     Ok(out)
 }
 
+/// Pure: what a snapshot says of its consistency, from how it was taken (None: stopped).
+fn indications(online: Option<&Quiesce>) -> Vec<SnapshotIndication> {
+    use SnapshotIndication::*;
+    match online {
+        None => vec![],
+        Some(Quiesce::NotAsked) => vec![Online, NoGuestAgent],
+        Some(Quiesce::Frozen(_)) => vec![Online, GuestAgent],
+        Some(Quiesce::Failed(_)) => vec![Online, QuiesceFailed],
+    }
+}
+
 /// Copies every volume of the VM: through libvirt's backup job while it runs (one
-/// instant for all disks), by qemu-img while it is stopped (no start meanwhile).
+/// instant for all disks, the guest's filesystems frozen for it when it has a guest
+/// agent), by qemu-img while it is stopped (no start meanwhile). With the copies, how the
+/// running VM was quiesced (None: it was stopped).
 async fn take(
     ctx: &Context,
     vm: &VirtualMachine,
     snap_uid: &str,
-) -> Result<Vec<SnapshotVolume>, Error> {
+) -> Result<(Vec<SnapshotVolume>, Option<Quiesce>), Error> {
     let copies = copies(ctx, vm, snap_uid).await?;
     for c in &copies {
         if let Some(dir) = c.to.parent() {
@@ -263,11 +287,12 @@ async fn take(
     let vm_uid = vm.uid().unwrap_or_default();
     let _busy = Busy::hold(ctx, &vm_uid);
     let domain = ctx.lv.lookup(&vm_uid).await?;
-    match domain.filter(|d| d.state.active()) {
+    let online = match domain.filter(|d| d.state.active()) {
         Some(_) => {
             let xml = ctx.lv.migratable_xml(&vm_uid).await?;
             let backup = backup_xml(&xml, &copies).map_err(|e| Error::Other(e.to_string()))?;
-            ctx.lv.backup(&vm_uid, backup).await?;
+            let quiesce = vm.spec.guest_agent == Some(true);
+            Some(ctx.lv.backup(&vm_uid, backup, quiesce).await?)
         }
         None => {
             for c in &copies {
@@ -275,8 +300,9 @@ async fn take(
                     .await
                     .map_err(|e| Error::Other(e.to_string()))?;
             }
+            None
         }
-    }
+    };
     let mut out = Vec::new();
     for c in copies {
         let (size, _) = super::volumes::sizes(&c.to).await.map_err(Error::Other)?;
@@ -290,7 +316,7 @@ async fn take(
             size_bytes: size as i64,
         });
     }
-    Ok(out)
+    Ok((out, online))
 }
 
 /// Pure: libvirt's push-mode backup description: each volume's disk (found by its file
@@ -487,6 +513,23 @@ mod tests {
         <disk type='file' device='cdrom'><source file='/var/lib/vmlet/vms/x/disk-seed.iso'/>\
           <target dev='sda' bus='sata'/><readonly/></disk>\
         <controller type='usb' index='0' model='none'/><memballoon model='virtio'/></devices></domain>";
+
+    #[test]
+    fn a_snapshot_says_how_consistent_it_is() {
+        use SnapshotIndication::*;
+        let cases = [
+            (None, vec![]),
+            (Some(Quiesce::NotAsked), vec![Online, NoGuestAgent]),
+            (Some(Quiesce::Frozen(0)), vec![Online, GuestAgent]),
+            (
+                Some(Quiesce::Failed("x".into())),
+                vec![Online, QuiesceFailed],
+            ),
+        ];
+        for (online, want) in cases {
+            assert_eq!(indications(online.as_ref()), want, "{online:?}");
+        }
+    }
 
     #[test]
     fn a_backup_copies_the_volumes_and_leaves_out_every_other_disk() {

@@ -102,6 +102,12 @@ pub struct VirtualMachineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graphics: Option<bool>,
 
+    /// Give the guest a channel for the QEMU guest agent (qemu-ga, which the guest must
+    /// run): snapshots freeze its filesystems for an application-consistent copy. Default
+    /// false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<bool>,
+
     /// Seconds an ACPI shutdown may take before the domain is destroyed. Default 30.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 3600))]

@@ -183,9 +183,24 @@ pub struct VirtualMachineSnapshotStatus {
     /// One copy per volume of the VM.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<SnapshotVolume>,
+    /// How consistent the copy is, as KubeVirt says it: Online (taken while the VM ran),
+    /// GuestAgent (its filesystems frozen by the guest agent for the instant),
+    /// NoGuestAgent (the VM has no guest agent channel: crash-consistent) or
+    /// QuiesceFailed (it has one, which did not freeze: crash-consistent). None when
+    /// taken while the VM was stopped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub indications: Vec<SnapshotIndication>,
     /// How it went: the time it took, or why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SnapshotIndication {
+    Online,
+    GuestAgent,
+    NoGuestAgent,
+    QuiesceFailed,
 }
 
 /// One copied volume.

@@ -12,7 +12,9 @@ use virt::domain::Domain;
 use virt::sys;
 
 use super::super::domain::owner_of;
-use super::{DomainInfo, DomainStats, Guest, Libvirt, LibvirtError, NodeInfo, Result, RunState};
+use super::{
+    DomainInfo, DomainStats, Guest, Libvirt, LibvirtError, NodeInfo, Quiesce, Result, RunState,
+};
 
 fn guest_of(dom: &Domain) -> Result<Guest> {
     let (state, reason) = state_and_reason(dom)?;
@@ -464,17 +466,34 @@ impl Libvirt for Connection {
         .await
     }
 
-    async fn backup(&self, uuid: &str, backup_xml: String) -> Result<()> {
+    async fn backup(&self, uuid: &str, backup_xml: String, quiesce: bool) -> Result<Quiesce> {
         let uuid = uuid.to_string();
         self.call(move |c| {
             let d = c.lookup_domain_by_uuid_string(&uuid)?;
             let xml = std::ffi::CString::new(backup_xml)
                 .map_err(|e| LibvirtError::Refused(e.to_string()))?;
+            // SAFETY (both calls): a live domain handle; no mountpoint list means all.
+            let frozen = if quiesce {
+                match unsafe { sys::virDomainFSFreeze(d.as_ptr(), std::ptr::null_mut(), 0, 0) } {
+                    n if n >= 0 => Quiesce::Frozen(n as u32),
+                    _ => Quiesce::Failed(virt::error::Error::last_error().to_string()),
+                }
+            } else {
+                Quiesce::NotAsked
+            };
             // SAFETY: a live domain handle and a NUL-terminated XML string.
-            if unsafe { sys::virDomainBackupBegin(d.as_ptr(), xml.as_ptr(), std::ptr::null(), 0) }
-                < 0
+            let begun =
+                unsafe { sys::virDomainBackupBegin(d.as_ptr(), xml.as_ptr(), std::ptr::null(), 0) };
+            let refused = (begun < 0).then(virt::error::Error::last_error);
+            // The job has fixed its instant (or failed): the guest runs on at once.
+            if matches!(frozen, Quiesce::Frozen(_))
+                && unsafe { sys::virDomainFSThaw(d.as_ptr(), std::ptr::null_mut(), 0, 0) } < 0
             {
-                return Err(virt::error::Error::last_error().into());
+                let e = virt::error::Error::last_error();
+                tracing::warn!(%uuid, error = %e, "thawing the guest's filesystems failed");
+            }
+            if let Some(e) = refused {
+                return Err(e.into());
             }
             // The job runs in QEMU; its end is when no job remains on the domain.
             loop {
@@ -490,7 +509,7 @@ impl Libvirt for Connection {
                     done.r#type
                 )));
             }
-            Ok(())
+            Ok(frozen)
         })
         .await
     }

@@ -333,7 +333,7 @@ impl Libvirt for Fake {
         }
     }
 
-    async fn backup(&self, _uuid: &str, _xml: String) -> Result<()> {
+    async fn backup(&self, _uuid: &str, _xml: String, _quiesce: bool) -> Result<super::Quiesce> {
         Err(refused("the fake libvirt copies no disks"))
     }
 

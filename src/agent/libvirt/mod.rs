@@ -106,6 +106,18 @@ pub struct DomainStats {
 /// Every libvirt operation the agent performs, on one node's libvirt. Domains are named
 /// by UUID (the VM's uid). Operations on a domain that does not exist succeed doing
 /// nothing, except where they return what they found.
+/// What freezing the guest's filesystems around a backup came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quiesce {
+    /// Not asked: the VM has no guest agent channel.
+    NotAsked,
+    /// The guest agent froze this many filesystems for the instant of the copy.
+    Frozen(u32),
+    /// Asked, but the agent did not freeze (not running, not answering): the copy is
+    /// crash-consistent only.
+    Failed(String),
+}
+
 #[async_trait::async_trait]
 pub trait Libvirt: Send + Sync {
     /// The connection URI, as other nodes' agents reach this libvirt for migrations.
@@ -173,7 +185,9 @@ pub trait Libvirt: Send + Sync {
     async fn block_resize(&self, uuid: &str, disk: &str, bytes: u64) -> Result<()>;
     /// Copies disks of a running domain as they are at this instant (libvirt's push-mode
     /// backup job, described by `backup_xml`), and returns when the copies are complete.
-    async fn backup(&self, uuid: &str, backup_xml: String) -> Result<()>;
+    /// With `quiesce`, the guest agent freezes the guest's filesystems for the instant
+    /// the job starts and thaws them right after (the job copies that instant).
+    async fn backup(&self, uuid: &str, backup_xml: String, quiesce: bool) -> Result<Quiesce>;
     /// Statistics of the domain's last completed job: (downtime in ms, bytes sent).
     async fn completed_job(&self, uuid: &str) -> Result<(Option<u64>, Option<u64>)>;
     /// Aborts the domain's running job (a migration): the domain keeps running here.
