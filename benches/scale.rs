@@ -196,6 +196,8 @@ async fn main() -> anyhow::Result<()> {
             peer_key_file: None,
             downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
             storage_pools: vec![],
+            stream_tls_dir: None,
+            stream_addr: "127.0.0.1:0".into(),
         };
         agents.push(tokio::spawn(vmlet::agent::run_with(
             args,

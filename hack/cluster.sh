@@ -143,6 +143,24 @@ scheduler_pki() {
   (cd "$PKI" && sign scheduler "/CN=system:kube-scheduler" client.ext)
 }
 
+# The front proxy: the API server calls aggregated API servers (vmlet's
+# subresources.vmlet.dev) with this client certificate, from a CA of its own, and the
+# user in X-Remote-* headers. Also for a PKI made before the aggregated API existed.
+front_proxy_pki() {
+  [[ -f "$PKI/front-proxy-client.crt" ]] && return
+  (
+    cd "$PKI"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout front-proxy-ca.key \
+      -out front-proxy-ca.crt -subj "/CN=vmlet-front-proxy-ca" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -keyout front-proxy-client.key \
+      -out front-proxy-client.csr -subj "/CN=front-proxy-client" 2>/dev/null
+    openssl x509 -req -in front-proxy-client.csr -CA front-proxy-ca.crt -CAkey front-proxy-ca.key \
+      -CAcreateserial -days 3650 -extfile client.ext -out front-proxy-client.crt 2>/dev/null
+    rm -f front-proxy-client.csr
+    chmod 600 ./*.key
+  )
+}
+
 kubeconfig() { # out user cert key
   cat > "$1" <<EOF
 apiVersion: v1
@@ -212,14 +230,18 @@ up() {
   if ((fresh)); then
     down
     rm -rf "$STATE"
-  elif healthy; then
+  elif healthy && grep -q requestheader "/proc/$(cat "$RUN/kube-apiserver.pid")/cmdline" 2>/dev/null; then
     log "control plane already up; kubeconfig: $KUBECONFIG_OUT"
     return
+  elif healthy; then
+    log "restarting the control plane with the front proxy (aggregated APIs)"
+    down
   fi
   [[ -x "$BIN/kube-apiserver" ]] || build
   mkdir -p "$LOGS" "$RUN" "$ETCD_DATA"
   chmod 700 "$ETCD_DATA"
   gen_pki
+  front_proxy_pki
 
   start etcd --name vmlet-local --data-dir "$ETCD_DATA" \
     --listen-client-urls "https://127.0.0.1:$ETCD_CLIENT_PORT" \
@@ -250,6 +272,14 @@ up() {
     --api-audiences "https://kubernetes.default.svc.cluster.local" \
     --service-cluster-ip-range "$SERVICE_CIDR" \
     --allow-privileged=true \
+    --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" \
+    --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User \
+    --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$PKI/front-proxy-client.crt" \
+    --proxy-client-key-file "$PKI/front-proxy-client.key" \
+    --enable-aggregator-routing=true \
     --profiling=false
   wait_url kube-apiserver "https://127.0.0.1:$APISERVER_PORT/readyz" admin 90
 

@@ -10,6 +10,8 @@
 # links) on the org.qemu.guest_agent.0 virtio-serial port and says "vmlet-qga-up".
 # With vmlet.fs=DEV (e.g. vdb) it makes an ext2 filesystem on /dev/DEV unless it holds
 # one, and mounts it on /mnt: a filesystem for the guest agent to freeze.
+# With vmlet.shell=1 a shell reads the serial console ("vmlet-shell-up"): what is typed
+# into the console runs, and its output comes back on it.
 #   hack/tiny-guest.sh [DIR]   writes DIR/vmlinuz and DIR/initrd.gz (default .cache/guest)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -91,6 +93,11 @@ if [ -n "$dev" ] || [ -n "$qga" ] || [ -n "$fs" ]; then
     insmod /lib/modules/$m.ko || echo "vmlet-insmod-failed=$m"
   done
   mount -t devtmpfs dev /dev
+fi
+if [ -n "$(arg vmlet.shell)" ]; then
+  grep -q " /dev " /proc/mounts || mount -t devtmpfs dev /dev
+  sh </dev/ttyS0 >/dev/ttyS0 2>&1 &
+  echo "vmlet-shell-up"
 fi
 if [ -n "$fs" ]; then
   n=0

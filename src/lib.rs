@@ -1,7 +1,8 @@
 //! vmlet: virtual machines as Kubernetes custom resources.
 //!
 //! `api` holds the CRD types; `agent` turns VMs bound to a node into libvirt domains;
-//! `controller` places VMs on nodes. Controller and agent never import each other.
+//! `controller` places VMs on nodes; `subresources` serves the aggregated API that opens
+//! VM consoles and displays through the agents. None of the three imports another.
 
 pub mod agent;
 pub mod api;
@@ -11,5 +12,7 @@ pub mod kubeconfig;
 pub mod kubectl;
 pub mod patch;
 pub mod shutdown;
+pub mod subresources;
 pub mod telemetry;
+pub mod tls;
 pub mod watch;

@@ -16,6 +16,8 @@ enum Command {
     Agent(vmlet::agent::Args),
     /// Run the controller: place VMs on hypervisors (leader-elected).
     Controller(vmlet::controller::Args),
+    /// Serve subresources.vmlet.dev (VM consoles and displays) behind the API server.
+    Api(vmlet::subresources::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +38,11 @@ fn main() -> anyhow::Result<()> {
             vmlet::telemetry::init();
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(vmlet::controller::run(args))
+        }
+        Command::Api(args) => {
+            vmlet::telemetry::init();
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(vmlet::subresources::run(args))
         }
     }
 }

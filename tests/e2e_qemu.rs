@@ -106,7 +106,6 @@ async fn tiny_guest_boots_to_userspace_and_is_cleaned_up() {
             .status(),
         200
     );
-    console_through_the_agent(&ns).await;
     let vm = api.get("tiny").await.unwrap();
     let accel = vm
         .status
@@ -266,6 +265,8 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
         peer_key_file: None,
         downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
         storage_pools: vec![],
+        stream_tls_dir: None,
+        stream_addr: "127.0.0.1:0".into(),
     };
     let agent = tokio::spawn(vmlet::agent::run_with(
         args,
@@ -401,129 +402,4 @@ async fn killed_qemu_is_restarted_with_backoff() {
     let _ = Api::<vmlet::api::Hypervisor>::all(client.clone())
         .delete(&node, &DeleteParams::default())
         .await;
-}
-
-fn kubectl(args: &[&str]) -> std::process::Output {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let plugin_dir = Path::new(env!("CARGO_BIN_EXE_kubectl-vm"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let path = format!(
-        "{}:{}:{}",
-        plugin_dir.display(),
-        root.join(".cache/bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    Command::new("kubectl")
-        .args(args)
-        .env("PATH", path)
-        .env("KUBECONFIG", common::kubeconfig_path())
-        .output()
-        .expect("kubectl")
-}
-
-/// `kubectl vm console` reads the guest's serial output through its agent, which admits a
-/// ServiceAccount allowed `get virtualmachines/console` and refuses one that is not.
-async fn console_through_the_agent(ns: &str) {
-    let rbac = format!(
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: console-reader, namespace: {ns}}}\n---\n\
-         apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: nobody, namespace: {ns}}}\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: vm-console, namespace: {ns}}}\n\
-         rules: [{{apiGroups: [vmlet.dev], resources: [virtualmachines/console], verbs: [get]}}]\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: vm-console, namespace: {ns}}}\n\
-         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: vm-console}}\n\
-         subjects: [{{kind: ServiceAccount, name: console-reader, namespace: {ns}}}]\n"
-    );
-    let file = std::env::temp_dir().join(format!("vmlet-console-rbac-{ns}.yaml"));
-    std::fs::write(&file, rbac).unwrap();
-    let out = kubectl(&["apply", "-f", file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = |sa: &str| {
-        let out = kubectl(&["create", "token", sa, "-n", ns]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
-    let reader = token("console-reader");
-    let out = kubectl(&["vm", "console", "tiny", "-n", ns, "--token", &reader]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("vmlet-guest-up"),
-        "console: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = kubectl(&[
-        "vm",
-        "console",
-        "tiny",
-        "-n",
-        ns,
-        "--token",
-        &token("nobody"),
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("403"),
-        "nobody read the console: {err}"
-    );
-    let out = kubectl(&["vm", "console", "tiny", "-n", ns, "--token", "not-a-token"]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("401"));
-    // --follow streams what the guest keeps writing (the heartbeat every 2 s).
-    let mut child = Command::new("kubectl")
-        .args(["vm", "console", "tiny", "-n", ns, "-f", "--token", &reader])
-        .env(
-            "PATH",
-            format!(
-                "{}:{}:{}",
-                Path::new(env!("CARGO_BIN_EXE_kubectl-vm"))
-                    .parent()
-                    .unwrap()
-                    .display(),
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join(".cache/bin")
-                    .display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .env("KUBECONFIG", common::kubeconfig_path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let seen = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            let n = stdout.read(&mut chunk).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if String::from_utf8_lossy(&buf)
-                .matches("vmlet-guest-heartbeat")
-                .count()
-                >= 2
-            {
-                return true;
-            }
-        }
-        false
-    });
-    let seen = tokio::time::timeout(Duration::from_secs(25), seen).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        matches!(seen, Ok(Ok(true))),
-        "console --follow did not stream new output"
-    );
 }

@@ -81,6 +81,8 @@ async fn agent_reconnects_after_libvirtd_is_killed_and_restarted() {
         peer_key_file: None,
         downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
         storage_pools: vec![],
+        stream_tls_dir: None,
+        stream_addr: "127.0.0.1:0".into(),
     };
     let agent = tokio::spawn(vmlet::agent::run_with(
         args,

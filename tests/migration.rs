@@ -169,25 +169,10 @@ async fn lab_with(prefix: &str, process: Option<usize>) -> Lab {
         let state = base.join("state");
         std::fs::create_dir_all(base.join("images")).unwrap();
         let args = vmlet::agent::Args {
-            node: node.clone(),
-            libvirt_uri: uri.to_string(),
-            state_dir: state.clone(),
-            image_root: base.join("images"),
-            accel: vmlet::agent::accel::AccelChoice::Tcg,
-            reserved_memory: "0".into(),
-            metrics_addr: "127.0.0.1:0".into(),
-            advertise_address: None,
             migration_uri: Some(tls_uri(uri)),
-            migration_tls: true,
-            orphan_grace_seconds: 5,
-            lease_duration_seconds: 15,
-            heartbeat_seconds: 2,
-            fence_after_seconds: 0,
-            kubeconfig: Some(common::kubeconfig_path()),
-            peer_key_file: None,
-            downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
             // One directory both hosts see: a storage pool.
             storage_pools: vec![format!("shared={}", dir.path().join("pool").display())],
+            ..common::agent_args(&node, uri, &base)
         };
         let mut child = None;
         if process == Some(i) {

@@ -163,9 +163,9 @@ pub fn probe_xml(name: &str, firmware: &Path, out: &Path, host_cpu: bool) -> Str
         on_poweroff: "destroy",
         devices: ProbeDevices {
             serial: domain::Serial {
-                kind: "file".into(),
-                source: domain::SerialSource {
-                    path: out.display().to_string(),
+                kind: "pty".into(),
+                log: domain::SerialLog {
+                    file: out.display().to_string(),
                     append: "off".into(),
                 },
                 target: domain::SerialTarget { port: 0 },

@@ -329,19 +329,20 @@ pub struct ModelOnly {
     pub model: String,
 }
 
-/// The serial console, written to a file the agent can follow.
+/// The serial console: a pty libvirt hands out as a stream (virDomainOpenConsole), its
+/// output also logged (by virtlogd) to a file the agent can follow.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Serial {
     #[serde(rename = "@type")]
     pub kind: String,
-    pub source: SerialSource,
+    pub log: SerialLog,
     pub target: SerialTarget,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct SerialSource {
-    #[serde(rename = "@path")]
-    pub path: String,
+pub struct SerialLog {
+    #[serde(rename = "@file")]
+    pub file: String,
     #[serde(rename = "@append")]
     pub append: String,
 }
@@ -368,14 +369,19 @@ pub struct ChannelTarget {
     pub name: String,
 }
 
+/// VNC without a listening socket: clients come only through libvirt
+/// (virDomainOpenGraphicsFD), so no port opens on the host.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Graphics {
     #[serde(rename = "@type")]
     pub kind: String,
-    #[serde(rename = "@autoport")]
-    pub autoport: String,
-    #[serde(rename = "@listen")]
-    pub listen: String,
+    pub listen: GraphicsListen,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GraphicsListen {
+    #[serde(rename = "@type")]
+    pub kind: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

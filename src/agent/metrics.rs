@@ -309,7 +309,6 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>) {
                     Some(why) => Reply::error(503, format!("libvirt unreachable: {why}")),
                 },
                 "/peer/apiserver" => peer_answer(&ctx, &req),
-                p if p.starts_with("/console/") => super::console::handle(&ctx, req).await,
                 _ => Reply::error(404, "not found"),
             }
         }

@@ -2,7 +2,6 @@
 //! reports their state, and the node's, back to the API.
 
 pub mod accel;
-mod console;
 pub mod disks;
 pub mod domain;
 pub mod download;
@@ -22,6 +21,7 @@ mod report;
 pub mod seed;
 mod status;
 mod storage;
+mod streams;
 pub mod tools;
 pub mod volumes;
 
@@ -116,6 +116,14 @@ pub struct Args {
     /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
     #[arg(long, env = "VMLET_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// A directory with `ca.crt`, `tls.crt`, `tls.key`: this agent's certificate for
+    /// console and display streams, and the CA of the API component's client certificate.
+    /// Unset: no streams (`kubectl vm console` cannot reach this node's VMs).
+    #[arg(long, env = "VMLET_STREAM_TLS_DIR")]
+    pub stream_tls_dir: Option<PathBuf>,
+    /// Where the stream listener binds.
+    #[arg(long, default_value = "0.0.0.0:8444")]
+    pub stream_addr: String,
 }
 
 impl Context {
@@ -178,8 +186,10 @@ pub struct Context {
     pub fenced: std::sync::atomic::AtomicBool,
     pub metrics: metrics::Metrics,
     pub args: Args,
-    /// Where `kubectl vm console` reaches this agent.
+    /// Where peers reach this agent.
     pub agent_url: Option<String>,
+    /// Where the API component opens streams here (host:port).
+    pub stream_address: Option<String>,
     /// The peers' shared key (see `peers`).
     pub peer_key: Option<Vec<u8>>,
     /// Every Hypervisor: the peers to ask before fencing, and how many there are.
@@ -212,6 +222,17 @@ pub async fn run_with(
     std::fs::create_dir_all(&args.state_dir)?;
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
     let agent_url = agent_url(args.advertise_address.as_deref(), listener.local_addr()?)?;
+    let streams = match &args.stream_tls_dir {
+        Some(dir) => {
+            let b = crate::tls::Bundle::load(dir)?;
+            let tls = crate::tls::server(b.cert, b.key, b.ca, false)?;
+            let l = tokio::net::TcpListener::bind(&args.stream_addr).await?;
+            let addr = self::agent_url(args.advertise_address.as_deref(), l.local_addr()?)?
+                .map(|u| u.trim_start_matches("http://").to_string());
+            Some((l, Arc::new(tls), addr))
+        }
+        None => None,
+    };
     let (facts, why) = node_facts(&args, lv.as_ref()).await?;
     tracing::info!(node = %args.node, uri = %args.libvirt_uri, accel = facts.accel.as_str(), accel_reason = %why, "agent starting");
 
@@ -265,6 +286,7 @@ pub async fn run_with(
         metrics: metrics::Metrics::default(),
         args: args.clone(),
         agent_url,
+        stream_address: streams.as_ref().and_then(|s| s.2.clone()),
         peer_key,
         hypervisors,
         last_renewal: std::sync::Mutex::new(std::time::Instant::now()),
@@ -306,6 +328,12 @@ pub async fn run_with(
         _ = report::heartbeat_loop(ctx.clone()) => {},
         _ = reconcile::orphan_loop(ctx.clone()) => {},
         _ = metrics::serve(listener, ctx.clone()) => {},
+        _ = async {
+            match streams {
+                Some((l, tls, _)) => streams::serve(l, tls, ctx.clone()).await,
+                None => std::future::pending().await,
+            }
+        } => {},
         _ = hv_stream => {},
         _ = lv.keep_connected() => {},
     }

@@ -224,8 +224,9 @@ pub fn render(
         }),
         graphics: (vm.spec.graphics == Some(true)).then(|| domain::Graphics {
             kind: "vnc".into(),
-            autoport: "yes".into(),
-            listen: "127.0.0.1".into(),
+            listen: domain::GraphicsListen {
+                kind: "none".into(),
+            },
         }),
         video: domain::Video {
             model: domain::Model {
@@ -503,9 +504,9 @@ fn interfaces_of(vm: &VirtualMachine, uid: &str) -> Vec<domain::Interface> {
 /// The serial console, appended to a file the agent can follow.
 fn serial_of(node: &NodeFacts, uid: &str) -> domain::Serial {
     domain::Serial {
-        kind: "file".into(),
-        source: domain::SerialSource {
-            path: path_str(&console_log(&node.state_dir, uid)),
+        kind: "pty".into(),
+        log: domain::SerialLog {
+            file: path_str(&console_log(&node.state_dir, uid)),
             append: "on".into(),
         },
         target: domain::SerialTarget { port: 0 },

@@ -83,6 +83,7 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
         hypervisor_version: Some(info.hypervisor_version),
         uefi: Some(ctx.facts.uefi),
         agent_url: ctx.agent_url.clone(),
+        stream_address: ctx.stream_address.clone(),
         migration_uri: ctx.args.migration_uri.clone(),
         state_dir: Some(ctx.facts.state_dir.display().to_string()),
         image_root: Some(ctx.args.image_root.display().to_string()),

@@ -77,9 +77,13 @@ pub struct HypervisorStatus {
     /// Whether UEFI firmware (OVMF) is installed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uefi: Option<bool>,
-    /// Where the agent serves /console, /metrics and /healthz, e.g. http://10.0.0.5:9464.
+    /// Where the agent serves /metrics, /healthz and its peers, e.g. http://10.0.0.5:9464.
     #[serde(default, rename = "agentURL", skip_serializing_if = "Option::is_none")]
     pub agent_url: Option<String>,
+    /// Where the vmlet API component opens consoles and displays on this node (mutual
+    /// TLS), e.g. 10.0.0.5:8444; empty when the agent has no stream certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_address: Option<String>,
     /// Where other nodes' libvirt reaches this node's for live migration, e.g.
     /// qemu+tcp://10.0.0.5/system; empty when the agent was not given one.
     #[serde(

@@ -9,6 +9,7 @@ pub mod image;
 pub mod migration;
 pub mod quantity;
 mod schema;
+pub mod streams;
 pub mod vm;
 pub mod volume;
 

@@ -1,8 +1,7 @@
 //! The `kubectl vm` plugin: start, stop, restart, console, nodes, drain, completion.
 
 mod drain;
-
-use std::io::Write;
+pub mod stream;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use k8s_openapi::jiff::Timestamp;
@@ -42,15 +41,25 @@ enum Command {
     Stop { name: String },
     /// Stop and start a running VM once (graceful shutdown first).
     Restart { name: String },
-    /// Print a VM's serial console, read through the agent on its node.
+    /// Open a VM's serial console: interactive at a terminal (Ctrl+] leaves); otherwise
+    /// stdin is typed into it and its output printed until it is quiet after stdin ends.
     Console {
         name: String,
-        /// Keep printing what the guest writes.
-        #[arg(short, long)]
-        follow: bool,
-        /// Bearer token for the agent (default: the kubeconfig user's token).
-        #[arg(long, env = "VMLET_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        /// When stdin is not a terminal: how long the console must be quiet after stdin
+        /// ends before the command returns, e.g. 2s.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        idle: std::time::Duration,
+    },
+    /// Forward a local port to a VM's VNC display (spec.graphics), and open a viewer
+    /// when one is on PATH (remote-viewer, vncviewer, gvncviewer).
+    Vnc {
+        name: String,
+        /// The local port (0: any free one); it listens on 127.0.0.1 only.
+        #[arg(long, default_value = "0")]
+        port: u16,
+        /// Only print the address; launch no viewer.
+        #[arg(long)]
+        no_launch: bool,
     },
     /// A capacity table of the hypervisors.
     Nodes,
@@ -70,7 +79,6 @@ enum Command {
 struct Session {
     client: kube::Client,
     namespace: String,
-    token: Option<String>,
 }
 
 async fn session(cli: &Cli) -> anyhow::Result<Session> {
@@ -87,10 +95,6 @@ async fn session(cli: &Cli) -> anyhow::Result<Session> {
             Err(_) => kube::Config::infer().await?,
         },
     };
-    let token = config.auth_info.token.as_ref().map(|t| {
-        use secrecy::ExposeSecret;
-        t.expose_secret().to_string()
-    });
     let namespace = cli
         .namespace
         .clone()
@@ -98,8 +102,21 @@ async fn session(cli: &Cli) -> anyhow::Result<Session> {
     Ok(Session {
         client: kube::Client::try_from(config)?,
         namespace,
-        token,
     })
+}
+
+/// A duration such as 500ms, 2s or 1m.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s}: expected e.g. 500ms, 2s or 1m"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" | "" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("{s}: expected e.g. 500ms, 2s or 1m")),
+    }
 }
 
 async fn patch_vm(s: &Session, name: &str, patch: serde_json::Value) -> anyhow::Result<()> {
@@ -170,59 +187,6 @@ async fn restart(s: &Session, name: &str) -> anyhow::Result<String> {
     )
     .await?;
     Ok(format!("{name} restarting"))
-}
-
-async fn console(
-    s: &Session,
-    name: &str,
-    follow: bool,
-    token: Option<String>,
-) -> anyhow::Result<()> {
-    let vm = get_vm(s, name).await?;
-    let node = vm
-        .status
-        .as_ref()
-        .and_then(|st| st.node_name.clone())
-        .ok_or_else(|| anyhow::anyhow!("{name} is not placed on a node yet"))?;
-    let hv = Api::<Hypervisor>::all(s.client.clone()).get(&node).await?;
-    let url = hv
-        .status
-        .and_then(|st| st.agent_url)
-        .ok_or_else(|| anyhow::anyhow!("the agent on {node} does not say where to reach it"))?;
-    // The token goes only to an address kubelet vouches for.
-    let node_obj = Api::<k8s_openapi::api::core::v1::Node>::all(s.client.clone())
-        .get(&node)
-        .await?;
-    crate::api::hypervisor::endpoint_on_node(&url, &node_obj)
-        .map_err(|e| anyhow::anyhow!("not sending your token: {e}"))?;
-    let token = token.or_else(|| s.token.clone()).ok_or_else(|| {
-        anyhow::anyhow!(
-            "the agent needs a bearer token: use --token or a kubeconfig user with a token"
-        )
-    })?;
-    let mut url = format!("{url}/console/{}/{name}", s.namespace);
-    if follow {
-        url.push_str("?follow=1");
-    }
-    let mut resp = reqwest::Client::new()
-        .get(&url)
-        .bearer_auth(token)
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        anyhow::bail!(
-            "{}: {}",
-            status,
-            resp.text().await.unwrap_or_default().trim()
-        );
-    }
-    let mut out = std::io::stdout().lock();
-    while let Some(chunk) = resp.chunk().await? {
-        out.write_all(&chunk)?;
-        out.flush()?;
-    }
-    Ok(())
 }
 
 async fn nodes(s: &Session) -> anyhow::Result<String> {
@@ -299,11 +263,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start { name } => start(&s, &name).await?,
         Command::Stop { name } => stop(&s, &name).await?,
         Command::Restart { name } => restart(&s, &name).await?,
-        Command::Console {
+        Command::Console { name, idle } => {
+            return stream::console(&s.client, &s.namespace, &name, idle).await;
+        }
+        Command::Vnc {
             name,
-            follow,
-            token,
-        } => return console(&s, &name, follow, token).await,
+            port,
+            no_launch,
+        } => return stream::vnc(&s.client, &s.namespace, &name, port, !no_launch).await,
         Command::Nodes => nodes(&s).await?,
         Command::Drain { node, timeout } => {
             drain::drain(&s.client, &node, std::time::Duration::from_secs(timeout)).await?

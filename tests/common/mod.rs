@@ -410,5 +410,7 @@ pub fn agent_args(node: &str, uri: &str, base: &std::path::Path) -> vmlet::agent
         peer_key_file: None,
         downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
         storage_pools: vec![],
+        stream_tls_dir: None,
+        stream_addr: "127.0.0.1:0".into(),
     }
 }

@@ -104,6 +104,8 @@ impl Node {
             peer_key_file: None,
             downloads: vmlet::agent::download::DownloadPolicy::allowing_loopback(),
             storage_pools: vec![],
+            stream_tls_dir: None,
+            stream_addr: "127.0.0.1:0".into(),
         };
         customize(&mut args);
         let mut n = Node {

@@ -13,7 +13,8 @@ use virt::sys;
 
 use super::super::domain::owner_of;
 use super::{
-    DomainInfo, DomainStats, Guest, Libvirt, LibvirtError, NodeInfo, Quiesce, Result, RunState,
+    DomainInfo, DomainStats, Guest, GuestStream, Libvirt, LibvirtError, NodeInfo, Quiesce, Result,
+    RunState,
 };
 
 fn guest_of(dom: &Domain) -> Result<Guest> {
@@ -514,6 +515,36 @@ impl Libvirt for Connection {
         .await
     }
 
+    async fn open_console(&self, uuid: &str) -> Result<GuestStream> {
+        let uuid = uuid.to_string();
+        let stream = self
+            .call(move |c| {
+                let d = c.lookup_domain_by_uuid_string(&uuid)?;
+                let st = virt::stream::Stream::new(c, sys::VIR_STREAM_NONBLOCK)?;
+                d.open_console(None, &st, sys::VIR_DOMAIN_CONSOLE_FORCE)?;
+                Ok(st)
+            })
+            .await?;
+        let (out_tx, output) = tokio::sync::mpsc::channel(64);
+        let (input, in_rx) = tokio::sync::mpsc::channel(64);
+        std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || pump(stream, out_tx, in_rx))
+            .map_err(|e| LibvirtError::Refused(e.to_string()))?;
+        Ok(GuestStream { output, input })
+    }
+
+    async fn open_vnc(&self, uuid: &str) -> Result<std::os::fd::OwnedFd> {
+        let uuid = uuid.to_string();
+        self.call(move |c| {
+            let d = c.lookup_domain_by_uuid_string(&uuid)?;
+            let fd = d.open_graphics_fd(0, 0)?;
+            // SAFETY: libvirt hands the new descriptor over to the caller.
+            Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+        })
+        .await
+    }
+
     async fn completed_job(&self, uuid: &str) -> Result<(Option<u64>, Option<u64>)> {
         let uuid = uuid.to_string();
         self.call(move |c| {
@@ -687,4 +718,63 @@ unsafe extern "C" fn on_lifecycle(
 unsafe extern "C" fn free_sender(opaque: *mut c_void) {
     // SAFETY: created by Box::into_raw in lifecycle_events.
     drop(unsafe { Box::from_raw(opaque as *mut Sender<String>) });
+}
+
+/// Moves bytes between a non-blocking libvirt stream and the two channels until the
+/// stream ends (the domain went away), fails, or nobody listens any more. libvirt's
+/// event loop fills the stream; this polls it, resting 10 ms when nothing moved.
+fn pump(
+    st: virt::stream::Stream,
+    out: tokio::sync::mpsc::Sender<Vec<u8>>,
+    mut input: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    use tokio::sync::mpsc::error::TryRecvError;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pending: Option<(Vec<u8>, usize)> = None;
+    loop {
+        let mut moved = false;
+        // SAFETY: a live stream and a buffer of the length given.
+        let n = unsafe { sys::virStreamRecv(st.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            n if n > 0 => {
+                if out.blocking_send(buf[..n as usize].to_vec()).is_err() {
+                    break;
+                }
+                moved = true;
+            }
+            -2 => {}
+            _ => break,
+        }
+        if pending.is_none() {
+            match input.try_recv() {
+                Ok(b) => pending = Some((b, 0)),
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        if let Some((b, off)) = &mut pending {
+            // SAFETY: a live stream and the unsent rest of the buffer.
+            let n = unsafe {
+                sys::virStreamSend(st.as_ptr(), b[*off..].as_ptr().cast(), b.len() - *off)
+            };
+            match n {
+                n if n >= 0 => {
+                    *off += n as usize;
+                    moved = true;
+                    if *off == b.len() {
+                        pending = None;
+                    }
+                }
+                -2 => {}
+                _ => break,
+            }
+        }
+        if out.is_closed() {
+            break;
+        }
+        if !moved {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let _ = st.abort();
 }

@@ -333,6 +333,14 @@ impl Libvirt for Fake {
         }
     }
 
+    async fn open_console(&self, _uuid: &str) -> Result<super::GuestStream> {
+        Err(refused("the fake libvirt has no consoles"))
+    }
+
+    async fn open_vnc(&self, _uuid: &str) -> Result<std::os::fd::OwnedFd> {
+        Err(refused("the fake libvirt has no displays"))
+    }
+
     async fn backup(&self, _uuid: &str, _xml: String, _quiesce: bool) -> Result<super::Quiesce> {
         Err(refused("the fake libvirt copies no disks"))
     }

@@ -106,6 +106,14 @@ pub struct DomainStats {
 /// Every libvirt operation the agent performs, on one node's libvirt. Domains are named
 /// by UUID (the VM's uid). Operations on a domain that does not exist succeed doing
 /// nothing, except where they return what they found.
+/// A byte stream to a guest's device: what the guest writes arrives on `output`, what is
+/// sent on `input` reaches the guest. It ends when the domain goes, or when both ends
+/// here are dropped.
+pub struct GuestStream {
+    pub output: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    pub input: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
 /// What freezing the guest's filesystems around a backup came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Quiesce {
@@ -196,6 +204,12 @@ pub trait Libvirt: Send + Sync {
     async fn guest(&self, uuid: &str) -> Result<Guest>;
     /// Where the libvirt at `uri` (another node's) holds the guest, asked read-only.
     async fn peek_guest(&self, uri: &str, uuid: &str) -> Result<Guest>;
+
+    /// The domain's serial console as a stream, taken over from any other session.
+    async fn open_console(&self, uuid: &str) -> Result<GuestStream>;
+    /// A connection to the domain's VNC server, which listens nowhere else. Only over a
+    /// local (unix socket) connection to libvirtd: the descriptor is passed over it.
+    async fn open_vnc(&self, uuid: &str) -> Result<std::os::fd::OwnedFd>;
 
     /// (MAC, IP) pairs libvirt can tell, from its DHCP leases; empty when it cannot.
     async fn addresses(&self, uuid: &str) -> Result<Vec<(String, String)>>;
