@@ -13,7 +13,7 @@ enum Command {
     /// Print every CustomResourceDefinition as YAML.
     Crd,
     /// Run the node agent: turn the VMs bound to this node into libvirt domains.
-    Agent(vmlet::agent::Args),
+    Agent(Box<vmlet::agent::Args>),
     /// Run the controller: place VMs on hypervisors (leader-elected).
     Controller(vmlet::controller::Args),
     /// Serve subresources.vmlet.dev (VM consoles and displays) behind the API server.
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => {
             vmlet::telemetry::init();
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(vmlet::agent::run(args))
+            rt.block_on(vmlet::agent::run(*args))
         }
         Command::Controller(args) => {
             vmlet::telemetry::init();

@@ -283,8 +283,22 @@ fn account(ns: &str, name: &str, role: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Removes the APIService also when the test fails: one whose server is gone makes
+/// discovery fail, and with it every namespace deletion in the cluster.
+struct Unregister;
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        let _ = Command::new(tool("kubectl"))
+            .args(["delete", "apiservice", API_SERVICE, "--ignore-not-found"])
+            .env("KUBECONFIG", common::kubeconfig_path())
+            .output();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_types_into_the_console_and_opens_the_display() {
+    let _unregister = Unregister;
     vmlet::telemetry::init();
     let client = common::client().await;
     common::ensure_crds(&client).await;
@@ -406,6 +420,7 @@ async fn a_user_types_into_the_console_and_opens_the_display() {
     .await
     .unwrap();
     let _ = child.kill();
+    let _ = child.wait();
     let banner = banner.expect("no bytes from the display");
     assert_eq!(&banner, b"RFB 003.008\n");
 

@@ -313,7 +313,7 @@ async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
         "runStrategy": "Always",
         "memory": "128Mi",
         "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"},
-                 "cmdline": "console=ttyS0 panic=-1"},
+                 "cmdline": "console=ttyS0 panic=-1 vmlet.shell=1"},
         "disks": [{"name": "data", "blank": {"size": "64Mi"}}],
     });
     let t0 = Instant::now();
@@ -374,7 +374,8 @@ async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
     assert_eq!(entry.phase, ImagePhase::Ready);
     assert!(entry.size.is_some_and(|s| s > 1_000_000), "{entry:?}");
 
-    // The console, through the installed agent, with a ServiceAccount's token.
+    // The console, through the chart's APIService, its API container and the installed
+    // agent, with a ServiceAccount's token.
     console_reads_the_guest(&ns);
 
     // helm upgrade to another tag: the agent rolls, the guest's QEMU stays.
@@ -503,34 +504,67 @@ async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
 }
 
 /// `kubectl vm console` against the installed chart: a ServiceAccount allowed
-/// virtualmachines/console reads the guest's console; one without is refused.
+/// `virtualmachines/console` in subresources.vmlet.dev types a sum into the guest's shell
+/// and reads the result back; one without is refused.
 fn console_reads_the_guest(ns: &str) {
     let rbac = format!(
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: console-reader, namespace: {ns}}}\n---\n\
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: console-user, namespace: {ns}}}\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: nobody, namespace: {ns}}}\n---\n\
          apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: vm-console, namespace: {ns}}}\n\
-         rules: [{{apiGroups: [vmlet.dev], resources: [virtualmachines/console], verbs: [get]}}]\n---\n\
+         rules: [{{apiGroups: [subresources.vmlet.dev], resources: [virtualmachines/console], verbs: [get]}}]\n---\n\
          apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: vm-console, namespace: {ns}}}\n\
          roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: vm-console}}\n\
-         subjects: [{{kind: ServiceAccount, name: console-reader, namespace: {ns}}}]\n"
+         subjects: [{{kind: ServiceAccount, name: console-user, namespace: {ns}}}]\n"
     );
     common::cli_ok(
         common::cli("kubectl", &["apply", "-f", "-"], Some(&rbac)),
         "console RBAC",
     );
-    let token = common::cli_ok(
-        kubectl(&["create", "token", "console-reader", "-n", ns]),
-        "kubectl create token",
+    // The aggregated API is served once the API container is ready.
+    common::cli_ok(
+        kubectl(&[
+            "wait",
+            "--for=condition=Available",
+            "--timeout=120s",
+            "apiservice/v1alpha1.subresources.vmlet.dev",
+        ]),
+        "the APIService",
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-vm"))
-        .args(["console", "tiny", "-n", ns, "--token", token.trim()])
-        .env("KUBECONFIG", common::kubeconfig_path())
-        .output()
-        .unwrap();
+    let console = |sa: &str, typed: &str| {
+        let token = common::cli_ok(
+            kubectl(&["create", "token", sa, "-n", ns]),
+            "kubectl create token",
+        );
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-vm"))
+            .args(["console", "tiny", "-n", ns, "--idle", "1s"])
+            .env("KUBECONFIG", common::kubeconfig_path())
+            .arg(format!("--token={}", token.trim()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(typed.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = console("console-user", "echo vmlet-$((5000+5))\n");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("vmlet-guest-up"),
+        out.status.success() && text.contains("vmlet-5005"),
         "console: {text} {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let out = console("nobody", "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("forbidden"),
+        "nobody: {err}"
     );
 }
 

@@ -29,6 +29,10 @@ pub struct Cli {
     /// The kubeconfig context to use.
     #[arg(long, global = true)]
     context: Option<String>,
+    /// Bearer token for the API server, instead of the kubeconfig user's credentials
+    /// (as kubectl's --token).
+    #[arg(long, global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,7 +90,7 @@ async fn session(cli: &Cli) -> anyhow::Result<Session> {
         context: cli.context.clone(),
         ..Default::default()
     };
-    let config = match &cli.kubeconfig {
+    let mut config = match &cli.kubeconfig {
         Some(path) => {
             kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(path)?, &options).await?
         }
@@ -95,6 +99,12 @@ async fn session(cli: &Cli) -> anyhow::Result<Session> {
             Err(_) => kube::Config::infer().await?,
         },
     };
+    if let Some(token) = &cli.token {
+        config.auth_info = kube::config::AuthInfo {
+            token: Some(token.clone().into()),
+            ..Default::default()
+        };
+    }
     let namespace = cli
         .namespace
         .clone()
