@@ -149,15 +149,20 @@ fn kubectl(kubeconfig: &Path, args: &[&str], stdin: &str) -> std::process::Outpu
     child.wait_with_output().unwrap()
 }
 
-/// A kubeconfig for the same cluster that logs in with `token`.
-fn token_kubeconfig(dir: &Path, name: &str, token: &str) -> std::path::PathBuf {
+/// A kubeconfig for the same cluster whose user is `user` (a kubeconfig user entry).
+fn kubeconfig_with(dir: &Path, name: &str, user: serde_json::Value) -> std::path::PathBuf {
     let admin = std::fs::read_to_string(common::kubeconfig_path()).unwrap();
     let mut kc: serde_json::Value = serde_yaml::from_str(&admin).unwrap();
-    kc["users"] = json!([{"name": name, "user": {"token": token}}]);
+    kc["users"] = json!([{"name": name, "user": user}]);
     kc["contexts"][0]["context"]["user"] = json!(name);
     let path = dir.join(format!("{name}.kubeconfig"));
     std::fs::write(&path, serde_yaml::to_string(&kc).unwrap()).unwrap();
     path
+}
+
+/// A kubeconfig for the same cluster that logs in with `token`.
+fn token_kubeconfig(dir: &Path, name: &str, token: &str) -> std::path::PathBuf {
+    kubeconfig_with(dir, name, json!({"token": token}))
 }
 
 async fn setup_api(client: &kube::Client, ns: &str, pki: &Pki) {
@@ -364,10 +369,22 @@ async fn a_user_types_into_the_console_and_opens_the_display() {
 
     // Typed through the console, run by the guest's shell, read back: a client
     // certificate login (the admin kubeconfig) and a ServiceAccount token with edit.
-    let editor = token_kubeconfig(dir.path(), "editor", &account(&ns, "editor", "edit"));
+    let editor_token = account(&ns, "editor", "edit");
+    let editor = token_kubeconfig(dir.path(), "editor", &editor_token);
+    // An exec credential plugin, as cloud logins use: it prints the token kube-rs sends.
+    let credential = json!({"apiVersion": "client.authentication.k8s.io/v1",
+        "kind": "ExecCredential", "status": {"token": editor_token}});
+    let exec = kubeconfig_with(
+        dir.path(),
+        "exec",
+        json!({"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "sh",
+            "args": ["-c", format!("printf '%s' '{credential}'")],
+            "interactiveMode": "Never"}}),
+    );
     for (who, kubeconfig, n) in [
         ("client certificate", common::kubeconfig_path(), 1),
         ("token", editor.clone(), 2),
+        ("exec plugin", exec, 3),
     ] {
         let typed = format!("echo vmlet-$((4000+{n}))\n");
         let out = kubectl(
