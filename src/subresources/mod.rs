@@ -127,6 +127,15 @@ fn status(code: StatusCode, reason: &str, message: impl Into<String>) -> Reply {
         .expect("static response parts")
 }
 
+/// The API server could not be asked (for the VM, for a review).
+fn unavailable(e: kube::Error) -> Reply {
+    status(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ServiceUnavailable",
+        e.to_string(),
+    )
+}
+
 async fn route(state: &State, cn: Option<String>, req: Request<Incoming>) -> Reply {
     let path = req.uri().path().to_string();
     if path == "/healthz" || path == "/readyz" || path == "/livez" {
@@ -199,13 +208,7 @@ async fn open(
     let vm = Api::<VirtualMachine>::namespaced(state.client.clone(), ns)
         .get_opt(name)
         .await
-        .map_err(|e| {
-            status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                e.to_string(),
-            )
-        })?
+        .map_err(unavailable)?
         .ok_or_else(|| {
             status(
                 StatusCode::NOT_FOUND,
@@ -274,13 +277,7 @@ async fn authorize(
     let allowed = Api::<SubjectAccessReview>::all(state.client.clone())
         .create(&PostParams::default(), &sar)
         .await
-        .map_err(|e| {
-            status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                e.to_string(),
-            )
-        })?
+        .map_err(unavailable)?
         .status
         .is_some_and(|s| s.allowed);
     if allowed {
