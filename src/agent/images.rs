@@ -444,24 +444,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let cache = ImageCache::new(&state, dir.path().to_path_buf(), Default::default());
-        for sub in [
+        let private = [
             "vms/u",
             "image-cache/ns",
             "volumes",
             "snapshots/s",
             "published",
-            "images",
-        ] {
+        ];
+        for sub in private.iter().chain(&["images"]) {
             std::fs::create_dir_all(state.join(sub)).unwrap();
             std::fs::write(state.join(sub).join("disk.qcow2"), b"x").unwrap();
         }
-        for sub in [
-            "vms/u",
-            "image-cache/ns",
-            "volumes",
-            "snapshots/s",
-            "published",
-        ] {
+        for sub in private {
             let path = state.join(sub).join("disk.qcow2");
             let got = cache.confine(path.to_str().unwrap());
             assert!(

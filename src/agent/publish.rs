@@ -169,11 +169,7 @@ async fn source(ctx: &Context, img: &VirtualMachineImage) -> Result<Result<Sourc
         return Ok(Err(NotNow::NotHere));
     };
     let st = v.status.clone().unwrap_or_default();
-    let holds = match v.spec.pool() {
-        Some(pool) => ctx.pools.contains_key(pool),
-        None => st.node.as_deref() == Some(ctx.node.as_str()),
-    };
-    if !holds {
+    if !super::storage::holds(ctx, &v) {
         return Ok(Err(NotNow::NotHere));
     }
     if let Some(user) = st.user {

@@ -50,7 +50,7 @@ fn vm_here(ctx: &Context, ns: &str, name: &str) -> Option<Arc<VirtualMachine>> {
 }
 
 /// Whether this node holds the volume's data.
-fn holds(ctx: &Context, v: &VirtualMachineVolume) -> bool {
+pub(super) fn holds(ctx: &Context, v: &VirtualMachineVolume) -> bool {
     match v.spec.pool() {
         Some(pool) => ctx.pools.contains_key(pool),
         None => v.status.as_ref().and_then(|s| s.node.as_deref()) == Some(ctx.node.as_str()),
