@@ -222,20 +222,11 @@ pub async fn run_with(
     std::fs::create_dir_all(&args.state_dir)?;
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
     let agent_url = agent_url(args.advertise_address.as_deref(), listener.local_addr()?)?;
-    let streams = match &args.stream_tls_dir {
-        Some(dir) => {
-            let b = crate::tls::Bundle::load(dir)?;
-            let tls = crate::tls::server(b.cert, b.key, b.ca, false)?;
-            let l = tokio::net::TcpListener::bind(&args.stream_addr).await?;
-            let addr = self::agent_url(args.advertise_address.as_deref(), l.local_addr()?)?
-                .map(|u| u.trim_start_matches("http://").to_string());
-            Some((l, Arc::new(tls), addr))
-        }
-        None => None,
-    };
+    let streams = stream_listener(&args).await?;
     let (facts, why) = node_facts(&args, lv.as_ref()).await?;
     tracing::info!(node = %args.node, uri = %args.libvirt_uri, accel = facts.accel.as_str(), accel_reason = %why, "agent starting");
 
+    // Only the VMs bound to this node are watched (and cached).
     let vm_api: Api<VirtualMachine> = Api::all(client.clone());
     let wc = watcher::Config::default().fields(&format!("status.nodeName={}", args.node));
     let (vms, vm_writer) = kube::runtime::reflector::store::<VirtualMachine>();
@@ -243,14 +234,7 @@ pub async fn run_with(
         .default_backoff()
         .touched_objects();
     let controller = Controller::for_stream(vm_stream, vms.clone());
-    let (classes, class_writer) = kube::runtime::reflector::store::<VirtualMachineClass>();
-    let class_stream = kube::runtime::reflector(
-        class_writer,
-        watcher(
-            Api::<VirtualMachineClass>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    );
+    let (classes, class_stream) = watch_classes(client.clone());
 
     let peer_key = read_peer_key(args.peer_key_file.as_deref())?;
     // The peers to ask before fencing: watched only when there is a key to ask with.
@@ -312,33 +296,78 @@ pub async fn run_with(
                 tracing::debug!(error = %e, "reconcile failed");
             }
         });
-    let migrations = Controller::new(
-        Api::<crate::api::VirtualMachineMigration>::all(ctx.client.clone()),
-        watcher::Config::default(),
-    )
-    .run(migration::reconcile, migration::error_policy, ctx.clone())
-    .for_each(|_| futures::future::ready(()));
     let storage = storage_controllers(ctx.clone());
     // Not spawned: when this future is dropped, the loops stop with it.
     tokio::select! {
         _ = controller => {},
-        _ = migrations => {},
+        _ = migration_controller(ctx.clone()) => {},
         _ = storage => {},
         _ = report::hypervisor_loop(ctx.clone()) => {},
         _ = report::heartbeat_loop(ctx.clone()) => {},
         _ = reconcile::orphan_loop(ctx.clone()) => {},
         _ = metrics::serve(listener, ctx.clone()) => {},
-        _ = async {
-            match streams {
-                Some((l, tls, _)) => streams::serve(l, tls, ctx.clone()).await,
-                None => std::future::pending().await,
-            }
-        } => {},
+        _ = serve_streams(streams, ctx.clone()) => {},
         _ = hv_stream => {},
         _ = lv.keep_connected() => {},
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The listener for consoles and displays, its TLS configuration and the address to
+/// advertise: only when the agent was given its stream certificate.
+async fn stream_listener(args: &Args) -> anyhow::Result<Option<StreamListener>> {
+    let Some(dir) = &args.stream_tls_dir else {
+        return Ok(None);
+    };
+    let b = crate::tls::Bundle::load(dir)?;
+    let tls = crate::tls::server(b.cert, b.key, b.ca, false)?;
+    let l = tokio::net::TcpListener::bind(&args.stream_addr).await?;
+    let addr = agent_url(args.advertise_address.as_deref(), l.local_addr()?)?
+        .map(|u| u.trim_start_matches("http://").to_string());
+    Ok(Some((l, Arc::new(tls), addr)))
+}
+
+async fn serve_streams(streams: Option<StreamListener>, ctx: Arc<Context>) {
+    match streams {
+        Some((l, tls, _)) => streams::serve(l, tls, ctx).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Every VirtualMachineClass, cached: VMs take their hardware from them.
+fn watch_classes(
+    client: kube::Client,
+) -> (
+    kube::runtime::reflector::Store<VirtualMachineClass>,
+    impl futures::Stream<Item = Result<watcher::Event<VirtualMachineClass>, watcher::Error>>,
+) {
+    let (classes, class_writer) = kube::runtime::reflector::store::<VirtualMachineClass>();
+    let class_stream = kube::runtime::reflector(
+        class_writer,
+        watcher(
+            Api::<VirtualMachineClass>::all(client),
+            watcher::Config::default(),
+        ),
+    );
+    (classes, class_stream)
+}
+
+type StreamListener = (
+    tokio::net::TcpListener,
+    Arc<rustls::ServerConfig>,
+    Option<String>,
+);
+
+/// Both sides of live migrations: the source copies, the target receives.
+async fn migration_controller(ctx: Arc<Context>) {
+    Controller::new(
+        Api::<crate::api::VirtualMachineMigration>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .run(migration::reconcile, migration::error_policy, ctx)
+    .for_each(|_| futures::future::ready(()))
+    .await
 }
 
 /// Volumes (growth, deletion), snapshots and restores, each acted on by the agent that

@@ -153,6 +153,35 @@ async fn reconcile_bound(
     Ok(Action::await_change())
 }
 
+/// Decides where the VM goes and, when it goes somewhere, assumes it there at once so
+/// that the next decision counts it while its binding is written.
+async fn place(
+    ctx: &Context,
+    req: &Request,
+    uid: &str,
+) -> Result<String, scheduler::Unschedulable> {
+    let mut view = ctx.view.lock().await;
+    let epoch = ctx.epoch.load(std::sync::atomic::Ordering::SeqCst);
+    let (candidates, placed) = view.current(&ctx.caches, ctx.heartbeat_grace, epoch);
+    let decision = scheduler::schedule(req, candidates, placed, ctx.strategy, ctx.weights);
+    if let Ok(node) = &decision {
+        let a = Assumed {
+            node: node.clone(),
+            cpu: req.cpu,
+            memory: req.memory,
+            at: Instant::now(),
+        };
+        let p = Placed {
+            namespace: req.namespace.clone(),
+            labels: req.labels.clone(),
+            node: node.clone(),
+            anti_affinity: req.anti_affinity.clone(),
+        };
+        view.assume(uid.to_string(), a, p);
+    }
+    decision
+}
+
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     if vm.metadata.deletion_timestamp.is_some() {
         return Ok(super::release::reconcile_deleted(&vm, &ctx, ctx.fencing_bound).await?);
@@ -194,28 +223,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
         }
     }
-    let decision = {
-        let mut view = ctx.view.lock().await;
-        let epoch = ctx.epoch.load(std::sync::atomic::Ordering::SeqCst);
-        let (candidates, placed) = view.current(&ctx.caches, ctx.heartbeat_grace, epoch);
-        let decision = scheduler::schedule(&req, candidates, placed, ctx.strategy, ctx.weights);
-        if let Ok(node) = &decision {
-            let a = Assumed {
-                node: node.clone(),
-                cpu: req.cpu,
-                memory: req.memory,
-                at: Instant::now(),
-            };
-            let p = Placed {
-                namespace: req.namespace.clone(),
-                labels: req.labels.clone(),
-                node: node.clone(),
-                anti_affinity: req.anti_affinity.clone(),
-            };
-            view.assume(uid.clone(), a, p);
-        }
-        decision
-    };
+    let decision = place(&ctx, &req, &uid).await;
     match decision {
         Ok(node) => {
             // The volumes first: a VM is bound only once it is their one writer.

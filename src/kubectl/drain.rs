@@ -119,6 +119,34 @@ async fn migrate(client: &kube::Client, vm: &VirtualMachine) -> anyhow::Result<(
     Ok(())
 }
 
+/// The volumes kept on shared pools, as namespace/name: their VMs can move with them.
+async fn pooled_volumes(
+    client: &kube::Client,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    Ok(Api::<crate::api::VirtualMachineVolume>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|v| v.spec.pool().is_some())
+        .map(|v| format!("{}/{}", v.namespace().unwrap_or_default(), v.name_any()))
+        .collect())
+}
+
+/// Whether every migration asked for this VM has failed (the VM is still here).
+async fn migrations_failed(client: &kube::Client, vm: &VirtualMachine) -> anyhow::Result<bool> {
+    let ns = vm.namespace().unwrap_or_default();
+    Ok(
+        Api::<VirtualMachineMigration>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|m| m.spec.vm_name == vm.name_any())
+            .all(|m| m.status.as_ref().and_then(|s| s.phase) == Some(MigrationPhase::Failed)),
+    )
+}
+
 pub async fn drain(client: &kube::Client, node: &str, timeout: Duration) -> anyhow::Result<String> {
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
@@ -136,15 +164,7 @@ pub async fn drain(client: &kube::Client, node: &str, timeout: Duration) -> anyh
     let mut acted: std::collections::BTreeSet<String> = Default::default();
     loop {
         let vms = on_node(client, node).await?;
-        let pooled: std::collections::BTreeSet<String> =
-            Api::<crate::api::VirtualMachineVolume>::all(client.clone())
-                .list(&ListParams::default())
-                .await?
-                .items
-                .iter()
-                .filter(|v| v.spec.pool().is_some())
-                .map(|v| format!("{}/{}", v.namespace().unwrap_or_default(), v.name_any()))
-                .collect();
+        let pooled = pooled_volumes(client).await?;
         let shared_of = |vm: &VirtualMachine| {
             let ns = vm.namespace().unwrap_or_default();
             let pooled = &pooled;
@@ -205,20 +225,8 @@ pub async fn drain(client: &kube::Client, node: &str, timeout: Duration) -> anyh
         }
         // A migration that failed is asked for again (the VM is still here).
         for vm in &moving {
-            if plan(vm) == Plan::Migrate {
-                let ns = vm.namespace().unwrap_or_default();
-                let failed = Api::<VirtualMachineMigration>::namespaced(client.clone(), &ns)
-                    .list(&ListParams::default())
-                    .await?
-                    .items
-                    .iter()
-                    .filter(|m| m.spec.vm_name == vm.name_any())
-                    .all(|m| {
-                        m.status.as_ref().and_then(|s| s.phase) == Some(MigrationPhase::Failed)
-                    });
-                if failed {
-                    acted.remove(&key(vm));
-                }
+            if plan(vm) == Plan::Migrate && migrations_failed(client, vm).await? {
+                acted.remove(&key(vm));
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
