@@ -8,8 +8,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Not programs, so not in the table: libvirt's QEMU driver (loaded by libvirtd), libvirt's
 # headers (the virt crate links them), the benchmark plots' font, the CNI plugins
-# (/usr/lib/cni: bridge, host-local, loopback) the real node of hack/node.sh uses.
-EXTRA=(libvirt-daemon-driver-qemu libvirt-dev fonts-dejavu-core containernetworking-plugins)
+# (/usr/lib/cni: bridge, host-local, loopback) the real node of hack/node.sh uses, and
+# dnsmasq, which libvirtd runs as the DHCP server of its networks (the networking test's).
+EXTRA=(libvirt-daemon-driver-qemu libvirt-dev fonts-dejavu-core containernetworking-plugins dnsmasq-base)
 # qemu-utils (qemu-img) goes in a second apt-get: named together with qemu-system-x86 on a
 # machine that carries a newer qemu-utils from backports, apt reports held broken packages;
 # after qemu-system-x86 it resolves to the matching version.

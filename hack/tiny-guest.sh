@@ -12,6 +12,9 @@
 # one, and mounts it on /mnt: a filesystem for the guest agent to freeze.
 # With vmlet.shell=1 a shell reads the serial console ("vmlet-shell-up"): what is typed
 # into the console runs, and its output comes back on it.
+# With vmlet.net=1 it loads the virtio network driver, asks for an address by DHCP on
+# eth0 (busybox udhcpc; "vmlet-dhcp-bound ip=A") and serves "vmlet-http:M" over HTTP on
+# port 80 (busybox httpd), M from vmlet.http=M ("vmlet-http-up").
 #   hack/tiny-guest.sh [DIR]   writes DIR/vmlinuz and DIR/initrd.gz (default .cache/guest)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,9 +25,9 @@ mkdir -p "$OUT" "$CACHE"
 exec 9>"$CACHE/.lock"
 flock 9
 
-# The kernel and its virtio block modules come from one package: fetched together.
-MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console"
-if [[ ! -f "$CACHE/vmlinuz" || ! -f "$CACHE/modules/virtio_console.ko" ]]; then
+# The kernel and its virtio modules come from one package: fetched together.
+MODULES="virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console failover net_failover virtio_net"
+if [[ ! -f "$CACHE/vmlinuz" || ! -f "$CACHE/modules/virtio_net.ko" ]]; then
   work=$(mktemp -d)
   (
     cd "$work"
@@ -87,9 +90,10 @@ arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | head -n1 | tr -cd 'A-
 dev=$(arg vmlet.disk)
 qga=$(arg vmlet.qga)
 fs=$(arg vmlet.fs)
-if [ -n "$dev" ] || [ -n "$qga" ] || [ -n "$fs" ]; then
+net=$(arg vmlet.net)
+if [ -n "$dev" ] || [ -n "$qga" ] || [ -n "$fs" ] || [ -n "$net" ]; then
   # In dependency order (each module's depends=).
-  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console; do
+  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console failover net_failover virtio_net; do
     insmod /lib/modules/$m.ko || echo "vmlet-insmod-failed=$m"
   done
   mount -t devtmpfs dev /dev
@@ -98,6 +102,29 @@ if [ -n "$(arg vmlet.shell)" ]; then
   grep -q " /dev " /proc/mounts || mount -t devtmpfs dev /dev
   sh </dev/ttyS0 >/dev/ttyS0 2>&1 &
   echo "vmlet-shell-up"
+fi
+if [ -n "$net" ]; then
+  cat > /bin/dhcp-event <<'DHCP'
+#!/bin/sh
+case "$1" in
+  deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface" 2>/dev/null
+    echo "vmlet-dhcp-$1 ip=$ip" ;;
+esac
+DHCP
+  chmod +x /bin/dhcp-event
+  ip link set lo up
+  n=0
+  while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+  ip link set eth0 up
+  udhcpc -i eth0 -s /bin/dhcp-event -f -t 20 -T 1 -A 2 2>/dev/null &
+  mkdir -p /www
+  printf 'vmlet-http:%s\n' "$(arg vmlet.http)" > /www/index.html
+  httpd -p 80 -h /www
+  echo "vmlet-http-up"
 fi
 if [ -n "$fs" ]; then
   n=0

@@ -14,6 +14,7 @@ pub mod migration;
 pub mod node;
 pub mod peers;
 pub mod plan;
+pub mod probes;
 mod publish;
 mod reconcile;
 pub mod render;
@@ -204,6 +205,8 @@ pub struct Context {
     pub pools: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// VMs whose volumes a snapshot or a restore is copying: not started meanwhile.
     pub storage_busy: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The readiness probes of running VMs.
+    pub probes: probes::Probers,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -277,18 +280,22 @@ pub async fn run_with(
         node_uid: Default::default(),
         pools,
         storage_busy: Default::default(),
+        probes: Default::default(),
         http: reqwest::Client::builder()
             .timeout(peers::PEER_TIMEOUT)
             .build()?,
     });
 
-    let triggers = lifecycle_triggers(lv.as_ref(), vms.clone());
+    let triggers = lifecycle_triggers(lv.lifecycle_events(), vms.clone());
+    // A VM whose readiness probe's verdict changes is reported again.
+    let probe_triggers = lifecycle_triggers(ctx.probes.changes(), vms.clone());
     // A class change reaches every VM that uses it.
     let class_triggers = class_triggers(class_stream, vms.clone());
 
     let controller = controller
         .reconcile_on(triggers)
         .reconcile_on(class_triggers)
+        .reconcile_on(probe_triggers)
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| async move {
@@ -472,13 +479,13 @@ async fn watch_peers(
     .await
 }
 
-/// libvirt lifecycle events (a crash, a `virsh destroy`, a guest poweroff) as the VMs
-/// whose reconcile they trigger at once.
+/// The VM of each uid `uids` names (libvirt lifecycle events: a crash, a `virsh
+/// destroy`, a guest poweroff; probe verdicts), as a reconcile trigger.
 fn lifecycle_triggers(
-    lv: &dyn libvirt::Libvirt,
+    uids: tokio::sync::broadcast::Receiver<String>,
     vms: kube::runtime::reflector::Store<VirtualMachine>,
 ) -> impl futures::Stream<Item = ObjectRef<VirtualMachine>> + use<> {
-    tokio_stream_from(lv.lifecycle_events()).filter_map(move |uuid| {
+    tokio_stream_from(uids).filter_map(move |uuid| {
         let found = vms
             .state()
             .into_iter()

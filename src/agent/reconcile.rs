@@ -540,21 +540,26 @@ async fn report_done(
             .map(|o| o.hash.as_str())
             != Some(hash);
     let addresses = if now_running {
-        ctx.lv.addresses(&uid).await.unwrap_or_default()
+        let agent = vm.spec.guest_agent == Some(true);
+        ctx.lv.addresses(&uid, agent).await.unwrap_or_default()
     } else {
         Vec::new()
     };
+    let readiness = super::probes::ensure(ctx, vm, now_running, started_now);
+    let waiting_for_address = now_running && address_learnable_missing(vm, &addresses);
     let observed = Observed {
         defined: existing.is_some(),
         state: final_state,
         want_running: acts.want_running,
         stopped_by_us: runtime.stopped_by_us,
+        shutting_down: runtime.shutdown_since.is_some(),
         restart_required,
         backing_off: acts.backing_off,
         failures: runtime.failures,
         restarted: started_now && ran_before,
         started_now,
         addresses,
+        readiness,
         hardware,
         restart_handled: plan::restart_handled(o, acts.restart_pending, started_now, now_running)
             .map(str::to_string),
@@ -563,6 +568,9 @@ async fn report_done(
     let mut requeue = acts.requeue;
     if final_state == Some(RunState::ShuttingDown) {
         requeue = requeue.min(plan::SHUTDOWN_POLL);
+    }
+    if waiting_for_address {
+        requeue = requeue.min(super::probes::ADDRESS_POLL);
     }
     Ok(Action::requeue(requeue))
 }
@@ -854,6 +862,25 @@ pub async fn orphan_loop(ctx: Arc<Context>) {
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
+}
+
+/// Whether an interface that can learn an address (on a libvirt network or a bridge,
+/// or any with the guest agent) has no usable one yet among `found` (a link-local one
+/// comes first): the agent looks again soon.
+fn address_learnable_missing(vm: &VirtualMachine, found: &[super::libvirt::Address]) -> bool {
+    let agent = vm.spec.guest_agent == Some(true);
+    let uid = vm.uid().unwrap_or_default();
+    vm.spec
+        .networks
+        .iter()
+        .filter(|n| agent || n.user.is_none())
+        .any(|n| {
+            let mac = n
+                .mac_address
+                .clone()
+                .unwrap_or_else(|| super::layout::derived_mac(&uid, &n.name));
+            super::status::addresses_of(&mac, found).1.is_empty()
+        })
 }
 
 #[cfg(test)]

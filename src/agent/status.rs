@@ -101,13 +101,17 @@ pub struct Observed {
     pub state: Option<RunState>,
     pub want_running: bool,
     pub stopped_by_us: bool,
+    /// The agent asked the guest to shut down and waits for it (or the grace period).
+    pub shutting_down: bool,
     pub restart_required: bool,
     pub backing_off: Option<Duration>,
     /// Failures in a row (for the backoff message).
     pub failures: u32,
     pub restarted: bool,
     pub started_now: bool,
-    pub addresses: Vec<(String, String)>,
+    pub addresses: Vec<super::libvirt::Address>,
+    /// The readiness probe's verdict, when the VM has one.
+    pub readiness: Option<super::probes::Readiness>,
     pub hardware: Option<Hardware>,
     /// A restart request that was carried out in this reconcile.
     pub restart_handled: Option<String>,
@@ -150,6 +154,8 @@ fn phase_of(o: &Observed, problem: Option<&Problem>) -> Phase {
     }
     match o.state {
         None => Phase::Pending,
+        // Asked to shut down: not ready for traffic, though the guest still runs.
+        Some(RunState::Running | RunState::Paused) if o.shutting_down => Phase::Stopping,
         // Moved by a migration not yet settled: the guest runs, on the target.
         Some(RunState::Running | RunState::Paused | RunState::MigratedAway) => Phase::Running,
         Some(RunState::ShuttingDown) => Phase::Stopping,
@@ -184,7 +190,10 @@ fn desired(
         (None, Phase::Running, Some(RunState::Paused)) => {
             ("Paused".into(), "the domain is paused".into())
         }
-        (None, Phase::Running, _) => ("Running".into(), "the domain is running".into()),
+        (None, Phase::Running, _) => match &o.readiness {
+            Some(r) => (r.reason.to_string(), r.message.clone()),
+            None => ("Running".into(), "the domain is running".into()),
+        },
         (None, Phase::Failed, _) if o.backing_off.is_some() => (
             "CrashLoopBackOff".into(),
             format!(
@@ -202,7 +211,10 @@ fn desired(
     let conditions = vec![
         cond(
             conditions::Type::Ready,
-            phase == Phase::Running && o.state == Some(RunState::Running) && problem.is_none(),
+            phase == Phase::Running
+                && o.state == Some(RunState::Running)
+                && problem.is_none()
+                && o.readiness.as_ref().is_none_or(|r| r.ready),
             &ready_reason,
             ready_msg,
         ),
@@ -258,7 +270,7 @@ fn desired(
     }
 }
 
-/// Each network's MAC and the address libvirt knows for it, once the domain is defined.
+/// Each network's MAC and the addresses known for it, once the domain is defined.
 fn interfaces(vm: &VirtualMachine, o: &Observed) -> Vec<InterfaceStatus> {
     if !o.defined {
         return Vec::new();
@@ -270,18 +282,52 @@ fn interfaces(vm: &VirtualMachine, o: &Observed) -> Vec<InterfaceStatus> {
             let mac = n.mac_address.clone().unwrap_or_else(|| {
                 super::layout::derived_mac(&vm.uid().unwrap_or_default(), &n.name)
             });
-            let ip = o
-                .addresses
-                .iter()
-                .find(|(m, _)| m.eq_ignore_ascii_case(&mac))
-                .map(|(_, ip)| ip.clone());
+            let (source, ips) = addresses_of(&mac, &o.addresses);
             InterfaceStatus {
                 name: n.name.clone(),
                 mac: Some(mac),
-                ip_address: ip,
+                ip_address: ips.first().cloned(),
+                ip_addresses: ips,
+                address_source: source,
             }
         })
         .collect()
+}
+
+/// The addresses of the interface with this MAC from the most trusted source that knows
+/// any, IPv4 first. Link-local and loopback addresses are left out: nothing outside the
+/// guest's link reaches the VM at them.
+pub(super) fn addresses_of(
+    mac: &str,
+    all: &[super::libvirt::Address],
+) -> (Option<crate::api::vm::AddressSource>, Vec<String>) {
+    let reachable = |ip: &std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => {
+            !v4.is_link_local() && !v4.is_loopback() && !v4.is_unspecified()
+        }
+        std::net::IpAddr::V6(v6) => {
+            !v6.is_unicast_link_local() && !v6.is_loopback() && !v6.is_unspecified()
+        }
+    };
+    let mine = all.iter().filter(|a| a.mac.eq_ignore_ascii_case(mac));
+    let usable = mine.filter_map(|a| Some((a.source, a.ip.parse::<std::net::IpAddr>().ok()?)));
+    let usable: Vec<_> = usable.filter(|(_, ip)| reachable(ip)).collect();
+    let Some(best) = usable.iter().map(|(s, _)| *s).min() else {
+        return (None, Vec::new());
+    };
+    let mut ips: Vec<std::net::IpAddr> = usable
+        .into_iter()
+        .filter(|(s, _)| *s == best)
+        .map(|(_, ip)| ip)
+        .collect();
+    // Stable: IPv4 before IPv6, each in the order the source gave.
+    let mut seen = std::collections::HashSet::new();
+    ips.retain(|ip| seen.insert(*ip));
+    ips.sort_by_key(|ip| ip.is_ipv6());
+    (
+        Some(best),
+        ips.into_iter().map(|ip| ip.to_string()).collect(),
+    )
 }
 
 /// The agent-owned part of the status as it stands now.
@@ -388,4 +434,97 @@ pub async fn write(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::libvirt::Address;
+    use crate::api::vm::AddressSource::{self, *};
+
+    fn a(mac: &str, ip: &str, source: AddressSource) -> Address {
+        Address {
+            mac: mac.into(),
+            ip: ip.into(),
+            source,
+        }
+    }
+
+    #[test]
+    #[allow(clippy::type_complexity)] // a table
+    fn addresses_come_from_the_most_trusted_source_that_knows_any() {
+        const M: &str = "52:54:00:aa:bb:cc";
+        let other = "52:54:00:00:00:01";
+        let cases: Vec<(&str, Vec<Address>, Option<AddressSource>, Vec<&str>)> = vec![
+            ("nothing known", vec![], None, vec![]),
+            (
+                "a lease",
+                vec![a(M, "10.76.0.100", Lease)],
+                Some(Lease),
+                vec!["10.76.0.100"],
+            ),
+            (
+                "the MAC is matched without regard to case",
+                vec![a(&M.to_uppercase(), "10.76.0.100", Lease)],
+                Some(Lease),
+                vec!["10.76.0.100"],
+            ),
+            (
+                "another interface's addresses are not this one's",
+                vec![
+                    a(other, "10.76.0.7", GuestAgent),
+                    a(M, "10.76.0.100", Lease),
+                ],
+                Some(Lease),
+                vec!["10.76.0.100"],
+            ),
+            (
+                "the neighbour table beats a stale lease",
+                vec![a(M, "10.76.0.100", Lease), a(M, "10.76.0.5", Neighbour)],
+                Some(Neighbour),
+                vec!["10.76.0.5"],
+            ),
+            (
+                "the guest agent beats both and gives every address, IPv4 first",
+                vec![
+                    a(M, "fd00::5", GuestAgent),
+                    a(M, "10.76.0.100", Lease),
+                    a(M, "10.76.0.5", GuestAgent),
+                    a(M, "10.1.0.5", GuestAgent),
+                    a(M, "10.76.0.5", Neighbour),
+                ],
+                Some(GuestAgent),
+                vec!["10.76.0.5", "10.1.0.5", "fd00::5"],
+            ),
+            (
+                "link-local and loopback addresses are left out",
+                vec![
+                    a(M, "fe80::5054:ff:feaa:bbcc", GuestAgent),
+                    a(M, "127.0.0.1", GuestAgent),
+                    a(M, "169.254.1.1", GuestAgent),
+                    a(M, "10.76.0.100", Lease),
+                ],
+                Some(Lease),
+                vec!["10.76.0.100"],
+            ),
+            (
+                "a source repeating an address lists it once; garbage is skipped",
+                vec![
+                    a(M, "10.76.0.5", GuestAgent),
+                    a(M, "10.76.0.5", GuestAgent),
+                    a(M, "not-an-ip", GuestAgent),
+                ],
+                Some(GuestAgent),
+                vec!["10.76.0.5"],
+            ),
+        ];
+        for (why, all, source, ips) in cases {
+            let (s, got) = addresses_of(M, &all);
+            assert_eq!(
+                (s, got),
+                (source, ips.iter().map(|s| s.to_string()).collect()),
+                "{why}"
+            );
+        }
+    }
 }

@@ -7,6 +7,7 @@ pub mod conditions;
 pub mod hypervisor;
 pub mod image;
 pub mod migration;
+pub mod probe;
 pub mod quantity;
 mod schema;
 pub mod streams;
@@ -64,6 +65,11 @@ pub const HEARTBEAT_LEASE_NAMESPACE: &str = "kube-node-lease";
 pub const DEFAULT_LEASE_DURATION_SECONDS: u64 = 15;
 /// The controller replicas' leader-election Lease, in their own namespace.
 pub const LEADER_LEASE: &str = "vmlet-controller";
+/// On a Service without a Pod selector: the label selector of the VirtualMachines (in
+/// the Service's namespace) the controller keeps its EndpointSlices filled with.
+pub const SERVICE_SELECTOR_ANNOTATION: &str = "vmlet.dev/selector";
+/// The `endpointslice.kubernetes.io/managed-by` value of the slices vmlet keeps.
+pub const ENDPOINTSLICE_MANAGER: &str = "controller.vmlet.dev";
 
 /// The name of `node`'s heartbeat Lease.
 pub fn heartbeat_lease_name(node: &str) -> String {

@@ -108,6 +108,13 @@ pub struct VirtualMachineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_agent: Option<bool>,
 
+    /// When the VM is ready for traffic, as a Pod's readiness probe says it: a TCP
+    /// connect or an HTTP GET from the node's agent to the guest's address, or a command
+    /// run in the guest by its agent (needs `guestAgent`). It drives the `Ready` condition
+    /// and the VM's endpoints in Services. Without one, a running VM is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<super::probe::Probe>,
+
     /// Seconds an ACPI shutdown may take before the domain is destroyed. Default 30.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 3600))]
@@ -463,9 +470,31 @@ pub struct InterfaceStatus {
     /// MAC address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
-    /// First IP address libvirt reports, if any.
+    /// The first of `ipAddresses`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_address: Option<String>,
+    /// Every IPv4 and IPv6 address of the interface, from the most trusted source that
+    /// knows any: the guest agent, then the node's neighbour (ARP) table, then libvirt's
+    /// DHCP leases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub ip_addresses: Vec<String>,
+    /// Where the addresses came from: GuestAgent, Neighbour or Lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_source: Option<AddressSource>,
+}
+
+/// Where an interface's addresses were learned, from the most to the least trusted.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+pub enum AddressSource {
+    /// The QEMU guest agent (the guest's own view).
+    GuestAgent,
+    /// The node's neighbour (ARP) table: the guest answered from that address.
+    Neighbour,
+    /// libvirt's DHCP leases: what the network handed out.
+    Lease,
 }
 
 impl VirtualMachineSpec {

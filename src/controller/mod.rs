@@ -12,6 +12,7 @@ pub mod rebalance;
 mod release;
 pub mod scheduler;
 pub mod selector;
+pub mod services;
 pub mod volumes;
 
 use std::collections::HashMap;
@@ -398,6 +399,12 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
     )
     .run(volumes::reconcile, volumes::error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
-    tokio::join!(placement, migrations, images, volumes);
+    tokio::join!(
+        placement,
+        migrations,
+        images,
+        volumes,
+        services::run(ctx.clone())
+    );
     Ok(())
 }

@@ -13,9 +13,12 @@ use virt::sys;
 
 use super::super::domain::owner_of;
 use super::{
-    DomainInfo, DomainStats, Guest, GuestStream, Libvirt, LibvirtError, NodeInfo, Quiesce, Result,
-    RunState,
+    Address, DomainInfo, DomainStats, Guest, GuestStream, Libvirt, LibvirtError, NodeInfo, Quiesce,
+    Result, RunState,
 };
+
+/// Seconds a guest agent command may take before libvirt gives up on it.
+const AGENT_TIMEOUT_S: i32 = 5;
 
 fn guest_of(dom: &Domain) -> Result<Guest> {
     let (state, reason) = state_and_reason(dom)?;
@@ -597,7 +600,8 @@ impl Libvirt for Connection {
         .await
     }
 
-    async fn addresses(&self, uuid: &str) -> Result<Vec<(String, String)>> {
+    async fn addresses(&self, uuid: &str, guest_agent: bool) -> Result<Vec<Address>> {
+        use crate::api::vm::AddressSource;
         let uuid = uuid.to_string();
         self.call(move |c| {
             let Ok(d) = c.lookup_domain_by_uuid_string(&uuid) else {
@@ -606,13 +610,69 @@ impl Libvirt for Connection {
             if !d.is_active().unwrap_or(false) {
                 return Ok(Vec::new());
             }
-            let ifaces = d
-                .interface_addresses(sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
-                .unwrap_or_default();
-            Ok(ifaces
-                .into_iter()
-                .filter_map(|i| Some((i.hwaddr.clone()?, i.addrs.first()?.addr.clone())))
-                .collect())
+            let mut sources = vec![
+                (
+                    sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
+                    AddressSource::Neighbour,
+                ),
+                (
+                    sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+                    AddressSource::Lease,
+                ),
+            ];
+            if guest_agent {
+                // A guest agent that hangs holds this thread no longer than this.
+                // SAFETY: a live domain handle.
+                unsafe { sys::virDomainAgentSetResponseTimeout(d.as_ptr(), AGENT_TIMEOUT_S, 0) };
+                sources.insert(
+                    0,
+                    (
+                        sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+                        AddressSource::GuestAgent,
+                    ),
+                );
+            }
+            let mut out = Vec::new();
+            for (src, source) in sources {
+                // A source that knows nothing (no agent, no lease, no network) says so
+                // as an error: it adds nothing.
+                for i in d.interface_addresses(src, 0).unwrap_or_default() {
+                    let Some(mac) = i.hwaddr else { continue };
+                    out.extend(i.addrs.into_iter().map(|a| Address {
+                        mac: mac.clone(),
+                        ip: a.addr,
+                        source,
+                    }));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn guest_exec(&self, uuid: &str, command: Vec<String>, timeout: Duration) -> Result<i64> {
+        let uuid = uuid.to_string();
+        self.call(move |c| {
+            let d = c.lookup_domain_by_uuid_string(&uuid)?;
+            let deadline = std::time::Instant::now() + timeout;
+            let wait = timeout.as_secs().clamp(1, AGENT_TIMEOUT_S as u64) as i32;
+            let reply = d.qemu_agent_command(&super::guest_exec_request(&command), wait, 0)?;
+            let pid = super::guest_exec_pid(&reply)
+                .ok_or_else(|| LibvirtError::Refused(format!("guest-exec answered {reply}")))?;
+            loop {
+                let reply =
+                    d.qemu_agent_command(&super::guest_exec_status_request(pid), wait, 0)?;
+                if let Some(code) = super::guest_exec_exited(&reply) {
+                    return Ok(code);
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(LibvirtError::Refused(format!(
+                        "the command did not end within {} s",
+                        timeout.as_secs_f64()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         })
         .await
     }

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::broadcast::{self, Sender};
 
 use super::super::domain::owner_of;
-use super::{DomainInfo, DomainStats, Guest, Libvirt, LibvirtError, NodeInfo, Result, RunState};
+use super::{
+    Address, DomainInfo, DomainStats, Guest, Libvirt, LibvirtError, NodeInfo, Result, RunState,
+};
 
 #[derive(Debug, Clone)]
 struct Record {
@@ -34,6 +36,11 @@ struct Daemon {
     down: Mutex<Option<String>>,
     cpus: u32,
     memory_bytes: u64,
+    /// What each running domain's interfaces are said to have (set_addresses).
+    addresses: Mutex<HashMap<String, Vec<Address>>>,
+    /// What a command run in each domain's guest exits with (set_guest_exec); no entry:
+    /// the guest has no agent.
+    exec: Mutex<HashMap<String, i64>>,
 }
 
 /// Every simulated libvirtd of this process, by URI.
@@ -70,6 +77,8 @@ impl Fake {
             down: Default::default(),
             cpus: 4,
             memory_bytes: 8 << 30,
+            addresses: Default::default(),
+            exec: Default::default(),
         });
         all.insert(uri.to_string(), Arc::downgrade(&daemon));
         Fake { daemon }
@@ -90,6 +99,18 @@ impl Fake {
             }
             forget_stopped_transients(d);
         })
+    }
+
+    /// The addresses the domain's interfaces report while it runs.
+    pub fn set_addresses(&self, uuid: &str, addresses: Vec<Address>) {
+        let mut all = self.daemon.addresses.lock().expect("not poisoned");
+        all.insert(uuid.to_string(), addresses);
+    }
+
+    /// The exit code of every command the guest agent runs in the domain from now on.
+    pub fn set_guest_exec(&self, uuid: &str, code: i64) {
+        let mut all = self.daemon.exec.lock().expect("not poisoned");
+        all.insert(uuid.to_string(), code);
     }
 
     /// Makes the connection fail (Some) or work again (None), as a libvirtd restart would.
@@ -369,8 +390,35 @@ impl Libvirt for Fake {
         Ok(guest_of(domains.get(uuid)))
     }
 
-    async fn addresses(&self, _uuid: &str) -> Result<Vec<(String, String)>> {
-        Ok(Vec::new())
+    async fn addresses(&self, uuid: &str, guest_agent: bool) -> Result<Vec<Address>> {
+        self.check_up()?;
+        if !self.record(uuid).is_some_and(|r| r.state.active()) {
+            return Ok(Vec::new());
+        }
+        let all = self.daemon.addresses.lock().expect("not poisoned");
+        Ok(all
+            .get(uuid)
+            .into_iter()
+            .flatten()
+            .filter(|a| guest_agent || a.source != crate::api::vm::AddressSource::GuestAgent)
+            .cloned()
+            .collect())
+    }
+
+    async fn guest_exec(
+        &self,
+        uuid: &str,
+        _command: Vec<String>,
+        _timeout: std::time::Duration,
+    ) -> Result<i64> {
+        self.check_up()?;
+        if !self.record(uuid).is_some_and(|r| r.state.active()) {
+            return Err(refused("the domain is not running"));
+        }
+        let all = self.daemon.exec.lock().expect("not poisoned");
+        all.get(uuid)
+            .copied()
+            .ok_or_else(|| refused("QEMU guest agent is not connected"))
     }
 
     async fn stats(&self) -> Result<Vec<DomainStats>> {

@@ -7,6 +7,7 @@ pub mod conn;
 pub mod fake;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::domain::VmMetadata;
 
@@ -211,10 +212,58 @@ pub trait Libvirt: Send + Sync {
     /// local (unix socket) connection to libvirtd: the descriptor is passed over it.
     async fn open_vnc(&self, uuid: &str) -> Result<std::os::fd::OwnedFd>;
 
-    /// (MAC, IP) pairs libvirt can tell, from its DHCP leases; empty when it cannot.
-    async fn addresses(&self, uuid: &str) -> Result<Vec<(String, String)>>;
+    /// Every address of a running domain's interfaces that libvirt can learn: from the
+    /// guest agent (only when `guest_agent`: the domain has its channel), the node's
+    /// neighbour table and its DHCP leases, each tagged with where it came from. A
+    /// source that knows nothing (no agent running, no lease) adds nothing.
+    async fn addresses(&self, uuid: &str, guest_agent: bool) -> Result<Vec<Address>>;
+    /// Runs `command` (a path and its arguments, no shell) in the guest through its
+    /// agent and returns its exit code once it ends; an error when the agent does not
+    /// answer or the command does not end within `timeout`.
+    async fn guest_exec(&self, uuid: &str, command: Vec<String>, timeout: Duration) -> Result<i64>;
     /// CPU, memory, disk and network counters of every running domain.
     async fn stats(&self) -> Result<Vec<DomainStats>>;
+}
+
+/// One address of a domain's interface, as one source tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub mac: String,
+    pub ip: String,
+    pub source: crate::api::vm::AddressSource,
+}
+
+/// The guest agent's `guest-exec` of `command` (no shell, no output kept), as JSON.
+pub fn guest_exec_request(command: &[String]) -> String {
+    serde_json::json!({"execute": "guest-exec", "arguments": {
+        "path": command.first().cloned().unwrap_or_default(),
+        "arg": command.get(1..).unwrap_or_default(),
+        "capture-output": false,
+    }})
+    .to_string()
+}
+
+pub fn guest_exec_status_request(pid: i64) -> String {
+    serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}).to_string()
+}
+
+/// The pid in a `guest-exec` reply.
+pub fn guest_exec_pid(reply: &str) -> Option<i64> {
+    serde_json::from_str::<serde_json::Value>(reply).ok()?["return"]["pid"].as_i64()
+}
+
+/// The exit code in a `guest-exec-status` reply, once the command has ended (a command
+/// killed by a signal counts as exit code 128 + the signal, as a shell says).
+pub fn guest_exec_exited(reply: &str) -> Option<i64> {
+    let v: serde_json::Value = serde_json::from_str(reply).ok()?;
+    let r = &v["return"];
+    if r["exited"].as_bool() != Some(true) {
+        return None;
+    }
+    r["exitcode"]
+        .as_i64()
+        .or_else(|| r["signal"].as_i64().map(|s| 128 + s))
+        .or(Some(-1))
 }
 
 /// The libvirt an agent works with.
@@ -302,6 +351,30 @@ mod tests {
             ("", false),
         ] {
             assert_eq!(uefi_in_domcaps(xml), uefi, "{xml}");
+        }
+    }
+
+    #[test]
+    fn guest_exec_speaks_the_agents_protocol() {
+        let cmd = vec!["/bin/sh".to_string(), "-c".into(), "test -f \"/x\"".into()];
+        let req: serde_json::Value = serde_json::from_str(&guest_exec_request(&cmd)).unwrap();
+        assert_eq!(req["execute"], "guest-exec");
+        assert_eq!(req["arguments"]["path"], "/bin/sh");
+        assert_eq!(req["arguments"]["arg"][1], "test -f \"/x\"");
+        assert_eq!(guest_exec_pid(r#"{"return":{"pid":42}}"#), Some(42));
+        assert_eq!(
+            guest_exec_pid(r#"{"error":{"class":"GenericError"}}"#),
+            None
+        );
+        for (reply, want) in [
+            (r#"{"return":{"exited":false}}"#, None),
+            (r#"{"return":{"exited":true,"exitcode":0}}"#, Some(0)),
+            (r#"{"return":{"exited":true,"exitcode":3}}"#, Some(3)),
+            (r#"{"return":{"exited":true,"signal":9}}"#, Some(137)),
+            (r#"{"return":{"exited":true}}"#, Some(-1)),
+            ("not json", None),
+        ] {
+            assert_eq!(guest_exec_exited(reply), want, "{reply}");
         }
     }
 
