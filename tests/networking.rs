@@ -237,10 +237,20 @@ async fn vms_behind_a_service_are_reached_at_the_addresses_their_status_shows() 
         Some(ip.as_str()),
         "the IP column shows the first"
     );
-    assert_eq!(
-        iface.address_source,
-        Some(vmlet::api::vm::AddressSource::GuestAgent),
-        "the guest runs its agent: its word is the most trusted"
+    // The lease may be seen before the guest agent reports the address: the agent
+    // looks again every 30 s once it has one.
+    lab.wait_vm("web", 60, "showed the guest agent's word", |vm| {
+        vm.status
+            .as_ref()
+            .and_then(|s| s.interfaces.first())
+            .and_then(|i| i.address_source)
+            == Some(vmlet::api::vm::AddressSource::GuestAgent)
+    })
+    .await;
+    assert!(
+        iface.confirmed_addresses.contains(&ip),
+        "the node saw the lease: {:?}",
+        iface.confirmed_addresses
     );
     let mac = iface.mac.clone().unwrap();
     assert_eq!(

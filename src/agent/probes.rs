@@ -219,14 +219,15 @@ async fn probe_loop(
     }
 }
 
-/// The address the node probes the guest at: the first address of the first interface
-/// that has one (IPv4 first within an interface, as the status lists them).
+/// The address the node probes the guest at: the first confirmed address (one the node
+/// saw the guest use) of the first interface that has one, IPv4 first. A guest agent's
+/// word alone never points the node's probes somewhere.
 pub fn target(vm: &VirtualMachine) -> Option<std::net::IpAddr> {
     vm.status
         .as_ref()?
         .interfaces
         .iter()
-        .flat_map(|i| i.ip_addresses.iter().chain(i.ip_address.iter()))
+        .flat_map(|i| i.confirmed_addresses.iter())
         .find_map(|ip| ip.parse().ok())
 }
 
@@ -251,7 +252,7 @@ async fn run(
         };
     }
     let Some(ip) = target(vm) else {
-        return Err("the VM has no address yet".into());
+        return Err("the VM has no address the node has seen it use yet".into());
     };
     if let Some(tcp) = &probe.tcp_socket {
         let addr = std::net::SocketAddr::new(ip, tcp.port);
@@ -280,6 +281,8 @@ async fn run(
 /// How often the agent looks for a running VM's addresses while some interface that
 /// can learn one has none yet.
 pub const ADDRESS_POLL: Duration = Duration::from_secs(5);
+/// How often it looks again once each has one: leases change, guest agents start late.
+pub const ADDRESS_REFRESH: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {
@@ -371,6 +374,7 @@ mod tests {
             name: "n".into(),
             ip_address: ips.first().map(|s| s.to_string()),
             ip_addresses: ips.iter().map(|s| s.to_string()).collect(),
+            confirmed_addresses: ips.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
         vm.status = Some(crate::api::VirtualMachineStatus {

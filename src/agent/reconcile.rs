@@ -546,7 +546,11 @@ async fn report_done(
         Vec::new()
     };
     let readiness = super::probes::ensure(ctx, vm, now_running, started_now);
-    let waiting_for_address = now_running && address_learnable_missing(vm, &addresses);
+    let address_poll = match now_running && learns_addresses(vm) {
+        false => None,
+        true if address_learnable_missing(vm, &addresses) => Some(super::probes::ADDRESS_POLL),
+        true => Some(super::probes::ADDRESS_REFRESH),
+    };
     let observed = Observed {
         defined: existing.is_some(),
         state: final_state,
@@ -569,8 +573,8 @@ async fn report_done(
     if final_state == Some(RunState::ShuttingDown) {
         requeue = requeue.min(plan::SHUTDOWN_POLL);
     }
-    if waiting_for_address {
-        requeue = requeue.min(super::probes::ADDRESS_POLL);
+    if let Some(poll) = address_poll {
+        requeue = requeue.min(poll);
     }
     Ok(Action::requeue(requeue))
 }
@@ -864,23 +868,33 @@ pub async fn orphan_loop(ctx: Arc<Context>) {
     }
 }
 
+/// The VM's interfaces whose addresses the node can learn: on a libvirt network or a
+/// bridge (leases, neighbours), or any when the guest runs an agent. User networking
+/// hides the guest behind QEMU.
+fn learnable(vm: &VirtualMachine) -> impl Iterator<Item = &crate::api::vm::Network> {
+    let agent = vm.spec.guest_agent == Some(true);
+    vm.spec
+        .networks
+        .iter()
+        .filter(move |n| agent || n.user.is_none())
+}
+
+fn learns_addresses(vm: &VirtualMachine) -> bool {
+    learnable(vm).next().is_some()
+}
+
 /// Whether an interface that can learn an address (on a libvirt network or a bridge,
 /// or any with the guest agent) has no usable one yet among `found` (a link-local one
 /// comes first): the agent looks again soon.
 fn address_learnable_missing(vm: &VirtualMachine, found: &[super::libvirt::Address]) -> bool {
-    let agent = vm.spec.guest_agent == Some(true);
     let uid = vm.uid().unwrap_or_default();
-    vm.spec
-        .networks
-        .iter()
-        .filter(|n| agent || n.user.is_none())
-        .any(|n| {
-            let mac = n
-                .mac_address
-                .clone()
-                .unwrap_or_else(|| super::layout::derived_mac(&uid, &n.name));
-            super::status::addresses_of(&mac, found).1.is_empty()
-        })
+    learnable(vm).any(|n| {
+        let mac = n
+            .mac_address
+            .clone()
+            .unwrap_or_else(|| super::layout::derived_mac(&uid, &n.name));
+        super::status::addresses_of(&mac, found).ips.is_empty()
+    })
 }
 
 #[cfg(test)]

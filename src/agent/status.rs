@@ -282,52 +282,70 @@ fn interfaces(vm: &VirtualMachine, o: &Observed) -> Vec<InterfaceStatus> {
             let mac = n.mac_address.clone().unwrap_or_else(|| {
                 super::layout::derived_mac(&vm.uid().unwrap_or_default(), &n.name)
             });
-            let (source, ips) = addresses_of(&mac, &o.addresses);
+            let learned = addresses_of(&mac, &o.addresses);
             InterfaceStatus {
                 name: n.name.clone(),
                 mac: Some(mac),
-                ip_address: ips.first().cloned(),
-                ip_addresses: ips,
-                address_source: source,
+                ip_address: learned.ips.first().cloned(),
+                ip_addresses: learned.ips,
+                address_source: learned.source,
+                confirmed_addresses: learned.confirmed,
             }
         })
         .collect()
 }
 
-/// The addresses of the interface with this MAC from the most trusted source that knows
-/// any, IPv4 first. Link-local and loopback addresses are left out: nothing outside the
-/// guest's link reaches the VM at them.
-pub(super) fn addresses_of(
-    mac: &str,
-    all: &[super::libvirt::Address],
-) -> (Option<crate::api::vm::AddressSource>, Vec<String>) {
-    let reachable = |ip: &std::net::IpAddr| match ip {
-        std::net::IpAddr::V4(v4) => {
-            !v4.is_link_local() && !v4.is_loopback() && !v4.is_unspecified()
-        }
-        std::net::IpAddr::V6(v6) => {
-            !v6.is_unicast_link_local() && !v6.is_loopback() && !v6.is_unspecified()
-        }
+/// What is known of one interface's addresses.
+#[derive(Debug, PartialEq)]
+pub(super) struct Learned {
+    pub source: Option<crate::api::vm::AddressSource>,
+    /// From the most trusted source that knows any, IPv4 first.
+    pub ips: Vec<String>,
+    /// Those of `ips` the node itself saw (a lease, the neighbour table).
+    pub confirmed: Vec<String>,
+}
+
+/// The addresses of the interface with this MAC. Link-local, loopback and multicast
+/// addresses are left out: nothing outside the guest's link reaches the VM at them.
+pub(super) fn addresses_of(mac: &str, all: &[super::libvirt::Address]) -> Learned {
+    use crate::api::vm::AddressSource;
+    let reachable = |ip: &std::net::IpAddr| {
+        let local = match ip {
+            std::net::IpAddr::V4(v4) => v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        !local && !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast()
     };
     let mine = all.iter().filter(|a| a.mac.eq_ignore_ascii_case(mac));
     let usable = mine.filter_map(|a| Some((a.source, a.ip.parse::<std::net::IpAddr>().ok()?)));
     let usable: Vec<_> = usable.filter(|(_, ip)| reachable(ip)).collect();
     let Some(best) = usable.iter().map(|(s, _)| *s).min() else {
-        return (None, Vec::new());
+        return Learned {
+            source: None,
+            ips: Vec::new(),
+            confirmed: Vec::new(),
+        };
     };
     let mut ips: Vec<std::net::IpAddr> = usable
-        .into_iter()
+        .iter()
         .filter(|(s, _)| *s == best)
-        .map(|(_, ip)| ip)
+        .map(|(_, ip)| *ip)
         .collect();
     // Stable: IPv4 before IPv6, each in the order the source gave.
     let mut seen = std::collections::HashSet::new();
     ips.retain(|ip| seen.insert(*ip));
     ips.sort_by_key(|ip| ip.is_ipv6());
-    (
-        Some(best),
-        ips.into_iter().map(|ip| ip.to_string()).collect(),
-    )
+    let seen_by_node = |ip: &std::net::IpAddr| {
+        usable
+            .iter()
+            .any(|(s, u)| u == ip && *s != AddressSource::GuestAgent)
+    };
+    let text = |v: Vec<std::net::IpAddr>| v.into_iter().map(|ip| ip.to_string()).collect();
+    Learned {
+        source: Some(best),
+        confirmed: text(ips.iter().copied().filter(seen_by_node).collect()),
+        ips: text(ips),
+    }
 }
 
 /// The agent-owned part of the status as it stands now.
@@ -519,12 +537,36 @@ mod tests {
             ),
         ];
         for (why, all, source, ips) in cases {
-            let (s, got) = addresses_of(M, &all);
-            assert_eq!(
-                (s, got),
-                (source, ips.iter().map(|s| s.to_string()).collect()),
-                "{why}"
-            );
+            let got = addresses_of(M, &all);
+            let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            assert_eq!((got.source, got.ips), (source, strings(&ips)), "{why}");
+        }
+    }
+
+    #[test]
+    fn only_what_the_node_saw_is_confirmed() {
+        const M: &str = "52:54:00:aa:bb:cc";
+        // The guest agent says what the guest likes; a lease or the neighbour table
+        // is the node's own view.
+        for (all, confirmed) in [
+            (vec![a(M, "10.76.0.5", GuestAgent)], vec![]),
+            (
+                vec![
+                    a(M, "10.96.0.1", GuestAgent),
+                    a(M, "10.76.0.5", GuestAgent),
+                    a(M, "10.76.0.5", Lease),
+                ],
+                vec!["10.76.0.5"],
+            ),
+            (vec![a(M, "10.76.0.5", Neighbour)], vec!["10.76.0.5"]),
+            (
+                vec![a(M, "10.76.0.5", Lease), a(M, "10.76.0.6", Lease)],
+                vec!["10.76.0.5", "10.76.0.6"],
+            ),
+            (vec![a(M, "224.0.0.1", Lease)], vec![]),
+        ] {
+            let got = addresses_of(M, &all);
+            assert_eq!(got.confirmed, confirmed, "{all:?}");
         }
     }
 }

@@ -482,6 +482,12 @@ pub struct InterfaceStatus {
     /// Where the addresses came from: GuestAgent, Neighbour or Lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address_source: Option<AddressSource>,
+    /// The `ipAddresses` the node itself saw the interface use (its DHCP lease or the
+    /// neighbour table), not only the guest's word: Services and readiness probes send
+    /// traffic only to these, so that a guest cannot steer them at addresses not its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub confirmed_addresses: Vec<String>,
 }
 
 /// Where an interface's addresses were learned, from the most to the least trusted.

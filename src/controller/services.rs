@@ -45,8 +45,8 @@ pub enum Want {
 }
 
 /// The EndpointSlices of `svc`: one per address family that its VMs have addresses in
-/// (an IPv4 one, empty, when none has any), each endpoint a VM's first address in that
-/// family, ready when the VM is Ready, with the Service's ports (a numeric targetPort
+/// (an IPv4 one, empty, when none has any), each endpoint a VM's first confirmed address
+/// in that family, ready when the VM is Ready, with the Service's ports (a numeric targetPort
 /// is the port on the VM; a named one has nothing to name on a VM and is refused).
 pub fn desired(svc: &Service, vms: &[Arc<VirtualMachine>]) -> Want {
     let Some(text) = svc.annotations().get(SERVICE_SELECTOR_ANNOTATION) else {
@@ -116,14 +116,15 @@ pub fn desired(svc: &Service, vms: &[Arc<VirtualMachine>]) -> Want {
     )
 }
 
-/// The VM's first address in each family, across its interfaces in order.
+/// The VM's first confirmed address in each family (one the node saw it use, not only
+/// what its guest agent claims), across its interfaces in order.
 fn first_per_family(vm: &VirtualMachine) -> Vec<(&'static str, String)> {
     let mut out: Vec<(&'static str, String)> = Vec::new();
     let ips = vm
         .status
         .iter()
         .flat_map(|s| s.interfaces.iter())
-        .flat_map(|i| i.ip_addresses.iter().chain(i.ip_address.iter()));
+        .flat_map(|i| i.confirmed_addresses.iter());
     for ip in ips {
         let Ok(parsed) = ip.parse::<std::net::IpAddr>() else {
             continue;
@@ -380,6 +381,7 @@ mod tests {
                 name: "net".into(),
                 ip_address: ips.first().map(|s| s.to_string()),
                 ip_addresses: ips.iter().map(|s| s.to_string()).collect(),
+                confirmed_addresses: ips.iter().map(|s| s.to_string()).collect(),
                 ..Default::default()
             }],
             conditions: vec![Condition {
