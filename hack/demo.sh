@@ -34,6 +34,10 @@ down() {
     fi
     rm -f "$RUN/$p.pid"
   done
+  if virsh -c qemu:///system net-info vmlet-demo >/dev/null 2>&1; then
+    log "removing the libvirt network vmlet-demo"
+    virsh -c qemu:///system net-destroy vmlet-demo >/dev/null || true
+  fi
   # The demo's node goes with its agent: a labelled Node whose heartbeat stopped would
   # count as a lost hypervisor for any controller that runs later (make test).
   if kubectl get node "$NODE" >/dev/null 2>&1; then
@@ -122,6 +126,21 @@ kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
 step "building the tiny guest (Debian cloud kernel + busybox initramfs)"
 hack/tiny-guest.sh "$IMAGES/tiny" >/dev/null
 
+step "defining the libvirt network vmlet-demo (10.75.0.0/24, DHCP, no route out)"
+# Isolated: libvirt's dnsmasq hands out addresses and the node reaches the guests; no
+# forwarding, so guests reach nothing beyond this machine.
+if ! virsh -c qemu:///system net-info vmlet-demo >/dev/null 2>&1; then
+  virsh -c qemu:///system net-create /dev/stdin >/dev/null <<'XML'
+<network>
+  <name>vmlet-demo</name>
+  <bridge name='vmletdemo0' stp='off'/>
+  <ip address='10.75.0.1' netmask='255.255.255.0'>
+    <dhcp><range start='10.75.0.100' end='10.75.0.200'/></dhcp>
+  </ip>
+</network>
+XML
+fi
+
 step "registering node $NODE as a hypervisor"
 kubectl apply --server-side --field-manager=vmlet-demo -f - >/dev/null <<YAML
 apiVersion: v1
@@ -180,14 +199,31 @@ grep -q vmlet-guest-up "$console" 2>/dev/null ||
   { echo "the guest printed no line within 60 s of Running" >&2; false; }
 userspace_at=$(date +%s.%N)
 
+step "waiting for the guest's address and readiness (DHCP, then its HTTP probe)"
+ip=""
+for _ in $(seq 1 600); do
+  ip=$(kubectl get vm tiny -n default -o jsonpath='{.status.interfaces[0].confirmedAddresses[0]}')
+  ready=$(kubectl get vm tiny -n default -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')
+  [[ -n "$ip" && "$ready" == True ]] && break
+  sleep 0.2
+done
+[[ -n "$ip" ]] || { echo "the VM showed no address within 120 s of its first console line" >&2; false; }
+[[ "$ready" == True ]] || { echo "the VM has $ip but is not Ready (its HTTP probe)" >&2; false; }
+ready_at=$(date +%s.%N)
+
 trap - ERR
 kubectl get vm -n default -o wide
 kubectl get hypervisors -o wide
 log "the guest's serial console ($console):"
 grep -a "vmlet-guest" "$console" | head -n 3
-printf '\n[demo] apply->Running %s s, apply->guest userspace %s s (accel: %s)\n' \
+log "the Service tiny-web's EndpointSlice (kept by the controller):"
+kubectl get endpointslices -n default -l kubernetes.io/service-name=tiny-web
+log "curl http://$ip/ (the address in the VM's status):"
+curl -s -m 5 "http://$ip/" || echo "(no answer)"
+printf '\n[demo] apply->Running %s s, apply->guest userspace %s s, apply->Ready with an address %s s (accel: %s)\n' \
   "$(awk "BEGIN{printf \"%.2f\", $running_at - $start}")" \
   "$(awk "BEGIN{printf \"%.2f\", $userspace_at - $start}")" \
+  "$(awk "BEGIN{printf \"%.2f\", $ready_at - $start}")" \
   "$(kubectl get vm tiny -n default -o jsonpath='{.status.accel}')"
 log "the VM keeps running; 'make demo-down' deletes it and stops the controller and agent"
 printf '[demo] make demo wall time: %s s\n' "$(elapsed "$T0")"

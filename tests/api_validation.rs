@@ -331,7 +331,11 @@ async fn examples_apply() {
     for (file, doc) in docs {
         let kind = doc["kind"].as_str().unwrap().to_string();
         let name = doc["metadata"]["name"].as_str().unwrap().to_string();
-        let ar = resource(&kind);
+        let ar = if kind == "Service" {
+            ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&())
+        } else {
+            resource(&kind)
+        };
         let api: Api<DynamicObject> = if kind == "VirtualMachineClass" || kind == "Hypervisor" {
             Api::all_with(client.clone(), &ar)
         } else {
