@@ -67,8 +67,8 @@ pki() { # n
 host_up() { # n
   local n=$1 dir="$STATE/h$1" ns=vmlet-h$1
   if running "$dir/libvirtd.pid"; then
-    # Started with an older configuration (QEMU as root, no TLS): start it again.
-    grep -q 'migrate_tls_x509_cert_dir' "$dir/etc/qemu.conf" 2>/dev/null && return 0
+    # Started with an older configuration (no TLS, no lock manager): start it again.
+    grep -q 'lock_manager' "$dir/etc/qemu.conf" 2>/dev/null && return 0
     log "libvirtd $n runs an older configuration: restarting it"
     kill "$(cat "$dir/libvirtd.pid")"
     for _ in $(seq 1 100); do running "$dir/libvirtd.pid" || break; sleep 0.1; done
@@ -107,7 +107,12 @@ migration_address = "10.77.0.$n"
 # required on both ends.
 migrate_tls_x509_cert_dir = "$dir/pki"
 migrate_tls_x509_verify = 1
+# One writer per disk across the hosts: this host's virtlockd leases each disk file
+# itself (an fcntl lock where the data is), which the other host's virtlockd sees.
+lock_manager = "lockd"
 CONF
+  printf '%s\n' "# managed by vmlet hack/hosts.sh" "auto_disk_leases = 1" "require_lease_for_disks = 1" \
+    > "$dir/etc/qemu-lockd.conf"
   log "starting libvirtd $n on 10.77.0.$n"
   # ip netns exec gives a mount namespace of its own already; the binds stay inside it.
   # Under tini as a subreaper, as in hack/libvirt.sh: exited QEMUs must be reaped.
@@ -117,6 +122,8 @@ CONF
     mount --bind '$dir/run' /run/libvirt &&
     mount --bind '$dir/cache' /var/cache/libvirt &&
     mount --bind '$dir/log' /var/log/libvirt &&
+    { [ -f '$dir/virtlockd.pid' ] && kill -0 \$(cat '$dir/virtlockd.pid') 2>/dev/null ||
+      virtlockd -d -p '$dir/virtlockd.pid'; } &&
     exec tini -s -- libvirtd --listen -p '$dir/libvirtd.pid'" </dev/null >>"$dir/log/stdout" 2>&1 &
   for _ in $(seq 1 100); do
     virsh -c "qemu+tcp://10.77.0.$n/system" version >/dev/null 2>&1 && {
@@ -151,6 +158,9 @@ down() {
       kill "$(cat "$pid")" 2>/dev/null || true
     fi
     rm -f "$pid"
+    local lockd="$STATE/h$n/virtlockd.pid"
+    if running "$lockd"; then kill "$(cat "$lockd")" 2>/dev/null || true; fi
+    rm -f "$lockd"
     ip netns del "vmlet-h$n" 2>/dev/null || true
   done
   ip link del "$BR" 2>/dev/null || true

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs libvirtd and virtlogd on a machine without systemd (this one, CI).
+# Runs libvirtd, virtlogd and virtlockd on a machine without systemd (this one, CI).
 #   hack/libvirt.sh up     start them if they are not running (idempotent)
 #   hack/libvirt.sh down   stop the ones this script started
 # A daemon that was already running is used as it is and never stopped.
@@ -25,13 +25,21 @@ configure() {
   # gives it back after (dynamic_ownership, remember_owner). This is what users get.
   local conf=/etc/libvirt/qemu.conf want
   want=$(cat <<CONF
-# managed by vmlet hack/libvirt.sh v2 (original kept as qemu.conf.vmlet-orig)
+# managed by vmlet hack/libvirt.sh v3 (original kept as qemu.conf.vmlet-orig)
 user = "libvirt-qemu"
 group = "kvm"
 dynamic_ownership = 1
 remember_owner = 1
+# One writer per disk, whatever agents and controller believe: virtlockd holds a lease
+# on every disk a running domain uses (exclusive when writable, shared when read-only),
+# taken on the disk file itself, so on a shared pool it holds across nodes too.
+lock_manager = "lockd"
 CONF
 )
+  # No lockspace directory: the lease is an fcntl lock on each disk file, where its data
+  # is. A domain whose disks cannot be leased does not start.
+  printf '%s\n' "# managed by vmlet hack/libvirt.sh" "auto_disk_leases = 1" "require_lease_for_disks = 1" \
+    > /etc/libvirt/qemu-lockd.conf
   if [[ "$(cat "$conf" 2>/dev/null)" != "$want" ]]; then
     [[ -f "$conf" && ! -f "$conf.vmlet-orig" ]] && ! grep -q "managed by vmlet" "$conf" && cp "$conf" "$conf.vmlet-orig"
     printf '%s\n' "$want" > "$conf"
@@ -52,6 +60,11 @@ up() {
     log "starting virtlogd"
     virtlogd -d -p /run/virtlogd.pid
     touch "$STATE/started-virtlogd"
+  fi
+  if ! running /run/virtlockd.pid; then
+    log "starting virtlockd"
+    virtlockd -d -p /run/virtlockd.pid
+    touch "$STATE/started-virtlockd"
   fi
   if ! running /run/libvirtd.pid; then
     log "starting libvirtd"
@@ -81,6 +94,7 @@ stop() { # name pidfile
 down() {
   stop libvirtd /run/libvirtd.pid
   stop virtlogd /run/virtlogd.pid
+  stop virtlockd /run/virtlockd.pid
 }
 
 case "${1:-}" in

@@ -663,16 +663,46 @@ fn grace_period(vm: &VirtualMachine) -> Duration {
 /// A start libvirt refused; tried again after the crash backoff. The message counts the
 /// failures, so it changes (and is written) once per attempt, not per reconcile.
 fn start_failed(f: &plan::StartFailure) -> Problem {
+    let (reason, what) = match start_refusal(&f.error) {
+        Refusal::DiskLocked => (
+            "DiskLocked",
+            "a writable disk is held by another QEMU (the lock manager or QEMU's own lock \
+             refused it: another copy of this VM, on another node, or another VM naming the \
+             same file)",
+        ),
+        Refusal::Other => ("StartFailed", "libvirt could not start the domain"),
+    };
     Problem::retrying(
-        "StartFailed",
+        reason,
         format!(
-            "libvirt could not start the domain ({} in a row): {}; the agent retries {} s after the failure",
+            "{what} ({} in a row): {}; the agent retries {} s after the failure",
             f.failures,
             f.error,
             plan::backoff(f.failures).as_secs()
         ),
     )
     .after(f.remaining)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    DiskLocked,
+    Other,
+}
+
+/// Pure: why libvirt refused a start, from its message: virtlockd's lease refusal, or
+/// QEMU's own image lock.
+fn start_refusal(error: &str) -> Refusal {
+    const LOCKED: [&str; 3] = [
+        "Failed to acquire lock",
+        "is already locked",
+        "Failed to get \"write\" lock",
+    ];
+    if LOCKED.iter().any(|m| error.contains(m)) {
+        Refusal::DiskLocked
+    } else {
+        Refusal::Other
+    }
 }
 
 /// Disk preparation failures: a missing program is the node's to fix, anything else
@@ -900,6 +930,30 @@ fn address_learnable_missing(vm: &VirtualMachine, found: &[super::libvirt::Addre
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_refusal_is_named_as_such() {
+        for (error, want) in [
+            (
+                "resource busy: Lockspace resource '/pool/v.qcow2' is locked: Failed to acquire lock",
+                Refusal::DiskLocked,
+            ),
+            (
+                "Failed to acquire lock: File is already locked",
+                Refusal::DiskLocked,
+            ),
+            (
+                "qemu-system-x86_64: -blockdev ...: Failed to get \"write\" lock\nIs another process using the image [/x.qcow2]?",
+                Refusal::DiskLocked,
+            ),
+            (
+                "internal error: process exited while connecting to monitor",
+                Refusal::Other,
+            ),
+        ] {
+            assert_eq!(start_refusal(error), want, "{error}");
+        }
+    }
 
     #[test]
     fn the_sweep_deletes_files_only_for_vms_confirmed_gone() {

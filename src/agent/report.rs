@@ -40,6 +40,23 @@ pub fn allocatable(
 /// The Node this agent runs for, as an owner reference: its Hypervisor and Lease are
 /// garbage-collected with it, so a decommissioned node leaves no silent hypervisor behind
 /// (the controller's node-loss guard and the agents' fencing majority count them).
+/// Reads this node's Node object for its uid (remembered in the Context): the owner the
+/// Hypervisor and the Lease name.
+async fn read_node_uid(ctx: &Context) -> Option<String> {
+    let uid = match Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
+        .get_opt(&ctx.node)
+        .await
+    {
+        Ok(n) => n.and_then(|n| n.metadata.uid),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read this node's Node object");
+            None
+        }
+    };
+    *ctx.node_uid.lock().expect("not poisoned") = uid.clone();
+    uid
+}
+
 fn node_owner(node: &str, uid: &str) -> serde_json::Value {
     json!([{"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}])
 }
@@ -131,19 +148,12 @@ async fn ensure_object(
     });
     let owned = owner_uid.is_some();
     let node_uid = match owner_uid {
-        Some(uid) => Some(uid),
-        None => match Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone())
-            .get_opt(&ctx.node)
-            .await
-        {
-            Ok(n) => n.and_then(|n| n.metadata.uid),
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read this node's Node object");
-                None
-            }
-        },
+        Some(uid) => {
+            *ctx.node_uid.lock().expect("not poisoned") = Some(uid.clone());
+            Some(uid)
+        }
+        None => read_node_uid(ctx).await,
     };
-    *ctx.node_uid.lock().expect("not poisoned") = node_uid.clone();
     if current.is_none() || (node_uid.is_some() && !owned) {
         let mut meta = json!({"name": ctx.node});
         if let Some(uid) = &node_uid {
@@ -225,7 +235,14 @@ async fn heartbeat(ctx: &Context) -> anyhow::Result<()> {
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), LEASE_NAMESPACE);
     let name = lease_name(&ctx.node);
     let mut meta = json!({"name": name, "labels": {crate::api::HEARTBEAT_LABEL: ctx.node}});
-    if let Some(uid) = ctx.node_uid.lock().expect("not poisoned").clone() {
+    // Every apply names the owner: one that left it out would remove it (server-side
+    // apply), and a Lease whose Node is then deleted would never be collected.
+    let known = ctx.node_uid.lock().expect("not poisoned").clone();
+    let uid = match known {
+        Some(uid) => Some(uid),
+        None => read_node_uid(ctx).await,
+    };
+    if let Some(uid) = uid {
         meta["ownerReferences"] = node_owner(&ctx.node, &uid);
     }
     let lease = json!({

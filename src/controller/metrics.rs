@@ -45,6 +45,9 @@ pub struct Metrics {
     migration_latency: Histogram,
     imbalance: Gauge<f64, std::sync::atomic::AtomicU64>,
     planned_moves: Gauge,
+    lost_hypervisors: Gauge,
+    hypervisors: Gauge,
+    failover_held: Gauge,
 }
 
 impl Default for Metrics {
@@ -62,6 +65,9 @@ impl Default for Metrics {
             migration_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             imbalance: Gauge::default(),
             planned_moves: Gauge::default(),
+            lost_hypervisors: Gauge::default(),
+            hypervisors: Gauge::default(),
+            failover_held: Gauge::default(),
         };
         m.registry = Arc::new(m.registry_of());
         m
@@ -111,6 +117,21 @@ impl Metrics {
             "rebalance_planned_moves",
             "Migrations the rebalancer's last plan asked for (or would, in plan mode)",
             self.planned_moves.clone(),
+        );
+        c.register(
+            "lost_hypervisors",
+            "Labelled Nodes whose heartbeat is silent past the fencing bound",
+            self.lost_hypervisors.clone(),
+        );
+        c.register(
+            "hypervisors",
+            "Labelled Nodes with a heartbeat Lease: what lost_hypervisors is counted against",
+            self.hypervisors.clone(),
+        );
+        c.register(
+            "failover_held_back",
+            "1 while more than half of the hypervisors are silent and no VM is moved off them",
+            self.failover_held.clone(),
         );
         c.register(
             "migration_decisions",
@@ -170,6 +191,12 @@ impl Metrics {
 
     pub fn set_planned_moves(&self, n: usize) {
         self.planned_moves.set(n as i64);
+    }
+
+    pub fn set_node_loss(&self, lost: usize, total: usize, held: bool) {
+        self.lost_hypervisors.set(lost as i64);
+        self.hypervisors.set(total as i64);
+        self.failover_held.set(i64::from(held));
     }
 
     pub fn set_leader(&self, leader: bool) {

@@ -291,15 +291,21 @@ async fn start(
     Ok((ctx, writers))
 }
 
-/// Every VM still waiting for a place.
+/// Every VM still waiting for a place, or for its silent node to be heard from again
+/// (NodeHealthy=False: the binder says when it is).
 fn pending_vms(vms: &reflector::Store<VirtualMachine>) -> Vec<ObjectRef<VirtualMachine>> {
     vms.state()
         .into_iter()
         .filter(|vm| {
-            vm.status
-                .as_ref()
-                .and_then(|s| s.node_name.as_ref())
-                .is_none()
+            let Some(status) = vm.status.as_ref() else {
+                return true;
+            };
+            status.node_name.is_none()
+                || crate::api::conditions::find(
+                    &status.conditions,
+                    crate::api::conditions::Type::NodeHealthy,
+                )
+                .is_some_and(|c| c.status == "False")
         })
         .filter(|vm| vm.metadata.deletion_timestamp.is_none())
         .map(|vm| ObjectRef::from(&*vm))

@@ -3,9 +3,9 @@
 //! (agents fence themselves when they cannot renew), so its VMs can run elsewhere without
 //! ever running twice. docs/reliability.md has the timing argument.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ResourceExt};
@@ -65,18 +65,62 @@ fn hypervisor_nodes(ctx: &Context) -> HashSet<String> {
         .collect()
 }
 
+/// How a VM's node was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// Its heartbeat went silent past the fencing bound; `held` when the mass-silence
+    /// guard holds failover back (`lost` of `total` hypervisors silent).
+    Silent {
+        held: bool,
+        lost: usize,
+        total: usize,
+    },
+    /// Its Node object was deleted and its agent has not renewed since, past the bound.
+    Deleted,
+}
+
 /// Says on the VM that its node is lost (NodeHealthy=False) and, when its run strategy
-/// wants it running and it may restart elsewhere, unbinds it in the same write so that
-/// the scheduler places it elsewhere. Whether it was unbound.
-async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, kube::Error> {
+/// wants it running and it may restart elsewhere (and failover is not held back), unbinds
+/// it in the same write so that the scheduler places it elsewhere. Whether it was
+/// unbound.
+async fn evict(
+    ctx: &Context,
+    vm: &VirtualMachine,
+    node: &str,
+    loss: Loss,
+) -> Result<bool, kube::Error> {
     let wants_running = matches!(
         vm.spec.run_strategy.unwrap_or_default(),
         RunStrategy::Always | RunStrategy::RerunOnFailure
     );
     let shared = |v: &str| ctx.caches.shared_volume(vm, v);
-    let moves = wants_running && vm.spec.may_restart_elsewhere(&shared);
-    let mut message = format!("node {node} stopped renewing its heartbeat; its domains are fenced");
-    if wants_running && !moves {
+    let (reason, mut message, held) = match loss {
+        Loss::Silent {
+            held: true,
+            lost,
+            total,
+        } => (
+            "FailoverHeldBack",
+            format!(
+                "node {node} stopped renewing its heartbeat, but {lost} of {total} hypervisors \
+                 are silent: more likely the control plane than the nodes, so no VM is moved \
+                 until most of them are heard from again"
+            ),
+            true,
+        ),
+        Loss::Silent { .. } => (
+            "NodeLost",
+            format!("node {node} stopped renewing its heartbeat; its domains are fenced"),
+            false,
+        ),
+        Loss::Deleted => (
+            "NodeDeleted",
+            format!("node {node} was deleted and its agent has not renewed its heartbeat since"),
+            false,
+        ),
+    };
+    let moves = !held && wants_running && vm.spec.may_restart_elsewhere(&shared);
+    if wants_running && !moves && !held {
         // Restarting elsewhere would start it on empty disks: the data waits on the node.
         message += &format!(
             "; the VM stays bound to {node} because disk(s) {} hold data only that node has \
@@ -88,7 +132,7 @@ async fn evict(ctx: &Context, vm: &VirtualMachine, node: &str) -> Result<bool, k
         vm,
         conditions::Type::NodeHealthy,
         false,
-        "NodeLost",
+        reason,
         message,
     );
     if moves {
@@ -138,41 +182,164 @@ pub fn may_move(lost: usize, total: usize) -> bool {
     2 * lost <= total
 }
 
-pub async fn node_loss_loop(ctx: Arc<Context>, fence_after: Duration, margin: Duration) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let lost = lost_nodes(&ctx, fence_after, margin);
-        if lost.is_empty() {
+/// Whether a deleted Node's VMs are lost: its agent's heartbeat (when its Lease is still
+/// there) or, once the Lease is gone with the Node, the time since the controller saw
+/// the Node missing, is past the Lease's duration plus the fencing bound. A deleted Node
+/// whose agent still renews keeps its VMs: their domains may run.
+pub fn deleted_node_lost(
+    missing_for: Duration,
+    lease: Option<(Duration, Duration)>,
+    bound: Duration,
+) -> bool {
+    match lease {
+        Some((age, duration)) => age > duration + bound,
+        None => {
+            missing_for > Duration::from_secs(crate::api::DEFAULT_LEASE_DURATION_SECONDS) + bound
+        }
+    }
+}
+
+/// Nodes that VMs are bound to and that no longer exist, lost by [`deleted_node_lost`];
+/// `missing_since` remembers when each was first seen missing.
+fn deleted_nodes(
+    ctx: &Context,
+    missing_since: &mut HashMap<String, Instant>,
+    bound: Duration,
+) -> HashSet<String> {
+    let existing: HashSet<String> = ctx
+        .caches
+        .nodes
+        .state()
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    let bound_to: HashSet<String> = ctx
+        .caches
+        .vms
+        .state()
+        .iter()
+        .filter_map(|vm| vm.status.as_ref()?.node_name.clone())
+        .filter(|n| !existing.contains(n))
+        .collect();
+    missing_since.retain(|n, _| bound_to.contains(n));
+    bound_to
+        .into_iter()
+        .filter(|n| {
+            let since = *missing_since.entry(n.clone()).or_insert_with(Instant::now);
+            deleted_node_lost(since.elapsed(), heartbeat_silence(ctx, n), bound)
+        })
+        .collect()
+}
+
+/// Hypervisors: labelled Nodes whose agent has a heartbeat Lease. The same population
+/// as [`lost_nodes`] counts from.
+fn hypervisor_total(ctx: &Context) -> usize {
+    let leases: HashSet<String> = ctx
+        .caches
+        .leases
+        .state()
+        .iter()
+        .filter_map(|l| l.metadata.name.clone())
+        .collect();
+    hypervisor_nodes(ctx)
+        .into_iter()
+        .filter(|n| leases.contains(&crate::api::heartbeat_lease_name(n)))
+        .count()
+}
+
+/// Removes the Hypervisor and heartbeat Lease of a Node that no longer exists (they are
+/// the Node's, which owns them, but an agent that never read its Node's uid wrote them
+/// without owner), once its agent is silent past the bound and a fresh read confirms the
+/// Node is gone.
+async fn forget_deleted_nodes(
+    ctx: &Context,
+    missing_since: &mut HashMap<String, Instant>,
+    bound: Duration,
+) {
+    let existing: HashSet<String> = ctx
+        .caches
+        .nodes
+        .state()
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    let hypervisors = ctx.caches.hypervisors.state();
+    let leases = ctx.caches.leases.state();
+    let recorded = hypervisors
+        .iter()
+        .filter_map(|h| h.metadata.name.clone())
+        .chain(leases.iter().filter_map(|l| {
+            crate::api::heartbeat_lease_node(l.metadata.name.as_deref()?).map(str::to_string)
+        }));
+    let orphans: HashSet<String> = recorded.filter(|n| !existing.contains(n)).collect();
+    missing_since.retain(|n, _| orphans.contains(n));
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(ctx.client.clone());
+    let hv_api: Api<crate::api::Hypervisor> = Api::all(ctx.client.clone());
+    let lease_api: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(ctx.client.clone(), crate::api::HEARTBEAT_LEASE_NAMESPACE);
+    for node in orphans {
+        let since = *missing_since
+            .entry(node.clone())
+            .or_insert_with(Instant::now);
+        if !deleted_node_lost(since.elapsed(), heartbeat_silence(ctx, &node), bound) {
             continue;
         }
-        // Hypervisors: labelled Nodes whose agent has a heartbeat Lease.
-        let total = hypervisor_nodes(&ctx)
-            .into_iter()
-            .filter(|n| {
-                ctx.caches.leases.state().iter().any(|l| {
-                    l.metadata.name.as_deref() == Some(&crate::api::heartbeat_lease_name(n))
-                })
-            })
-            .count();
-        if !may_move(lost.len(), total) {
+        // Nothing is deleted while the object it belongs to exists.
+        if !matches!(nodes.get_opt(&node).await, Ok(None)) {
+            continue;
+        }
+        let dp = kube::api::DeleteParams::default();
+        let _ = hv_api.delete(&node, &dp).await;
+        let _ = lease_api
+            .delete(&crate::api::heartbeat_lease_name(&node), &dp)
+            .await;
+        tracing::info!(%node, "removed the Hypervisor and heartbeat Lease of a deleted Node");
+    }
+}
+
+pub async fn node_loss_loop(ctx: Arc<Context>, fence_after: Duration, margin: Duration) {
+    let mut held_before = false;
+    let mut missing_since = HashMap::new();
+    let mut orphaned_since = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        silent_hypervisors_not_ready(&ctx).await;
+        forget_deleted_nodes(&ctx, &mut orphaned_since, fence_after + margin).await;
+        let lost = lost_nodes(&ctx, fence_after, margin);
+        let total = hypervisor_total(&ctx);
+        let held = !lost.is_empty() && !may_move(lost.len(), total);
+        ctx.metrics.set_node_loss(lost.len(), total, held);
+        if held && !held_before {
             tracing::error!(
                 lost = lost.len(),
                 total,
                 "more than half of the hypervisors are silent: not moving VMs (control-plane trouble?)"
             );
-            continue;
+            held_back_events(&ctx, &lost, total).await;
         }
+        held_before = held;
+        let gone = deleted_nodes(&ctx, &mut missing_since, fence_after + margin);
+        let silent = Loss::Silent {
+            held,
+            lost: lost.len(),
+            total,
+        };
         for vm in ctx.caches.vms.state() {
             let Some(node) = vm.status.as_ref().and_then(|s| s.node_name.clone()) else {
                 continue;
             };
-            if !lost.contains(&node) || vm.metadata.deletion_timestamp.is_some() {
+            let loss = match () {
+                _ if lost.contains(&node) => silent,
+                _ if gone.contains(&node) => Loss::Deleted,
+                _ => continue,
+            };
+            if vm.metadata.deletion_timestamp.is_some() || already_said(&vm, loss) {
                 continue;
             }
-            match evict(&ctx, &vm, &node).await {
+            match evict(&ctx, &vm, &node, loss).await {
                 Ok(moved) => {
                     ctx.metrics.evicted(moved);
-                    tracing::warn!(vm = %format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any()), %node, moved, "node lost");
+                    tracing::warn!(vm = %format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any()), %node, moved, ?loss, "node lost");
                 }
                 Err(e) => {
                     tracing::warn!(vm = %vm.name_any(), error = %e, "node-loss eviction failed")
@@ -180,6 +347,113 @@ pub async fn node_loss_loop(ctx: Arc<Context>, fence_after: Duration, margin: Du
             }
         }
     }
+}
+
+/// Whether the VM already says what `loss` would make it say while staying bound (a
+/// held-back failover is said once, not every second).
+fn already_said(vm: &VirtualMachine, loss: Loss) -> bool {
+    let held = matches!(loss, Loss::Silent { held: true, .. });
+    held && vm
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, conditions::Type::NodeHealthy))
+        .is_some_and(|c| c.status == "False" && c.reason == "FailoverHeldBack")
+}
+
+/// A Warning Event on each silent Node when the guard starts holding failover back: what
+/// `kubectl describe node` shows beside the VMs' own NodeHealthy condition.
+async fn held_back_events(ctx: &Context, lost: &HashSet<String>, total: usize) {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder = Recorder::new(
+        ctx.client.clone(),
+        Reporter {
+            controller: super::FIELD_MANAGER.into(),
+            instance: None,
+        },
+    );
+    for node in lost {
+        let Some(n) = ctx
+            .caches
+            .nodes
+            .get(&kube::runtime::reflector::ObjectRef::new(node))
+        else {
+            continue;
+        };
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "FailoverHeldBack".into(),
+            note: Some(format!(
+                "{} of {total} hypervisors are silent: VMs of silent nodes are not moved \
+                 (more likely the control plane than the nodes)",
+                lost.len()
+            )),
+            action: "NodeLoss".into(),
+            secondary: None,
+        };
+        let r = kube::Resource::object_ref(n.as_ref(), &());
+        if let Err(e) = recorder.publish(&ev, &r).await {
+            tracing::debug!(error = %e, "event not written");
+        }
+    }
+}
+
+/// Hypervisors whose agent has been silent longer than its Lease's duration plus the
+/// heartbeat grace say `Ready=Unknown` (reason AgentSilent), as the node lifecycle
+/// controller says of a silent kubelet's Node: the agent's last `Ready=True` stands
+/// otherwise. The agent's next report (it compares with what is stored) takes the
+/// condition back.
+async fn silent_hypervisors_not_ready(ctx: &Context) {
+    let api: Api<crate::api::Hypervisor> = Api::all(ctx.client.clone());
+    for hv in ctx.caches.hypervisors.state() {
+        let name = hv.name_any();
+        let conds = hv
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default();
+        let Some(silence) = heartbeat_silence(ctx, &name) else {
+            continue;
+        };
+        let Some(c) = agent_silent(conds, silence, ctx.heartbeat_grace) else {
+            continue;
+        };
+        let patch = serde_json::json!({
+            "apiVersion": "vmlet.dev/v1alpha1", "kind": "Hypervisor",
+            "status": {"conditions": [c]},
+        });
+        let pp = kube::api::PatchParams::apply(super::FIELD_MANAGER).force();
+        if let Err(e) = api
+            .patch_status(&name, &pp, &kube::api::Patch::Apply(&patch))
+            .await
+        {
+            tracing::warn!(hypervisor = %name, error = %e, "marking a silent hypervisor failed");
+        }
+    }
+}
+
+/// Pure: the `Ready=Unknown` condition to write when the Hypervisor says Ready=True and
+/// its heartbeat (age, duration) is older than duration + grace; None otherwise.
+pub fn agent_silent(
+    conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    (age, duration): (Duration, Duration),
+    grace: Duration,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let ready = conditions::find(conds, conditions::Type::Ready)?;
+    if ready.status != "True" || age <= duration + grace {
+        return None;
+    }
+    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        type_: conditions::Type::Ready.as_str().into(),
+        status: "Unknown".into(),
+        reason: "AgentSilent".into(),
+        message: format!(
+            "the agent has not renewed its heartbeat for {} s (its Lease lasts {} s)",
+            age.as_secs(),
+            duration.as_secs()
+        ),
+        observed_generation: None,
+        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+    })
 }
 
 #[cfg(test)]
@@ -202,5 +476,55 @@ mod tests {
         for (lost, total, want) in table {
             assert_eq!(may_move(lost, total), want, "{lost}/{total}");
         }
+    }
+
+    #[test]
+    fn a_deleted_nodes_vms_move_once_its_agent_is_silent_past_the_bound() {
+        let s = Duration::from_secs;
+        let bound = s(30);
+        // (missing for, lease (age, duration)) -> lost
+        for (missing, lease, want) in [
+            // The agent still renews although its Node is gone: its domains may run.
+            (s(600), Some((s(2), s(15))), false),
+            (s(10), Some((s(46), s(15))), true),
+            (s(10), Some((s(44), s(15))), false),
+            // The Lease went with the Node: counted from when the Node went missing.
+            (s(44), None, false),
+            (s(46), None, true),
+        ] {
+            assert_eq!(
+                deleted_node_lost(missing, lease, bound),
+                want,
+                "{missing:?} {lease:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_silent_agents_hypervisor_is_not_ready() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+        let s = Duration::from_secs;
+        let ready = |status: &str| {
+            vec![Condition {
+                type_: "Ready".into(),
+                status: status.into(),
+                reason: "AgentReady".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            }]
+        };
+        let grace = s(5);
+        assert!(agent_silent(&ready("True"), (s(10), s(15)), grace).is_none());
+        assert!(agent_silent(&ready("True"), (s(20), s(15)), grace).is_none());
+        let c = agent_silent(&ready("True"), (s(21), s(15)), grace).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("Unknown", "AgentSilent")
+        );
+        // Already not Ready (libvirt down, or said so before): nothing to write.
+        assert!(agent_silent(&ready("False"), (s(60), s(15)), grace).is_none());
+        assert!(agent_silent(&ready("Unknown"), (s(60), s(15)), grace).is_none());
+        assert!(agent_silent(&[], (s(60), s(15)), grace).is_none());
     }
 }
