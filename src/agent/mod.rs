@@ -286,16 +286,12 @@ pub async fn run_with(
             .build()?,
     });
 
-    let triggers = lifecycle_triggers(lv.lifecycle_events(), vms.clone());
-    // A VM whose readiness probe's verdict changes is reported again.
-    let probe_triggers = lifecycle_triggers(ctx.probes.changes(), vms.clone());
-    // A class change reaches every VM that uses it.
-    let class_triggers = class_triggers(class_stream, vms.clone());
-
+    // libvirt's lifecycle events, a probe verdict that changes, a class that changes
+    // (every VM that uses it).
     let controller = controller
-        .reconcile_on(triggers)
-        .reconcile_on(class_triggers)
-        .reconcile_on(probe_triggers)
+        .reconcile_on(lifecycle_triggers(lv.lifecycle_events(), vms.clone()))
+        .reconcile_on(lifecycle_triggers(ctx.probes.changes(), vms.clone()))
+        .reconcile_on(class_triggers(class_stream, vms.clone()))
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| async move {

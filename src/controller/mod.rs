@@ -405,12 +405,8 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
     )
     .run(volumes::reconcile, volumes::error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
-    tokio::join!(
-        placement,
-        migrations,
-        images,
-        volumes,
-        services::run(ctx.clone())
-    );
+    // Services for VMs: their EndpointSlices.
+    let services = services::run(ctx.clone());
+    tokio::join!(placement, migrations, images, volumes, services);
     Ok(())
 }
