@@ -753,7 +753,14 @@ async fn interrupted_copy(prefix: &str, source_returns: bool) {
     })
     .await
     .expect("the source kept its shut-off definition");
-    assert!(!h1.state.join("vms").join(&uid).exists());
+    // The files go right after the definition (one clean-up, undefine first): wait for
+    // them too (checked at the instant the definition went, this raced once in CI).
+    let vm_dir = h1.state.join("vms").join(&uid);
+    common::wait_for(Duration::from_secs(10), || async {
+        (!vm_dir.exists()).then_some(())
+    })
+    .await
+    .expect("the source kept the migrated VM's files");
     // A few more samples with the guest settled on h2.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(dst.guest(&uid).await.unwrap(), Guest::Active);
