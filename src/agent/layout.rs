@@ -23,6 +23,15 @@ pub fn console_log(state_dir: &Path, uid: &str) -> PathBuf {
 }
 
 /// A stable, locally administered unicast MAC from the VM's uid and the interface name.
+/// The MAC of the VM's interface `n`: the one the spec gives, else the one derived from
+/// the VM's uid and the interface's name (the domain, the status and the address lookup
+/// must agree on it).
+pub fn mac_of(uid: &str, n: &crate::api::vm::Network) -> String {
+    n.mac_address
+        .clone()
+        .unwrap_or_else(|| derived_mac(uid, &n.name))
+}
+
 pub fn derived_mac(uid: &str, nic: &str) -> String {
     let h = Sha256::new()
         .chain_update(uid)

@@ -919,11 +919,9 @@ fn learns_addresses(vm: &VirtualMachine) -> bool {
 fn address_learnable_missing(vm: &VirtualMachine, found: &[super::libvirt::Address]) -> bool {
     let uid = vm.uid().unwrap_or_default();
     learnable(vm).any(|n| {
-        let mac = n
-            .mac_address
-            .clone()
-            .unwrap_or_else(|| super::layout::derived_mac(&uid, &n.name));
-        super::status::addresses_of(&mac, found).ips.is_empty()
+        super::status::addresses_of(&super::layout::mac_of(&uid, n), found)
+            .ips
+            .is_empty()
     })
 }
 

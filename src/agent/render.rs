@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::domain::{self, Domain};
-use super::layout::{console_log, derived_mac, domain_name, vm_dir};
+use super::layout::{console_log, domain_name, vm_dir};
 use super::node::{Accel, NodeFacts};
 use super::volumes::{LocalVolume, Origin};
 use crate::api::quantity;
@@ -480,10 +480,7 @@ fn interfaces_of(vm: &VirtualMachine, uid: &str) -> Vec<domain::Interface> {
             Some(domain::Interface {
                 kind: kind.into(),
                 mac: domain::Mac {
-                    address: n
-                        .mac_address
-                        .clone()
-                        .unwrap_or_else(|| derived_mac(uid, &n.name)),
+                    address: super::layout::mac_of(uid, n),
                 },
                 source,
                 model: domain::Model {

@@ -279,9 +279,7 @@ fn interfaces(vm: &VirtualMachine, o: &Observed) -> Vec<InterfaceStatus> {
         .networks
         .iter()
         .map(|n| {
-            let mac = n.mac_address.clone().unwrap_or_else(|| {
-                super::layout::derived_mac(&vm.uid().unwrap_or_default(), &n.name)
-            });
+            let mac = super::layout::mac_of(&vm.uid().unwrap_or_default(), n);
             let learned = addresses_of(&mac, &o.addresses);
             InterfaceStatus {
                 name: n.name.clone(),
