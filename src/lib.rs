@@ -10,6 +10,7 @@ pub mod controller;
 pub mod http;
 pub mod kubeconfig;
 pub mod kubectl;
+pub mod memory;
 pub mod patch;
 pub mod shutdown;
 pub mod subresources;

@@ -14,3 +14,45 @@ pub fn slim<K: kube::Resource + Send + 'static>(
         }
     })
 }
+
+/// One watch for several consumers: every object the stream yields (applied or deleted)
+/// goes to each of `n` streams, in order, so the API server sends each change once
+/// instead of once per consumer. Errors are the watch's own (the stream retries with
+/// backoff): logged here, not passed on. Drive the returned future for anything to flow;
+/// a full consumer holds the others back (bounded channels), a dropped one is skipped.
+pub fn fan_out<K: Clone + Send + 'static>(
+    stream: impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    n: usize,
+) -> (
+    impl std::future::Future<Output = ()> + Send,
+    Vec<impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static>,
+) {
+    use futures::StreamExt;
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n)
+        .map(|_| tokio::sync::mpsc::channel::<K>(1024))
+        .unzip();
+    let drive = async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(obj) => {
+                    for tx in &txs {
+                        let _ = tx.send(obj.clone()).await;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "watch error (retrying)"),
+            }
+        }
+    };
+    let streams = rxs
+        .into_iter()
+        .map(|rx| tokio_stream_of(rx).map(Ok))
+        .collect();
+    (drive, streams)
+}
+
+fn tokio_stream_of<K: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<K>,
+) -> impl futures::Stream<Item = K> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

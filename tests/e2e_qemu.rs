@@ -253,6 +253,7 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
         image_root: dir.path().join("images"),
         accel: vmlet::agent::accel::AccelChoice::Auto,
         reserved_memory: "0".into(),
+        vm_overhead: "auto".into(),
         metrics_addr: metrics_addr.into(),
         advertise_address: None,
         migration_uri: None,

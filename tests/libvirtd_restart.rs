@@ -69,6 +69,7 @@ async fn agent_reconnects_after_libvirtd_is_killed_and_restarted() {
         image_root: dir.path().join("images"),
         accel: vmlet::agent::accel::AccelChoice::Tcg,
         reserved_memory: "0".into(),
+        vm_overhead: "auto".into(),
         metrics_addr: format!("127.0.0.1:{port}"),
         advertise_address: None,
         migration_uri: None,

@@ -118,6 +118,23 @@ pub struct Empty {}
 pub struct Features {
     pub acpi: Empty,
     pub apic: Empty,
+    /// TCG guests only: the bound on QEMU's translation cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcg: Option<Tcg>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Tcg {
+    #[serde(rename = "tb-cache")]
+    pub tb_cache: TbCache,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TbCache {
+    #[serde(rename = "@unit")]
+    pub unit: String,
+    #[serde(rename = "$text")]
+    pub size: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

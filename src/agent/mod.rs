@@ -12,6 +12,7 @@ pub mod libvirt;
 mod metrics;
 pub mod migration;
 pub mod node;
+pub mod overhead;
 pub mod peers;
 pub mod plan;
 pub mod probes;
@@ -66,6 +67,11 @@ pub struct Args {
     /// Host memory kept back from guests, e.g. 1Gi.
     #[arg(long, default_value = "512Mi")]
     pub reserved_memory: String,
+    /// Host memory each VM costs beyond its guest memory, reserved by the scheduler:
+    /// FIXED,PER_VCPU,PER_GIB (e.g. 200Mi,8Mi,8Mi), or auto for the figures measured for
+    /// this node's accelerator.
+    #[arg(long, default_value = "auto")]
+    pub vm_overhead: String,
     /// Address of /metrics, /healthz and /console.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
@@ -170,6 +176,8 @@ pub struct Context {
     pub facts: node::NodeFacts,
     /// Why `facts.accel` was chosen (the KVM probe's verdict or the flag).
     pub accel_reason: String,
+    /// What each VM costs the host beyond guest memory, and where the figures come from.
+    pub overhead: (crate::api::overhead::Overhead, String),
     pub recorder: Recorder,
     pub vms: kube::runtime::reflector::Store<VirtualMachine>,
     pub classes: kube::runtime::reflector::Store<VirtualMachineClass>,
@@ -211,6 +219,8 @@ pub struct Context {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let lv = libvirt::Connection::open(&args.libvirt_uri).await?;
+    // Once per process: tests and benchmarks run several agents in one.
+    tokio::spawn(crate::memory::trim_loop());
     run_with(args, Arc::new(lv), crate::shutdown::signal()).await
 }
 
@@ -261,6 +271,7 @@ pub async fn run_with(
         client,
         node: args.node.clone(),
         lv: lv.clone(),
+        overhead: overhead::choose(&args.vm_overhead, facts.accel)?,
         facts,
         accel_reason: why,
         vms: vms.clone(),

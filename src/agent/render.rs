@@ -276,6 +276,14 @@ pub fn render(
         features: domain::Features {
             acpi: domain::Empty {},
             apic: domain::Empty {},
+            // Unbounded, QEMU sizes it at an eighth of host memory (up to 1 GiB) per VM;
+            // the bound is part of the overhead the scheduler reserves.
+            tcg: (node.accel == super::node::Accel::Tcg).then(|| domain::Tcg {
+                tb_cache: domain::TbCache {
+                    unit: "MiB".into(),
+                    size: super::overhead::TB_CACHE_MIB,
+                },
+            }),
         },
         cpu: cpu_of(&hw, node.accel),
         clock: domain::Clock {

@@ -79,6 +79,8 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
         reserved,
     );
     let (used_cpu, used_mem, count) = allocated(ctx);
+    let (overhead, overhead_source) = &ctx.overhead;
+    let used_mem = used_mem.saturating_add(overhead.of(count as u64, used_cpu, used_mem));
     let old = current.and_then(|h| h.status).unwrap_or_default();
     let now = Time(Timestamp::now());
     let status = HypervisorStatus {
@@ -94,6 +96,7 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
             cpu: used_cpu,
             memory: Bytes(used_mem).to_string(),
         }),
+        vm_overhead: Some(overhead.to_status(overhead_source)),
         accel: Some(ctx.facts.accel.as_str().to_string()),
         accel_reason: Some(ctx.accel_reason.clone()),
         libvirt_version: Some(info.libvirt_version),

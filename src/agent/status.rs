@@ -407,6 +407,36 @@ pub async fn set_phase(
     apply(vm, ctx, &new).await
 }
 
+/// The Event a status change is worth, if any: its type and a reason that names what
+/// happened. A problem's reason names the step that failed. A new VM reaching Running is
+/// the success path: its status says so, and an Event per VM would cost the API server a
+/// write per VM in a burst. Restarts, stops, crashes and moves are news.
+pub fn event_of(
+    old: Option<Phase>,
+    new: Phase,
+    ran_before: bool,
+    problem: Option<&'static str>,
+) -> Option<(EventType, &'static str)> {
+    use EventType::{Normal, Warning};
+    if let Some(reason) = problem {
+        return Some((Warning, reason));
+    }
+    if old == Some(new) {
+        return None;
+    }
+    match (old, new) {
+        (Some(Phase::Migrating), Phase::Running) => Some((Normal, "Migrated")),
+        (_, Phase::Running) if !ran_before => None,
+        (_, Phase::Running) => Some((Normal, "Started")),
+        (_, Phase::Stopped) => Some((Normal, "Stopped")),
+        (Some(Phase::Running), Phase::Failed) => Some((Warning, "Crashed")),
+        (_, Phase::Failed) => Some((Warning, "Failed")),
+        (_, Phase::Migrating) => Some((Normal, "Migrating")),
+        (_, Phase::Unknown) => Some((Warning, "StateUnknown")),
+        (_, Phase::Pending | Phase::Starting | Phase::Stopping) => None,
+    }
+}
+
 pub async fn write(
     vm: &VirtualMachine,
     ctx: &Context,
@@ -421,20 +451,21 @@ pub async fn write(
     apply(vm, ctx, &new).await?;
     let ready = new.conditions.first();
     let old_ready = conditions::find(&old.conditions, conditions::Type::Ready);
-    let news = old.phase != Some(new.phase)
-        || problem.is_some() && old_ready.map(|c| &c.reason) != ready.map(|c| &c.reason);
-    if news {
+    let problem_news =
+        problem.is_some() && old_ready.map(|c| &c.reason) != ready.map(|c| &c.reason);
+    let what = event_of(
+        old.phase,
+        new.phase,
+        old.start_time.is_some(),
+        problem
+            .as_ref()
+            .filter(|_| problem_news || old.phase != Some(new.phase))
+            .map(|p| p.reason),
+    );
+    if let Some((type_, reason)) = what {
         let ev = Event {
-            type_: if problem.is_some() || matches!(new.phase, Phase::Failed | Phase::Unknown) {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            // A problem's reason names the step that failed; otherwise the new phase.
-            reason: match &problem {
-                Some(p) => p.reason.to_string(),
-                None => new.phase.as_str().to_string(),
-            },
+            type_,
+            reason: reason.to_string(),
             note: ready.map(|c| c.message.clone()),
             action: "Reconcile".into(),
             secondary: None,
@@ -463,6 +494,83 @@ mod tests {
             mac: mac.into(),
             ip: ip.into(),
             source,
+        }
+    }
+
+    #[test]
+    fn events_name_what_happened_and_skip_the_success_path() {
+        use EventType::{Normal, Warning};
+        use Phase::*;
+        // (old phase, new phase, ran before, problem) -> Event
+        let table: [(
+            Option<Phase>,
+            Phase,
+            bool,
+            Option<&'static str>,
+            Option<(EventType, &str)>,
+        ); 12] = [
+            (None, Running, false, None, None),
+            (Some(Pending), Running, false, None, None),
+            (Some(Starting), Running, false, None, None),
+            (
+                Some(Stopped),
+                Running,
+                true,
+                None,
+                Some((Normal, "Started")),
+            ),
+            (Some(Failed), Running, true, None, Some((Normal, "Started"))),
+            (
+                Some(Migrating),
+                Running,
+                true,
+                None,
+                Some((Normal, "Migrated")),
+            ),
+            (
+                Some(Running),
+                Stopped,
+                true,
+                None,
+                Some((Normal, "Stopped")),
+            ),
+            (
+                Some(Running),
+                Failed,
+                true,
+                None,
+                Some((Warning, "Crashed")),
+            ),
+            (
+                Some(Starting),
+                Failed,
+                false,
+                None,
+                Some((Warning, "Failed")),
+            ),
+            (
+                Some(Running),
+                Unknown,
+                true,
+                None,
+                Some((Warning, "StateUnknown")),
+            ),
+            (Some(Running), Running, true, None, None),
+            (
+                None,
+                Pending,
+                false,
+                Some("ImageNotFound"),
+                Some((Warning, "ImageNotFound")),
+            ),
+        ];
+        for (old, new, ran, problem, want) in table {
+            let got = event_of(old, new, ran, problem);
+            assert_eq!(
+                got.map(|(t, r)| (format!("{t:?}"), r)),
+                want.map(|(t, r)| (format!("{t:?}"), r)),
+                "{old:?} -> {new:?} ran={ran} {problem:?}"
+            );
         }
     }
 

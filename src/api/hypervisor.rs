@@ -59,9 +59,14 @@ pub struct HypervisorStatus {
     /// What guests may use: capacity x overcommit - reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocatable: Option<Resources>,
-    /// Sum over the VMs bound to this node.
+    /// Sum over the VMs bound to this node: their guests, plus each one's host overhead
+    /// (`vmOverhead`) in memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated: Option<Resources>,
+    /// What each VM costs this host beyond its guest memory; the scheduler charges it
+    /// against `allocatable` with the VM's memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_overhead: Option<super::overhead::VmOverhead>,
     /// kvm or tcg: how guests on this node are accelerated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<String>,

@@ -2,11 +2,13 @@
 //!
 //! This module depends on nothing else in the crate; controller and agent build on it.
 
+pub mod admission;
 pub mod class;
 pub mod conditions;
 pub mod hypervisor;
 pub mod image;
 pub mod migration;
+pub mod overhead;
 pub mod probe;
 pub mod quantity;
 mod schema;

@@ -7,8 +7,7 @@ use kube::api::{Api, ResourceExt};
 use kube::runtime::controller::Action;
 
 use super::binding::{self, Binding};
-use super::inventory::Assumed;
-use super::scheduler::{self, Placed, Request};
+use super::scheduler::{self, Request};
 use super::{Context, FIELD_MANAGER};
 use crate::api::vm::Phase;
 use crate::api::{EVICT_ANNOTATION, VirtualMachine, conditions};
@@ -153,33 +152,41 @@ async fn reconcile_bound(
     Ok(Action::await_change())
 }
 
-/// Decides where the VM goes and, when it goes somewhere, assumes it there at once so
-/// that the next decision counts it while its binding is written.
-async fn place(
-    ctx: &Context,
-    req: &Request,
-    uid: &str,
-) -> Result<String, scheduler::Unschedulable> {
-    let mut view = ctx.view.lock().await;
-    let epoch = ctx.epoch.load(std::sync::atomic::Ordering::SeqCst);
-    let (candidates, placed) = view.current(&ctx.caches, ctx.heartbeat_grace, epoch);
-    let decision = scheduler::schedule(req, candidates, placed, ctx.strategy, ctx.weights);
-    if let Ok(node) = &decision {
-        let a = Assumed {
-            node: node.clone(),
-            cpu: req.cpu,
-            memory: req.memory,
-            at: Instant::now(),
-        };
-        let p = Placed {
-            namespace: req.namespace.clone(),
-            labels: req.labels.clone(),
-            node: node.clone(),
-            anti_affinity: req.anti_affinity.clone(),
-        };
-        view.assume(uid.to_string(), a, p);
+/// Decides where the VM goes, in a scheduling cycle with every VM waiting at that moment
+/// (the reconciles of a burst queue up while one cycle decides), and assumes each placed
+/// VM on its node at once, so that the next decision counts it while its binding is
+/// written. Whoever takes the view next runs the cycle for everyone queued.
+async fn place(ctx: &Context, req: Request, uid: &str) -> Result<String, scheduler::Unschedulable> {
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    ctx.cycle
+        .lock()
+        .expect("not poisoned")
+        .push((uid.to_string(), req, tx));
+    {
+        let mut view = ctx.view.lock().await;
+        // Decided by a cycle that ran while this waited for the view.
+        if let Ok(d) = rx.try_recv() {
+            return d;
+        }
+        let queued = std::mem::take(&mut *ctx.cycle.lock().expect("not poisoned"));
+        let epoch = ctx.epoch.load(std::sync::atomic::Ordering::SeqCst);
+        let (reqs, replies): (Vec<_>, Vec<_>) =
+            queued.into_iter().map(|(u, r, tx)| ((u, r), tx)).unzip();
+        let decisions = view.decide(
+            &ctx.caches,
+            ctx.heartbeat_grace,
+            epoch,
+            &reqs,
+            ctx.strategy,
+            ctx.weights,
+        );
+        ctx.metrics.cycle(reqs.len());
+        for (tx, d) in replies.into_iter().zip(decisions) {
+            let _ = tx.send(d);
+        }
     }
-    decision
+    rx.await
+        .expect("every queued request is answered by the cycle that takes it")
 }
 
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -223,7 +230,8 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
         }
     }
-    let decision = place(&ctx, &req, &uid).await;
+    let who = format!("{}/{}", req.namespace, vm.name_any());
+    let decision = place(&ctx, req, &uid).await;
     match decision {
         Ok(node) => {
             // The volumes first: a VM is bound only once it is their one writer.
@@ -251,7 +259,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
             {
                 Ok(()) => {
                     ctx.metrics.attempt("scheduled", started.elapsed());
-                    tracing::info!(vm = %format!("{}/{}", req.namespace, vm.name_any()), %node, "bound");
+                    tracing::info!(vm = %who, %node, "bound");
                     Ok(Action::await_change())
                 }
                 Err(e) => {

@@ -9,7 +9,10 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use super::scheduler::{Candidate, Placed, Reason};
+use super::scheduler::{
+    self, Candidate, Placed, Reason, Request, Strategy, Unschedulable, Weights,
+};
+use crate::api::overhead::Overhead;
 use crate::api::quantity::parse_bytes;
 use crate::api::{
     HYPERVISOR_LABEL, Hypervisor, VirtualMachine, VirtualMachineClass, VirtualMachineMigration,
@@ -22,8 +25,6 @@ use crate::api::{
 #[derive(Debug, Clone)]
 pub struct Assumed {
     pub node: String,
-    pub cpu: i64,
-    pub memory: u64,
     pub at: Instant,
 }
 
@@ -74,16 +75,46 @@ impl View {
         (&s.candidates, &s.placed)
     }
 
-    /// Records a decision, in the assumptions and in the snapshot.
-    pub fn assume(&mut self, uid: String, a: Assumed, placed: Placed) {
-        if let Some(s) = &mut self.snapshot {
-            if let Some(c) = s.candidates.iter_mut().find(|c| c.name == a.node) {
-                c.allocated_cpu += a.cpu;
-                c.allocated_memory += a.memory;
+    /// One scheduling cycle over `reqs` (uid, request) against the current view (see
+    /// [`scheduler::schedule_cycle`], which counts each decision in the snapshot); each VM
+    /// placed is assumed on its node until the cache shows its binding.
+    pub fn decide(
+        &mut self,
+        caches: &Caches,
+        lease_grace: Duration,
+        epoch: u64,
+        reqs: &[(String, Request)],
+        strategy: Strategy,
+        weights: Weights,
+    ) -> Vec<Result<String, Unschedulable>> {
+        self.current(caches, lease_grace, epoch);
+        let s = self.snapshot.as_mut().expect("just built");
+        let only: Vec<Request> = reqs.iter().map(|(_, r)| r.clone()).collect();
+        let decisions =
+            scheduler::schedule_cycle(&only, &mut s.candidates, &mut s.placed, strategy, weights);
+        for ((uid, _), d) in reqs.iter().zip(&decisions) {
+            if let Ok(node) = d {
+                let a = Assumed {
+                    node: node.clone(),
+                    at: Instant::now(),
+                };
+                self.assumed.insert(uid.clone(), a);
             }
-            s.placed.push(placed);
         }
-        self.assumed.insert(uid, a);
+        decisions
+    }
+
+    /// Records a decision made outside a cycle (a migration's target), in the
+    /// assumptions and in the snapshot.
+    pub fn assume(&mut self, key: String, req: &Request, node: &str) {
+        if let Some(s) = &mut self.snapshot {
+            scheduler::count(req, node, &mut s.candidates, &mut s.placed);
+        }
+        let a = Assumed {
+            node: node.to_string(),
+            at: Instant::now(),
+        };
+        self.assumed.insert(key, a);
     }
 
     /// Forgets a decision whose binding failed; the snapshot still counts it, so it goes.
@@ -217,8 +248,9 @@ impl Caches {
     fn count(&self, vm: &VirtualMachine, node: String, used: &mut Used, placed: &mut Vec<Placed>) {
         if let Some((cpu, mem)) = self.class_of(vm).and_then(|c| vm.spec.requests(c.as_ref())) {
             let e = used.entry(node.clone()).or_default();
-            e.0 += cpu;
-            e.1 += mem;
+            e.vms += 1;
+            e.cpu += cpu;
+            e.memory += mem;
         }
         placed.push(Placed {
             namespace: vm.metadata.namespace.clone().unwrap_or_default(),
@@ -251,7 +283,7 @@ impl Caches {
         &self,
         name: String,
         node: Option<&std::sync::Arc<Node>>,
-        (cpu, mem): (i64, u64),
+        used: NodeUse,
         now: Timestamp,
         lease_grace: Duration,
     ) -> Candidate {
@@ -264,6 +296,12 @@ impl Caches {
             &ObjectRef::new(&crate::api::heartbeat_lease_name(&name))
                 .within(crate::api::HEARTBEAT_LEASE_NAMESPACE),
         );
+        // An unreadable formula counts as none: the agent refuses to start with one.
+        let overhead = status
+            .vm_overhead
+            .as_ref()
+            .and_then(|o| Overhead::try_from(o).ok())
+            .unwrap_or_default();
         let fresh = lease
             .and_then(|l| silence(&l, now))
             .is_some_and(|(age, duration)| age <= duration + lease_grace);
@@ -297,8 +335,13 @@ impl Caches {
                 .as_ref()
                 .and_then(|a| parse_bytes(&a.memory).ok())
                 .unwrap_or(0),
-            allocated_cpu: cpu,
-            allocated_memory: mem,
+            allocated_cpu: used.cpu,
+            allocated_memory: used.memory.saturating_add(overhead.of(
+                used.vms,
+                used.cpu,
+                used.memory,
+            )),
+            overhead,
             uefi: status.uefi.unwrap_or(false),
             pools: status
                 .storage_pools
@@ -310,8 +353,16 @@ impl Caches {
     }
 }
 
-/// CPU and memory used per node.
-type Used = HashMap<String, (i64, u64)>;
+/// What the VMs on one node ask for between them.
+#[derive(Clone, Copy, Default)]
+struct NodeUse {
+    vms: u64,
+    cpu: i64,
+    memory: u64,
+}
+
+/// Per node.
+type Used = HashMap<String, NodeUse>;
 
 /// Whether the Node carries the hypervisor label.
 fn labelled(node: Option<&std::sync::Arc<Node>>) -> bool {

@@ -48,6 +48,7 @@ pub struct Metrics {
     lost_hypervisors: Gauge,
     hypervisors: Gauge,
     failover_held: Gauge,
+    cycle_size: Histogram,
 }
 
 impl Default for Metrics {
@@ -68,6 +69,7 @@ impl Default for Metrics {
             lost_hypervisors: Gauge::default(),
             hypervisors: Gauge::default(),
             failover_held: Gauge::default(),
+            cycle_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
         };
         m.registry = Arc::new(m.registry_of());
         m
@@ -134,6 +136,11 @@ impl Metrics {
             self.failover_held.clone(),
         );
         c.register(
+            "scheduling_cycle_size",
+            "VMs decided together in one scheduling cycle (largest first)",
+            self.cycle_size.clone(),
+        );
+        c.register(
             "migration_decisions",
             "Migration admission decisions by result (scheduled, refused, or why it waits)",
             self.migrations.clone(),
@@ -152,6 +159,11 @@ impl Metrics {
         };
         self.attempts.get_or_create(&l).inc();
         self.latency.get_or_create(&l).observe(took.as_secs_f64());
+    }
+
+    /// A scheduling cycle decided `vms` VMs.
+    pub fn cycle(&self, vms: usize) {
+        self.cycle_size.observe(vms as f64);
     }
 
     /// A failed reconcile of one of the controller's loops ("placement", "migration",

@@ -14,7 +14,6 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
 use super::binding::{self, Binding};
-use super::inventory::Assumed;
 use super::scheduler::{self, Candidate, Placed};
 use super::{Context, FIELD_MANAGER};
 use crate::api::vm::Phase;
@@ -492,18 +491,8 @@ async fn admit(m: &VirtualMachineMigration, ctx: &Context, vm: Option<&VirtualMa
             // Until the cache shows the migration Scheduling, count the VM on its target.
             view.assume(
                 format!("migration/{}", m.uid().unwrap_or_default()),
-                Assumed {
-                    node: target.clone(),
-                    cpu: req.cpu,
-                    memory: req.memory,
-                    at: Instant::now(),
-                },
-                Placed {
-                    namespace: req.namespace.clone(),
-                    labels: req.labels.clone(),
-                    node: target.clone(),
-                    anti_affinity: req.anti_affinity.clone(),
-                },
+                req,
+                target,
             );
         }
         v

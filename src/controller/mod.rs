@@ -105,6 +105,13 @@ impl Default for Args {
     }
 }
 
+/// A VM queued for a scheduling cycle: its uid, what it asks, where the decision goes.
+pub type Queued = (
+    String,
+    scheduler::Request,
+    tokio::sync::oneshot::Sender<Result<String, scheduler::Unschedulable>>,
+);
+
 pub struct Context {
     pub client: Client,
     pub caches: Caches,
@@ -112,6 +119,8 @@ pub struct Context {
     /// lock is held from snapshot to assumption, so concurrent reconciles never place
     /// against stale allocation.
     pub view: tokio::sync::Mutex<View>,
+    /// VMs waiting for the next scheduling cycle, each with where its answer goes.
+    pub cycle: std::sync::Mutex<Vec<Queued>>,
     /// Bumped by every event that may make a hypervisor eligible or ineligible.
     pub epoch: std::sync::atomic::AtomicU64,
     pub strategy: Strategy,
@@ -125,6 +134,8 @@ pub struct Context {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // Once per process: tests and benchmarks run several controllers and agents in one.
+    tokio::spawn(crate::memory::trim_loop());
     run_until(args, crate::shutdown::signal()).await
 }
 
@@ -266,6 +277,7 @@ async fn start(
             images,
         },
         view: Default::default(),
+        cycle: Default::default(),
         epoch: Default::default(),
         strategy: args.strategy,
         weights: Weights {
@@ -319,15 +331,24 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
         leases: lease_writer,
     } = writers;
     let client = ctx.client.clone();
-    let vm_stream = reflector::reflector(
-        vm_writer,
-        slim(watcher(
-            Api::<VirtualMachine>::all(client.clone()),
-            watcher::Config::default(),
-        )),
-    )
-    .default_backoff()
-    .touched_objects();
+    // One VM watch for placement, volumes and Services.
+    let (vm_watch, mut vm_streams) = crate::watch::fan_out(
+        reflector::reflector(
+            vm_writer,
+            slim(watcher(
+                Api::<VirtualMachine>::all(client.clone()),
+                watcher::Config::default(),
+            )),
+        )
+        .default_backoff()
+        .touched_objects(),
+        3,
+    );
+    let (vm_stream, vms_for_volumes, vms_for_services) = (
+        vm_streams.remove(0),
+        vm_streams.remove(0),
+        vm_streams.remove(0),
+    );
     let hv_stream = reflector::reflector(
         hv_writer,
         watcher(
@@ -392,21 +413,17 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
         Api::<crate::api::VirtualMachineVolume>::all(client.clone()),
         watcher::Config::default(),
     )
-    .watches(
-        Api::<VirtualMachine>::all(client.clone()),
-        watcher::Config::default(),
-        |vm: VirtualMachine| {
-            let ns = vm.metadata.namespace.clone().unwrap_or_default();
-            vm.spec
-                .volumes()
-                .map(|v| ObjectRef::new(v).within(&ns))
-                .collect::<Vec<_>>()
-        },
-    )
+    .watches_stream(vms_for_volumes, |vm: VirtualMachine| {
+        let ns = vm.metadata.namespace.clone().unwrap_or_default();
+        vm.spec
+            .volumes()
+            .map(|v| ObjectRef::new(v).within(&ns))
+            .collect::<Vec<_>>()
+    })
     .run(volumes::reconcile, volumes::error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
     // Services for VMs: their EndpointSlices.
-    let services = services::run(ctx.clone());
-    tokio::join!(placement, migrations, images, volumes, services);
+    let services = services::run(ctx.clone(), vms_for_services);
+    tokio::join!(vm_watch, placement, migrations, images, volumes, services);
     Ok(())
 }

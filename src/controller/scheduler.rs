@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{Taint, Toleration};
 
 use super::selector;
+use crate::api::overhead::Overhead;
 use crate::api::vm::AntiAffinityTerm;
 
 /// How the scheduler scores hypervisors that fit.
@@ -51,6 +52,17 @@ pub struct Candidate {
     pub uefi: bool,
     /// The storage pools its agent declares (Hypervisor status.storagePools).
     pub pools: Vec<String>,
+    /// What a VM costs it beyond guest memory (Hypervisor status.vmOverhead);
+    /// `allocated_memory` already includes it for the VMs there.
+    pub overhead: Overhead,
+}
+
+impl Candidate {
+    /// The host memory `req` takes here: its guest memory and its overhead.
+    pub fn memory_for(&self, req: &Request) -> u64 {
+        req.memory
+            .saturating_add(self.overhead.of(1, req.cpu, req.memory))
+    }
 }
 
 /// A VM already placed, for anti-affinity.
@@ -247,7 +259,7 @@ fn filter(req: &Request, c: &Candidate, forbidden: &BTreeSet<(String, String)>) 
     if c.allocated_cpu + req.cpu > c.allocatable_cpu {
         return Some(Reason::InsufficientCpu);
     }
-    if c.allocated_memory.saturating_add(req.memory) > c.allocatable_memory {
+    if c.allocated_memory.saturating_add(c.memory_for(req)) > c.allocatable_memory {
         return Some(Reason::InsufficientMemory);
     }
     None
@@ -265,7 +277,7 @@ fn ratio(used: f64, cap: f64) -> f64 {
 pub fn score(req: &Request, c: &Candidate, strategy: Strategy, w: Weights) -> f64 {
     let u_cpu = ratio((c.allocated_cpu + req.cpu) as f64, c.allocatable_cpu as f64);
     let u_mem = ratio(
-        c.allocated_memory.saturating_add(req.memory) as f64,
+        c.allocated_memory.saturating_add(c.memory_for(req)) as f64,
         c.allocatable_memory as f64,
     );
     let wsum = (w.cpu + w.memory).max(f64::EPSILON);
@@ -311,6 +323,67 @@ pub fn schedule(
     })
 }
 
+/// Counts `req` as placed on `node`: its cpu, its memory with the node's overhead, and
+/// its labels for anti-affinity.
+pub fn count(req: &Request, node: &str, candidates: &mut [Candidate], placed: &mut Vec<Placed>) {
+    if let Some(c) = candidates.iter_mut().find(|c| c.name == node) {
+        c.allocated_memory = c.allocated_memory.saturating_add(c.memory_for(req));
+        c.allocated_cpu += req.cpu;
+    }
+    placed.push(Placed {
+        namespace: req.namespace.clone(),
+        labels: req.labels.clone(),
+        node: node.to_string(),
+        anti_affinity: req.anti_affinity.clone(),
+    });
+}
+
+/// The order a cycle decides in: largest first, by the larger of the VM's shares of the
+/// biggest node's cpu and memory; ties keep arrival order (the sort is stable).
+pub fn cycle_order(reqs: &[Request], candidates: &[Candidate]) -> Vec<usize> {
+    let max_cpu = candidates
+        .iter()
+        .map(|c| c.allocatable_cpu)
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let max_mem = candidates
+        .iter()
+        .map(|c| c.allocatable_memory)
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let size = |r: &Request| (r.cpu as f64 / max_cpu).max(r.memory as f64 / max_mem);
+    let mut order: Vec<usize> = (0..reqs.len()).collect();
+    order.sort_by(|&a, &b| size(&reqs[b]).total_cmp(&size(&reqs[a])));
+    order
+}
+
+/// One scheduling cycle: every VM pending at that moment, decided against one view, each
+/// decision counted in `candidates` and `placed` before the next. Deciding largest first
+/// makes a burst pack as First-Fit-Decreasing does (best-fit decreasing, under Pack); a
+/// cycle of one VM is today's online decision. The decisions come in the order of `reqs`.
+pub fn schedule_cycle(
+    reqs: &[Request],
+    candidates: &mut [Candidate],
+    placed: &mut Vec<Placed>,
+    strategy: Strategy,
+    weights: Weights,
+) -> Vec<Result<String, Unschedulable>> {
+    let mut out: Vec<Option<Result<String, Unschedulable>>> = vec![None; reqs.len()];
+    for i in cycle_order(reqs, candidates) {
+        let req = &reqs[i];
+        let decision = schedule(req, candidates, placed, strategy, weights);
+        if let Ok(node) = &decision {
+            count(req, node, candidates, placed);
+        }
+        out[i] = Some(decision);
+    }
+    out.into_iter()
+        .map(|d| d.expect("every index decided"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +407,70 @@ mod tests {
             memory: mem_gi * GI,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_cycle_decides_largest_first_and_answers_in_arrival_order() {
+        // (vms as (cpu, GiB) in arrival order) -> where each lands, packing two 8-cpu nodes
+        let mut nodes = vec![node("a", 8, 64), node("b", 8, 64)];
+        let reqs = [req(2, 1), req(2, 1), req(6, 1), req(6, 1)];
+        let got = schedule_cycle(
+            &reqs,
+            &mut nodes,
+            &mut vec![],
+            Strategy::Pack,
+            Weights::default(),
+        );
+        let got: Vec<&str> = got.iter().map(|d| d.as_deref().unwrap()).collect();
+        // Online, the two small ones would share a node and leave no room for either
+        // 6-cpu VM on it; largest first, each big one gets a node and a small one beside.
+        assert_eq!(got, ["a", "b", "a", "b"]);
+        assert_eq!((nodes[0].allocated_cpu, nodes[1].allocated_cpu), (8, 8));
+        let mut online = vec![node("a", 8, 64), node("b", 8, 64)];
+        let mut unplaced = 0;
+        for r in &reqs {
+            match schedule(r, &online, &[], Strategy::Pack, Weights::default()) {
+                Ok(n) => {
+                    online
+                        .iter_mut()
+                        .find(|c| c.name == n)
+                        .unwrap()
+                        .allocated_cpu += r.cpu
+                }
+                Err(_) => unplaced += 1,
+            }
+        }
+        assert_eq!(unplaced, 1, "online packing strands one big VM");
+    }
+
+    #[test]
+    fn a_cycle_counts_overhead_and_says_why_the_rest_does_not_fit() {
+        let mut n = node("a", 64, 0);
+        n.allocatable_memory = 1536 << 20;
+        n.overhead = Overhead {
+            fixed: 256 << 20,
+            per_vcpu: 0,
+            per_gib: 0,
+        };
+        let mut nodes = vec![n];
+        // Two guests of 768Mi fit 1536Mi, but not with 256Mi of overhead each: the
+        // second is refused for memory.
+        let r = Request {
+            memory: 768 << 20,
+            cpu: 1,
+            ..req(1, 0)
+        };
+        let got = schedule_cycle(
+            &[r.clone(), r],
+            &mut nodes,
+            &mut vec![],
+            Strategy::Spread,
+            Weights::default(),
+        );
+        assert_eq!(got[0].as_deref(), Ok("a"));
+        let why = got[1].as_ref().unwrap_err();
+        assert_eq!(why.reasons.get(&Reason::InsufficientMemory), Some(&1));
+        assert_eq!(nodes[0].allocated_memory, 1 << 30);
     }
 
     #[test]

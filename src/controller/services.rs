@@ -283,7 +283,10 @@ pub fn error_policy(_svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Actio
 
 /// Runs the Services controller: a Service is looked at again when it changes, when one
 /// of its slices does, and when a VM in its namespace does.
-pub async fn run(ctx: Arc<Context>) {
+pub async fn run(
+    ctx: Arc<Context>,
+    vms: impl futures::Stream<Item = Result<VirtualMachine, watcher::Error>> + Send + 'static,
+) {
     let client = ctx.client.clone();
     let (services, writer) = reflector::store::<Service>();
     let svc_stream = reflector::reflector(
@@ -302,20 +305,16 @@ pub async fn run(ctx: Arc<Context>) {
             watcher::Config::default()
                 .labels(&format!("{MANAGED_BY_LABEL}={ENDPOINTSLICE_MANAGER}")),
         )
-        .watches(
-            Api::<VirtualMachine>::all(client),
-            watcher::Config::default(),
-            move |vm: VirtualMachine| {
-                let ns = vm.namespace();
-                by_namespace
-                    .state()
-                    .into_iter()
-                    .filter(|s| s.namespace() == ns)
-                    .filter(|s| s.annotations().contains_key(SERVICE_SELECTOR_ANNOTATION))
-                    .map(|s| ObjectRef::from(&*s))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(vms, move |vm: VirtualMachine| {
+            let ns = vm.namespace();
+            by_namespace
+                .state()
+                .into_iter()
+                .filter(|s| s.namespace() == ns)
+                .filter(|s| s.annotations().contains_key(SERVICE_SELECTOR_ANNOTATION))
+                .map(|s| ObjectRef::from(&*s))
+                .collect::<Vec<_>>()
+        })
         .with_config(
             kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)),
         )

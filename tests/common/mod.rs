@@ -398,6 +398,7 @@ pub fn agent_args(node: &str, uri: &str, base: &std::path::Path) -> vmlet::agent
         image_root: base.join("images"),
         accel: vmlet::agent::accel::AccelChoice::Tcg,
         reserved_memory: "0".into(),
+        vm_overhead: "auto".into(),
         metrics_addr: "127.0.0.1:0".into(),
         advertise_address: None,
         migration_uri: None,

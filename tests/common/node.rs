@@ -92,6 +92,7 @@ impl Node {
             image_root: image_root.clone(),
             accel: vmlet::agent::accel::AccelChoice::Tcg,
             reserved_memory: "0".into(),
+            vm_overhead: "auto".into(),
             metrics_addr: "127.0.0.1:0".into(),
             advertise_address: None,
             migration_uri: None,
