@@ -12,6 +12,7 @@ use super::vm::{Cpu, Firmware, Machine};
     group = "vmlet.dev",
     version = "v1alpha1",
     kind = "VirtualMachineClass",
+    doc = "A reusable shape for VirtualMachines (cluster-scoped): vCPUs, memory, machine type, firmware and CPU model; a VM that names it takes what it does not set itself.",
     shortname = "vmclass",
     category = "vmlet",
     printcolumn = r#"{"name":"Cores","type":"integer","jsonPath":".spec.cpu.cores"}"#,

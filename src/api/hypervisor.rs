@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
     group = "vmlet.dev",
     version = "v1alpha1",
     kind = "Hypervisor",
+    doc = "A node that runs VMs, named after its Node: the spec holds operator overrides (overcommit, reserved memory), the status is the node agent's report (capacity, allocatable, allocated, per-VM overhead, accelerator, readiness).",
     status = "HypervisorStatus",
     shortname = "hv",
     category = "vmlet",

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
     group = "vmlet.dev",
     version = "v1alpha1",
     kind = "VirtualMachineImage",
+    doc = "A disk image, kernel or initrd that VMs boot from: where it comes from (HTTP with a sha256, a host path, a volume or snapshot to publish) and, per node, whether its copy is ready.",
     namespaced,
     status = "VirtualMachineImageStatus",
     shortname = "vmimage",

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
     group = "vmlet.dev",
     version = "v1alpha1",
     kind = "VirtualMachineMigration",
+    doc = "A request to move a running VM to another node: live (memory copied while it runs) or by shutdown; the controller picks or checks the target and the agents carry it out.",
     namespaced,
     status = "VirtualMachineMigrationStatus",
     shortname = "vmim",
