@@ -116,3 +116,106 @@ async fn vms_whose_agent_cannot_finish_are_still_deleted() {
     common::delete_namespace(&client, &ns).await;
     node.forget().await;
 }
+
+/// The chart's MutatingAdmissionPolicy (here narrowed to this test's namespace) gives a
+/// new VM the agent's finalizer as it is created: a VM no node takes is still deleted
+/// (the controller releases it), and a VM that runs is started without the agent's own
+/// finalizer and deleted by its agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_vms_carry_the_finalizer_from_admission() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "admitted").await;
+    let policy = format!("vmlet-test-{ns}");
+    let selector = json!({"matchLabels": {"kubernetes.io/metadata.name": ns}});
+    vmlet::api::admission::apply_domain_finalizer_policy(&client, &policy, Some(selector), true)
+        .await
+        .unwrap();
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    let node = Node::new("admitted").await;
+    node.register(&[("vmlet.dev/admission-test", &ns)]).await;
+    let controller = tokio::spawn(vmlet::controller::run_until(
+        common::controller_args("admitted", &ns),
+        std::future::pending(),
+    ));
+    // The policy takes effect once the API server has loaded it.
+    let placed = json!({"memory": "32Mi", "nodeSelector": {"vmlet.dev/admission-test": ns}});
+    let nowhere = json!({"memory": "32Mi", "nodeSelector": {"vmlet.dev/admission-test": "none"}});
+    let mut attempt = 0;
+    let vm = loop {
+        attempt += 1;
+        let name = format!("nowhere-{attempt}");
+        let vm = VirtualMachine::new(&name, serde_json::from_value(nowhere.clone()).unwrap());
+        let vm = api.create(&Default::default(), &vm).await.unwrap();
+        if vm
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == DOMAIN_FINALIZER)
+        {
+            break vm;
+        }
+        api.delete(&name, &DeleteParams::default()).await.unwrap();
+        assert!(attempt < 30, "the policy never added the finalizer");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let nowhere_name = vm.metadata.name.clone().unwrap();
+    // Unschedulable, deleted: no agent holds it, the controller lets it go.
+    assert!(
+        common::wait_for(Duration::from_secs(30), || async {
+            let vm = api.get(&nowhere_name).await.ok()?;
+            let st = vm.status?;
+            vmlet::api::conditions::find(&st.conditions, vmlet::api::conditions::Type::Scheduled)
+                .filter(|c| c.status == "False")
+                .map(|_| ())
+        })
+        .await
+        .is_some(),
+        "never said why it is not scheduled"
+    );
+    // `kubectl describe vm` shows why: a FailedScheduling Event with the reasons.
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let why = common::wait_for(Duration::from_secs(20), || async {
+        let lp =
+            kube::api::ListParams::default().fields(&format!("involvedObject.name={nowhere_name}"));
+        events.list(&lp).await.ok()?.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("FailedScheduling")
+                && e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("node selector mismatch"))
+        })
+    })
+    .await;
+    assert!(why.is_some(), "no FailedScheduling Event naming the reason");
+    api.delete(&nowhere_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(
+        gone(&api, &nowhere_name, 30).await,
+        "an unbound VM with the admitted finalizer stayed Terminating"
+    );
+
+    let vm = VirtualMachine::new("placed", serde_json::from_value(placed).unwrap());
+    let created = api.create(&Default::default(), &vm).await.unwrap();
+    let admitted = created.metadata.finalizers.iter().flatten();
+    assert_eq!(admitted.filter(|f| *f == DOMAIN_FINALIZER).count(), 1);
+    let vm = wait_phase(&api, "placed", "Running", 30).await;
+    // Still one: the agent found it there and did not add its own.
+    let finalizers = vm.metadata.finalizers.unwrap_or_default();
+    assert_eq!(finalizers, [DOMAIN_FINALIZER]);
+    api.delete("placed", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(
+        gone(&api, "placed", 30).await,
+        "the agent did not complete the deletion"
+    );
+
+    vmlet::api::admission::apply_domain_finalizer_policy(&client, &policy, None, false)
+        .await
+        .unwrap();
+    controller.abort();
+    common::delete_namespace(&client, &ns).await;
+    node.forget().await;
+}

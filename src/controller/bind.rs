@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, ResourceExt};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 
 use super::binding::{self, Binding};
 use super::scheduler::{self, Request};
@@ -79,17 +80,61 @@ async fn set_scheduled(
         }
         _ => None,
     };
-    let mut new = old.with(vm, conditions::Type::Scheduled, ok, reason, message);
+    let before = conditions::find(&old.conditions, conditions::Type::Scheduled)
+        .map(|c| (c.status == "True", c.reason.clone(), c.message.clone()));
+    let event = placement_event(
+        before
+            .as_ref()
+            .map(|(ok, r, m)| (*ok, r.as_str(), m.as_str())),
+        (ok, reason, &message),
+        healthy_again.as_ref().map(|(r, _)| *r),
+    );
+    let mut new = old.with(vm, conditions::Type::Scheduled, ok, reason, message.clone());
     if let Some(node) = bind {
         new = new.bound_to(Some(node));
     }
-    if let Some((reason, message)) = healthy_again {
-        new = new.with(vm, conditions::Type::NodeHealthy, true, reason, message);
+    if let Some((reason, message)) = &healthy_again {
+        new = new.with(
+            vm,
+            conditions::Type::NodeHealthy,
+            true,
+            reason,
+            message.clone(),
+        );
     }
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
     binding::apply(&api, vm, new).await?;
+    if let Some((type_, reason)) = event {
+        let note = match &healthy_again {
+            Some((_, m)) if reason == "Rebound" => m.clone(),
+            _ => message,
+        };
+        ctx.record(vm, type_, reason, note);
+    }
     Ok(())
+}
+
+/// The Event a placement decision is worth: `FailedScheduling` (Warning) when a VM cannot
+/// be placed and the reason or message is new, `Rebound` when a VM whose node was lost
+/// is bound to another, `Scheduled` when a VM that could not be placed finally is. A VM
+/// placed at its first try records none: its status says where (`Scheduled`, `nodeName`),
+/// and an Event per VM would cost the API server a write per VM in a burst.
+pub fn placement_event(
+    before: Option<(bool, &str, &str)>,
+    now: (bool, &str, &str),
+    healthy_again: Option<&str>,
+) -> Option<(EventType, &'static str)> {
+    let (ok, reason, message) = now;
+    if healthy_again == Some("Rescheduled") {
+        return Some((EventType::Normal, "Rebound"));
+    }
+    match before {
+        _ if !ok => (before != Some((false, reason, message)))
+            .then_some((EventType::Warning, "FailedScheduling")),
+        Some((false, _, _)) => Some((EventType::Normal, "Scheduled")),
+        _ => None,
+    }
 }
 
 /// Removes a drained VM's binding (with the version it was decided on as precondition),
@@ -285,4 +330,69 @@ pub fn error_policy(vm: Arc<VirtualMachine>, err: &Error, ctx: Arc<Context>) -> 
     }
     tracing::warn!(vm = %vm.name_any(), error = %err, "placement failed");
     Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::type_complexity)] // a table
+    fn placement_events_say_why_and_skip_the_first_binding() {
+        use EventType::{Normal, Warning};
+        let full = "0/2 hypervisors available: 2 insufficient memory";
+        // (Scheduled before, now, NodeHealthy back because) -> Event
+        let table: [(
+            Option<(bool, &str, &str)>,
+            (bool, &str, &str),
+            Option<&str>,
+            Option<(EventType, &str)>,
+        ); 7] = [
+            (None, (true, "Scheduled", "bound to a"), None, None),
+            (
+                None,
+                (false, "Unschedulable", full),
+                None,
+                Some((Warning, "FailedScheduling")),
+            ),
+            (
+                Some((false, "Unschedulable", full)),
+                (false, "Unschedulable", full),
+                None,
+                None,
+            ),
+            (
+                Some((false, "Unschedulable", "0/2: 2 cordoned")),
+                (false, "Unschedulable", full),
+                None,
+                Some((Warning, "FailedScheduling")),
+            ),
+            (
+                Some((false, "Unschedulable", full)),
+                (true, "Scheduled", "bound to a"),
+                None,
+                Some((Normal, "Scheduled")),
+            ),
+            (
+                Some((true, "Scheduled", "bound to a")),
+                (true, "Scheduled", "bound to b"),
+                Some("Rescheduled"),
+                Some((Normal, "Rebound")),
+            ),
+            (
+                Some((true, "Scheduled", "bound to a")),
+                (true, "Scheduled", "bound to a"),
+                Some("NodeReturned"),
+                None,
+            ),
+        ];
+        for (before, now, back, want) in table {
+            let got = placement_event(before, now, back);
+            assert_eq!(
+                got.map(|(t, r)| (format!("{t:?}"), r)),
+                want.map(|(t, r)| (format!("{t:?}"), r)),
+                "{before:?} -> {now:?} {back:?}"
+            );
+        }
+    }
 }

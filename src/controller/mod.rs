@@ -131,6 +131,35 @@ pub struct Context {
     pub fencing_bound: Duration,
     pub limits: migrate::Limits,
     pub metrics: metrics::Metrics,
+    /// The controller's Events (`kubectl describe` shows them on the object).
+    pub recorder: kube::runtime::events::Recorder,
+}
+
+impl Context {
+    /// Records an Event on `obj` off the caller's path: an Event is news for people, and
+    /// must not delay the next decision when the API server is busy.
+    pub fn record<K: kube::Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: kube::runtime::events::EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = kube::runtime::events::Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: "Schedule".into(),
+            secondary: None,
+        };
+        let reference = obj.object_ref(&());
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::debug!(error = %e, "event not recorded");
+            }
+        });
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -291,6 +320,13 @@ async fn start(
             cluster: args.max_migrations,
         },
         metrics,
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: None,
+            },
+        ),
     });
     ctx.caches.classes.wait_until_ready().await?;
     ctx.caches.nodes.wait_until_ready().await?;
