@@ -6,6 +6,15 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(
+        long,
+        global = true,
+        env = "VMLET_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: vmlet::telemetry::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -30,17 +39,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Agent(args) => {
-            vmlet::telemetry::init();
+            vmlet::telemetry::init(cli.log_format);
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(vmlet::agent::run(*args))
         }
         Command::Controller(args) => {
-            vmlet::telemetry::init();
+            vmlet::telemetry::init(cli.log_format);
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(vmlet::controller::run(args))
         }
         Command::Api(args) => {
-            vmlet::telemetry::init();
+            vmlet::telemetry::init(cli.log_format);
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(vmlet::subresources::run(args))
         }

@@ -304,7 +304,7 @@ impl Drop for Unregister {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_types_into_the_console_and_opens_the_display() {
     let _unregister = Unregister;
-    vmlet::telemetry::init();
+    vmlet::telemetry::init(Default::default());
     let client = common::client().await;
     common::ensure_crds(&client).await;
     let ns = common::namespace(&client, "console").await;

@@ -230,7 +230,7 @@ struct Setup {
 }
 
 async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
-    vmlet::telemetry::init();
+    vmlet::telemetry::init(Default::default());
     let client = common::client().await;
     common::ensure_crds(&client).await;
     let lv = Arc::new(

@@ -76,7 +76,7 @@ struct Lab {
 }
 
 async fn lab() -> Lab {
-    vmlet::telemetry::init();
+    vmlet::telemetry::init(Default::default());
     let client = common::client().await;
     common::ensure_crds(&client).await;
     let ns = common::namespace(&client, "net").await;

@@ -53,7 +53,7 @@ async fn forget_stale_nodes(client: &kube::Client) {
 
 /// A node of its own (named for `tag`) with an in-process agent and controller.
 async fn lab(tag: &str) -> Lab {
-    vmlet::telemetry::init();
+    vmlet::telemetry::init(Default::default());
     let client = common::client().await;
     common::ensure_crds(&client).await;
     forget_stale_nodes(&client).await;
@@ -728,7 +728,7 @@ async fn timed_gib(lab: &Lab) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_on_a_pooled_volume_fails_over_with_its_data() {
     use common::proxy::{Proxy, admin_kubeconfig, fast, proxied_kubeconfig};
-    vmlet::telemetry::init();
+    vmlet::telemetry::init(Default::default());
     let client = common::client().await;
     common::ensure_crds(&client).await;
     forget_stale_nodes(&client).await;

@@ -56,7 +56,7 @@ impl Node {
         root: Option<PathBuf>,
         customize: impl FnOnce(&mut vmlet::agent::Args),
     ) -> Self {
-        vmlet::telemetry::init();
+        vmlet::telemetry::init(Default::default());
         let name = format!(
             "{prefix}-{}",
             std::process::id() as u64 * 1000 + rand_u16() as u64
