@@ -61,9 +61,13 @@ async fn create_many(api: &Api<VirtualMachine>, from: usize, to: usize, selector
                     }))
                     .unwrap(),
                 );
-                api.create(&PostParams::default(), &vm)
-                    .await
-                    .expect("create");
+                // A create the client's connection pool resent (the first reached the
+                // server) answers AlreadyExists: the VM is there either way.
+                match api.create(&PostParams::default(), &vm).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(e) => panic!("create: {e}"),
+                }
             }
         })
         .await;

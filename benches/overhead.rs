@@ -136,6 +136,7 @@ fn measure(
 }
 
 /// Least squares of overhead = a + b x vcpus + c x GiB.
+#[allow(clippy::needless_range_loop)] // matrix arithmetic reads best by index
 fn fit(samples: &[Sample]) -> (f64, f64, f64) {
     let rows: Vec<[f64; 4]> = samples
         .iter()
@@ -226,7 +227,9 @@ fn main() -> anyhow::Result<()> {
     println!();
     let uncovered = samples
         .iter()
-        .filter(|s| (reserved.of(1, i64::from(s.vcpus), s.memory_mib << 20) as f64 / MI) < s.overhead_mib)
+        .filter(|s| {
+            (reserved.of(1, i64::from(s.vcpus), s.memory_mib << 20) as f64 / MI) < s.overhead_mib
+        })
         .count();
     println!(
         "Least-squares fit: overhead = {a:.1} MiB + {b:.1} MiB x vCPUs + {c:.1} MiB x GiB of guest memory. The agent reserves {} + {} x vCPUs + {} x GiB under TCG (`--vm-overhead`, docs/scheduling.md).\n",

@@ -21,6 +21,9 @@ use vmlet::api::VirtualMachine;
 
 mod common;
 
+/// The chart's MutatingAdmissionPolicy, as the bench installs it for the vmlet burst.
+const POLICY: &str = "vmlet-bench-domain-finalizer";
+
 /// When a VM was first seen Scheduled, and Running.
 type Seen = (Option<Instant>, Option<Instant>);
 
@@ -184,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
             image_root: nd.join("images"),
             accel: vmlet::agent::accel::AccelChoice::Tcg,
             reserved_memory: "0".into(),
+            vm_overhead: "auto".into(),
             metrics_addr: "127.0.0.1:0".into(),
             advertise_address: None,
             migration_uri: None,
@@ -205,54 +209,6 @@ async fn main() -> anyhow::Result<()> {
             std::future::pending(),
         )));
     }
-    // The floor, measured before any vmlet component runs: the API writes one VM needs
-    // (create, bind, status), sequentially, by a bare client.
-    let mut floor = Vec::new();
-    for i in 0..20 {
-        let name = format!("floor-{i}");
-        let t = Instant::now();
-        let vm = VirtualMachine::new(&name, serde_json::from_value(json!({"memory": "512Mi"}))?);
-        let floor_api: Api<VirtualMachine> = Api::namespaced(client.clone(), &run);
-        floor_api.create(&PostParams::default(), &vm).await?;
-        let bind = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": "nowhere"}});
-        floor_api
-            .patch_status(
-                &name,
-                &PatchParams::apply("floor-scheduler"),
-                &Patch::Apply(&bind),
-            )
-            .await?;
-        let st = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"phase": "Running"}});
-        floor_api
-            .patch_status(
-                &name,
-                &PatchParams::apply("floor-agent"),
-                &Patch::Apply(&st),
-            )
-            .await?;
-        floor.push(t.elapsed().as_secs_f64());
-    }
-    floor.sort_by(f64::total_cmp);
-    let floor_api: Api<VirtualMachine> = Api::namespaced(client.clone(), &run);
-    let floor_burst = floor_burst(&floor_api, vms).await?;
-    floor_api
-        .delete_collection(&DeleteParams::default(), &Default::default())
-        .await?;
-    while !floor_api.list(&Default::default()).await?.items.is_empty() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
-    let controller_args = vmlet::controller::Args {
-        metrics_addr: "127.0.0.1:0".into(),
-        lease_namespace: run.clone(),
-        identity: Some("bench".into()),
-        kubeconfig: Some(kc.clone()),
-        ..Default::default()
-    };
-    let controller = tokio::spawn(vmlet::controller::run_until(
-        controller_args,
-        std::future::pending(),
-    ));
     // Wait until every hypervisor has reported.
     let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
     let t = Instant::now();
@@ -286,6 +242,59 @@ async fn main() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The floor, measured once the agents have settled (the same background as the
+    // burst), before the controller runs: the API writes one VM needs (create, bind,
+    // status), sequentially, by a bare client.
+    let mut floor = Vec::new();
+    for i in 0..20 {
+        let name = format!("floor-{i}");
+        let t = Instant::now();
+        let vm = VirtualMachine::new(&name, serde_json::from_value(json!({"memory": "512Mi"}))?);
+        let floor_api: Api<VirtualMachine> = Api::namespaced(client.clone(), &run);
+        floor_api.create(&PostParams::default(), &vm).await?;
+        let bind = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"nodeName": "nowhere"}});
+        floor_api
+            .patch_status(
+                &name,
+                &PatchParams::apply("floor-scheduler"),
+                &Patch::Apply(&bind),
+            )
+            .await?;
+        let st = json!({"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine", "status": {"phase": "Running"}});
+        floor_api
+            .patch_status(
+                &name,
+                &PatchParams::apply("floor-agent"),
+                &Patch::Apply(&st),
+            )
+            .await?;
+        floor.push(t.elapsed().as_secs_f64());
+    }
+    floor.sort_by(f64::total_cmp);
+    let floor_api: Api<VirtualMachine> = Api::namespaced(client.clone(), &run);
+    let cpu0 = common::apiserver_cpu(&client).await?;
+    let floor_burst = floor_burst(&floor_api, vms).await?;
+    let floor_cpu = common::apiserver_cpu(&client).await? - cpu0;
+    floor_api
+        .delete_collection(&DeleteParams::default(), &Default::default())
+        .await?;
+    while !floor_api.list(&Default::default()).await?.items.is_empty() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // What the chart installs: new VMs carry the agent's finalizer from their creation.
+    vmlet::api::admission::apply_domain_finalizer_policy(&client, POLICY, None, true).await?;
+    let controller_args = vmlet::controller::Args {
+        metrics_addr: "127.0.0.1:0".into(),
+        lease_namespace: run.clone(),
+        identity: Some("bench".into()),
+        kubeconfig: Some(kc.clone()),
+        ..Default::default()
+    };
+    let controller = tokio::spawn(vmlet::controller::run_until(
+        controller_args,
+        std::future::pending(),
+    ));
     // Leases are renewed every 5 s; give the controller's cache one round.
     tokio::time::sleep(Duration::from_secs(6)).await;
 
@@ -317,6 +326,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The burst: every create issued at once (32 in flight).
     let before = common::request_counts(&client).await?;
+    let cpu0 = common::apiserver_cpu(&client).await?;
     let t0 = Instant::now();
     futures::stream::iter(0..vms)
         .for_each_concurrent(32, |i| create(&api, &applied, format!("burst-{i:05}")))
@@ -324,6 +334,7 @@ async fn main() -> anyhow::Result<()> {
     let created = t0.elapsed();
     let total = wait_running(&seen, "burst-", vms, t0).await;
     let requests = common::delta(&before, &common::request_counts(&client).await?);
+    let burst_cpu = common::apiserver_cpu(&client).await? - cpu0;
     let burst = Lat::collect(&applied, &seen, "burst-", t0);
 
     // The steady run: creates at a fixed rate, each at its slot whatever the others do.
@@ -388,19 +399,33 @@ async fn main() -> anyhow::Result<()> {
     );
     let per_vm = |k: &str| requests.get(k).copied().unwrap_or(0.0) / vms as f64;
     let all: f64 = requests.values().sum();
+    // The VMs' own requests: what the success path costs per VM, node heartbeats apart.
+    let vm_requests: f64 = requests
+        .iter()
+        .filter(|(k, _)| k.starts_with("virtualmachines") || k.starts_with("events"))
+        .map(|(_, v)| v)
+        .sum::<f64>()
+        / vms as f64;
     println!(
         "API requests during the burst (apiserver_request_total, watches excluded), per VM: \
-         {:.2} in all, of which VM creates {:.2}, VM patches (finalizer) {:.2}, VM status \
-         writes (bind, agent) {:.2}, VM GETs {:.2}, Event writes {:.2}; the rest is heartbeats \
-         and Hypervisor reports \
-         of {nodes} nodes over {:.0} s.\n",
-        all / vms as f64,
+         {vm_requests:.2} for the VMs themselves: creates {:.2} (the user's), VM patches \
+         {:.2} (the agent's finalizer, when admission did not add it), status writes {:.2} \
+         (the controller's binding, the agent's status), GETs {:.2} (the agent's fresh read \
+         before a first start), Event writes {:.2}. {:.2} in all, counting the heartbeats \
+         and Hypervisor reports of {nodes} nodes over {:.0} s.\n",
         per_vm("virtualmachines POST"),
         per_vm("virtualmachines PATCH"),
         per_vm("virtualmachines/status PATCH") + per_vm("virtualmachines/status APPLY"),
         per_vm("virtualmachines GET"),
         per_vm("events POST") + per_vm("events PATCH"),
+        all / vms as f64,
         total.as_secs_f64(),
+    );
+    println!(
+        "API server CPU per VM: {:.1} ms in the burst (everything vmlet and its heartbeats cost \
+         it), {:.1} ms for the bare client's three writes.\n",
+        burst_cpu * 1000.0 / vms as f64,
+        floor_cpu * 1000.0 / vms as f64,
     );
     println!("| request | count |\n|---|---|");
     for (k, v) in &requests {
@@ -447,6 +472,14 @@ async fn main() -> anyhow::Result<()> {
     )?;
     println!("![burst latency CDF](bench/burst-latency-cdf.png)\n");
     println!("![steady throughput](bench/steady-throughput.png)\n");
+    let p = |v: &[f64], q: f64| common::percentile(v, q);
+    println!(
+        "burst: p50 ratio {:.2}, p99 ratio {:.2}, throughput ratio {:.2}, requests per VM {:.2}",
+        p(&burst.running, 0.5) / p(&floor_burst.0, 0.5),
+        p(&burst.running, 0.99) / p(&floor_burst.0, 0.99),
+        burst.running.len() as f64 / total.as_secs_f64() / floor_burst.1,
+        vm_requests,
+    );
 
     // Clean up: the agents still run, so finalizers complete.
     let _ = api
@@ -464,6 +497,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = node_api.delete(&name, &DeleteParams::default()).await;
         let _ = hvs.delete(&name, &DeleteParams::default()).await;
     }
+    vmlet::api::admission::apply_domain_finalizer_policy(&client, POLICY, None, false).await?;
     controller.abort();
     for a in agents {
         a.abort();

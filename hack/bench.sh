@@ -10,6 +10,10 @@ scheduler=$(cargo bench -q --bench scheduler 2>/dev/null)
 scale=$(VMLET_BENCH_NODES=${VMLET_BENCH_NODES:-100} VMLET_BENCH_VMS=${VMLET_BENCH_VMS:-1000} \
   RUST_LOG=error cargo bench -q --bench scale 2>/dev/null)
 footprint=$(RUST_LOG=error cargo bench -q --bench footprint 2>/dev/null)
+# QEMU's memory beyond guest RAM, for the scheduler's overhead formula (needs libvirt
+# and the tiny guest).
+hack/tiny-guest.sh >/dev/null
+overhead=$(cargo bench -q --bench overhead 2>/dev/null || echo "overhead: the bench failed (hack/libvirt.sh up, hack/tiny-guest.sh)")
 # Real boot: the e2e test times apply -> guest userspace beside virsh define && start of
 # the same XML in the same run; three runs, one line each.
 boots=""
@@ -18,10 +22,30 @@ for i in 1 2 3; do
     -- --nocapture 2>/dev/null | grep '^e2e boot' || echo "run $i failed")
   boots+="| $i | ${line#e2e boot } |"$'\n'
 done
+# The goals (issue #20) and where each stands, from the outputs above.
+burst=$(grep -m1 '^burst:' <<<"$scale" || echo "burst: (no result)")
+num() { grep -oP "$1 \K[0-9.]+" <<<"$burst" || echo "?"; }
+ctl10k=$(grep -oP '^\| 10000 \| \K[0-9.]+' <<<"$footprint" || echo "?")
+adv=$(grep -m1 '^| adversarial' <<<"$scheduler" | awk -F'|' '{gsub(/ /,"",$6); gsub(/ /,"",$7); print $6" nodes in one cycle, FFD "$7}')
+uncovered=$(grep -oP '^overhead: \K[0-9]+ of [0-9]+' <<<"$overhead" || echo "?")
 {
   echo "# Benchmarks"
   echo
   echo "Written by \`make bench\` (hack/bench.sh) on $(date -u +%Y-%m-%d)."
+  echo
+  echo "## Goals"
+  echo
+  echo "| goal | measured | ratio to the goal |"
+  echo "|---|---|---|"
+  echo "| burst apply -> Running p50 <= 3x the bare client's burst p50 | $(num 'p50 ratio')x | $(awk -v r="$(num 'p50 ratio')" 'BEGIN{printf "%.2f", r/3}') |"
+  echo "| burst apply -> Running p99 <= 3x the bare client's burst p99 | $(num 'p99 ratio')x | $(awk -v r="$(num 'p99 ratio')" 'BEGIN{printf "%.2f", r/3}') |"
+  echo "| burst throughput >= 0.8x the bare client's | $(num 'throughput ratio')x | $(awk -v r="$(num 'throughput ratio')" 'BEGIN{printf "%.2f", 0.8/r}') |"
+  echo "| <= 4 API requests per VM on the success path | $(num 'requests per VM') | $(awk -v r="$(num 'requests per VM')" 'BEGIN{printf "%.2f", r/4}') |"
+  echo "| a burst packs no worse than FFD (adversarial instance) | $adv | see Packing quality |"
+  echo "| controller RSS <= 64 MiB with 10,000 VMs cached | $ctl10k MiB | $(awk -v r="$ctl10k" 'BEGIN{printf "%.2f", r/64}') |"
+  echo "| QEMU's overhead reserved for every measured shape | $uncovered shapes above the formula | - |"
+  echo
+  echo "A ratio above 1 misses its goal. The last line of the scale section is the burst's summary."
   echo
   echo "## Machine"
   echo
@@ -34,11 +58,14 @@ done
   echo "- \`cargo bench --bench scheduler\` (release build, pure scheduler code, fixed seeds)"
   echo "- \`cargo bench --bench scale\` against \`hack/cluster.sh up\` (release build; VMLET_BENCH_NODES, VMLET_BENCH_VMS, VMLET_BENCH_RATE)"
   echo "- \`cargo bench --bench footprint\` (release \`vmlet\` binary as separate processes; VMLET_BENCH_CONTROLLER_VMS)"
+  echo "- \`cargo bench --bench overhead\` (the tiny guest under QEMU on qemu:///system, several sizes; needs \`hack/libvirt.sh up\`)"
   echo "- \`cargo test --release --test e2e_qemu tiny_guest_boots_to_userspace_and_is_cleaned_up -- --nocapture\`, three times (needs \`hack/libvirt.sh up\`)"
   echo
   echo "$scale"
   echo
   echo "$footprint"
+  echo
+  echo "$overhead"
   echo
   echo "## Real boot"
   echo

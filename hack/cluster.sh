@@ -280,7 +280,7 @@ up() {
     --proxy-client-cert-file "$PKI/front-proxy-client.crt" \
     --proxy-client-key-file "$PKI/front-proxy-client.key" \
     --enable-aggregator-routing=true \
-    --profiling=false
+    --profiling="${VMLET_APISERVER_PROFILING:-false}"
   wait_url kube-apiserver "https://127.0.0.1:$APISERVER_PORT/readyz" admin 90
 
   kubeconfig "$KUBECONFIG_OUT" vmlet-admin admin

@@ -101,6 +101,17 @@ pub async fn request_counts(client: &Client) -> anyhow::Result<BTreeMap<String, 
     Ok(out)
 }
 
+/// The API server's own CPU seconds so far (process_cpu_seconds_total on its /metrics):
+/// what a phase cost the server, whichever client caused it.
+pub async fn apiserver_cpu(client: &Client) -> anyhow::Result<f64> {
+    let req = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(req).await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no process_cpu_seconds_total on the API server"))
+}
+
 /// after - before, entries that did not move left out.
 pub fn delta(
     before: &BTreeMap<String, f64>,

@@ -23,3 +23,11 @@ app.kubernetes.io/name: vmlet
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: agent
 {{- end -}}
+
+{{/* Logging for every vmlet container: RUST_LOG's filter and the line format. */}}
+{{- define "vmlet.logEnv" -}}
+- name: RUST_LOG
+  value: {{ .Values.logLevel | quote }}
+- name: VMLET_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+{{- end }}
