@@ -498,6 +498,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity)] // a table
     fn events_name_what_happened_and_skip_the_success_path() {
         use EventType::{Normal, Warning};
         use Phase::*;
