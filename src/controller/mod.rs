@@ -131,13 +131,15 @@ pub struct Context {
     pub fencing_bound: Duration,
     pub limits: migrate::Limits,
     pub metrics: metrics::Metrics,
-    /// The controller's Events (`kubectl describe` shows them on the object).
-    pub recorder: kube::runtime::events::Recorder,
 }
 
 impl Context {
     /// Records an Event on `obj` off the caller's path: an Event is news for people, and
-    /// must not delay the next decision when the API server is busy.
+    /// must not delay the next decision when the API server is busy. Written as it is
+    /// (events.k8s.io/v1), without kube's Recorder: its series cache keeps every Event
+    /// for minutes and walks them all on each publish, which a full cluster's thousands
+    /// of FailedScheduling Events turn into tens of MiB and quadratic work. The
+    /// controller emits each reason once per change, so there is no series to fold.
     pub fn record<K: kube::Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -145,20 +147,50 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        let ev = kube::runtime::events::Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Schedule".into(),
-            secondary: None,
-        };
         let reference = obj.object_ref(&());
-        let recorder = self.recorder.clone();
+        let event = new_event(&reference, type_, reason, note);
+        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(
+            self.client.clone(),
+            reference.namespace.as_deref().unwrap_or("default"),
+        );
         tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&ev, &reference).await {
+            if let Err(e) = api.create(&Default::default(), &event).await {
                 tracing::debug!(error = %e, "event not recorded");
             }
         });
+    }
+}
+
+/// An events.k8s.io/v1 Event about `regarding`, reported by the controller.
+fn new_event(
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: kube::runtime::events::EventType,
+    reason: &str,
+    note: String,
+) -> k8s_openapi::api::events::v1::Event {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let name = regarding.name.clone().unwrap_or_default();
+    k8s_openapi::api::events::v1::Event {
+        metadata: kube::api::ObjectMeta {
+            // As client-go's recorder names them: object name, then a unique suffix.
+            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            namespace: regarding.namespace.clone(),
+            ..Default::default()
+        },
+        event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            now,
+        )),
+        action: Some("Schedule".into()),
+        reason: Some(reason.to_string()),
+        note: Some(note),
+        type_: Some(match type_ {
+            kube::runtime::events::EventType::Normal => "Normal".into(),
+            kube::runtime::events::EventType::Warning => "Warning".into(),
+        }),
+        regarding: Some(regarding.clone()),
+        reporting_controller: Some(FIELD_MANAGER.into()),
+        reporting_instance: Some(FIELD_MANAGER.into()),
+        ..Default::default()
     }
 }
 
@@ -320,13 +352,6 @@ async fn start(
             cluster: args.max_migrations,
         },
         metrics,
-        recorder: kube::runtime::events::Recorder::new(
-            client.clone(),
-            kube::runtime::events::Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: None,
-            },
-        ),
     });
     ctx.caches.classes.wait_until_ready().await?;
     ctx.caches.nodes.wait_until_ready().await?;
