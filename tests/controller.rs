@@ -113,16 +113,14 @@ async fn placement_and_leader_failover() {
     // A burst against one hypervisor never over-allocates it: exactly as many VMs as fit
     // are bound (the assume cache counts placements the cache has not seen yet).
     // The zone-b VM already holds 1 vCPU and 64Mi there; each burst VM asks the same.
-    let allocatable = hvs
-        .get(&names[2])
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .allocatable
-        .unwrap();
-    let mem_free = vmlet::api::quantity::parse_bytes(&allocatable.memory).unwrap() - (64 << 20);
-    let fit = ((mem_free / (64 << 20)) as usize).min((allocatable.cpu - 1) as usize);
+    // Each VM takes its 64Mi and the node's overhead per VM (status.vmOverhead).
+    let st = hvs.get(&names[2]).await.unwrap().status.unwrap();
+    let allocatable = st.allocatable.unwrap();
+    let overhead =
+        vmlet::api::overhead::Overhead::try_from(&st.vm_overhead.expect("vmOverhead")).unwrap();
+    let footprint = (64u64 << 20) + overhead.of(1, 1, 64 << 20);
+    let mem_free = vmlet::api::quantity::parse_bytes(&allocatable.memory).unwrap() - footprint;
+    let fit = ((mem_free / footprint) as usize).min((allocatable.cpu - 1) as usize);
     let burst = fit + 10;
     let zone_b = json!({"topology.kubernetes.io/zone": "b", "vmlet.dev/test-run": ns});
     let creates = (0..burst).map(|i| {

@@ -275,6 +275,15 @@ async fn setup(prefix: &str, metrics_addr: &str) -> Setup {
         std::future::pending(),
     ));
     common::tiny_guest_images(&client, &ns).await;
+    // The agent is up (its KVM probe alone takes seconds) before any clock starts.
+    let hvs: Api<vmlet::api::Hypervisor> = Api::all(client.clone());
+    common::wait_for(Duration::from_secs(60), || async {
+        let st = hvs.get_opt(&node).await.ok()??.status?;
+        vmlet::api::conditions::is_true(&st.conditions, vmlet::api::conditions::Type::Ready)
+            .then_some(())
+    })
+    .await
+    .expect("the agent never reported its Hypervisor Ready");
     Setup {
         client,
         lv,
