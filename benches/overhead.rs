@@ -52,9 +52,17 @@ fn resident(pid: u32, guest_bytes: u64) -> std::io::Result<(u64, u64)> {
     Ok((guest, other))
 }
 
-fn qemu_pid(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).ok()?;
-    text.trim().parse().ok()
+/// The QEMU process of domain `uuid`: the one whose command line names it as its guest.
+fn qemu_pid(uuid: &str) -> Option<u32> {
+    let out = virsh(&["domname", uuid]);
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let needle = format!("guest={name},");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some(pid)
+    })
 }
 
 struct Sample {
