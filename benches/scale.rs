@@ -402,7 +402,11 @@ async fn main() -> anyhow::Result<()> {
     // The VMs' own requests: what the success path costs per VM, node heartbeats apart.
     let vm_requests: f64 = requests
         .iter()
-        .filter(|(k, _)| k.starts_with("virtualmachines") || k.starts_with("events"))
+        .filter(|(k, _)| {
+            k.starts_with("virtualmachines")
+                || k.as_str() == "events POST"
+                || k.as_str() == "events PATCH"
+        })
         .map(|(_, v)| v)
         .sum::<f64>()
         / vms as f64;

@@ -341,18 +341,10 @@ pub fn count(req: &Request, node: &str, candidates: &mut [Candidate], placed: &m
 /// The order a cycle decides in: largest first, by the larger of the VM's shares of the
 /// biggest node's cpu and memory; ties keep arrival order (the sort is stable).
 pub fn cycle_order(reqs: &[Request], candidates: &[Candidate]) -> Vec<usize> {
-    let max_cpu = candidates
-        .iter()
-        .map(|c| c.allocatable_cpu)
-        .max()
-        .unwrap_or(0)
-        .max(1) as f64;
-    let max_mem = candidates
-        .iter()
-        .map(|c| c.allocatable_memory)
-        .max()
-        .unwrap_or(0)
-        .max(1) as f64;
+    let (max_cpu, max_mem) = candidates.iter().fold((1i64, 1u64), |(c, m), n| {
+        (c.max(n.allocatable_cpu), m.max(n.allocatable_memory))
+    });
+    let (max_cpu, max_mem) = (max_cpu as f64, max_mem as f64);
     let size = |r: &Request| (r.cpu as f64 / max_cpu).max(r.memory as f64 / max_mem);
     let mut order: Vec<usize> = (0..reqs.len()).collect();
     order.sort_by(|&a, &b| size(&reqs[b]).total_cmp(&size(&reqs[a])));
