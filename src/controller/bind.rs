@@ -81,11 +81,9 @@ async fn set_scheduled(
         _ => None,
     };
     let before = conditions::find(&old.conditions, conditions::Type::Scheduled)
-        .map(|c| (c.status == "True", c.reason.clone(), c.message.clone()));
+        .map(|c| (c.status == "True", c.reason.as_str(), c.message.as_str()));
     let event = placement_event(
-        before
-            .as_ref()
-            .map(|(ok, r, m)| (*ok, r.as_str(), m.as_str())),
+        before,
         (ok, reason, &message),
         healthy_again.as_ref().map(|(r, _)| *r),
     );
