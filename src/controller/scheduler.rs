@@ -190,13 +190,19 @@ fn domain<'a>(c: &'a Candidate, key: &str) -> Option<&'a str> {
 fn forbidden_domains(
     req: &Request,
     placed: &[Placed],
-    nodes: &BTreeMap<&str, &Candidate>,
+    candidates: &[Candidate],
 ) -> BTreeSet<(String, String)> {
     let mut out = BTreeSet::new();
+    // Built on first need: most VMs carry no anti-affinity, and a cycle asks per VM.
+    let mut nodes: Option<BTreeMap<&str, &Candidate>> = None;
     for p in placed {
-        if p.namespace != req.namespace {
+        if (req.anti_affinity.is_empty() && p.anti_affinity.is_empty())
+            || p.namespace != req.namespace
+        {
             continue;
         }
+        let nodes =
+            nodes.get_or_insert_with(|| candidates.iter().map(|c| (c.name.as_str(), c)).collect());
         let Some(node) = nodes.get(p.node.as_str()) else {
             continue;
         };
@@ -290,6 +296,30 @@ pub fn score(req: &Request, c: &Candidate, strategy: Strategy, w: Weights) -> f6
     }
 }
 
+/// The hypervisors `req` fits on, in the order of `candidates`; or why none.
+fn feasible<'a>(
+    req: &Request,
+    candidates: &'a [Candidate],
+    placed: &[Placed],
+) -> Result<Vec<&'a Candidate>, Unschedulable> {
+    let forbidden = forbidden_domains(req, placed, candidates);
+    let mut reasons = BTreeMap::new();
+    let mut fit = Vec::new();
+    for c in candidates {
+        match filter(req, c, &forbidden) {
+            Some(r) => *reasons.entry(r).or_insert(0) += 1,
+            None => fit.push(c),
+        }
+    }
+    if fit.is_empty() {
+        return Err(Unschedulable {
+            total: candidates.len(),
+            reasons,
+        });
+    }
+    Ok(fit)
+}
+
 /// Picks the hypervisor for `req`: the highest score; ties go to the smallest name.
 pub fn schedule(
     req: &Request,
@@ -298,16 +328,8 @@ pub fn schedule(
     strategy: Strategy,
     weights: Weights,
 ) -> Result<String, Unschedulable> {
-    let by_name: BTreeMap<&str, &Candidate> =
-        candidates.iter().map(|c| (c.name.as_str(), c)).collect();
-    let forbidden = forbidden_domains(req, placed, &by_name);
-    let mut reasons = BTreeMap::new();
     let mut best: Option<(f64, &str)> = None;
-    for c in candidates {
-        if let Some(r) = filter(req, c, &forbidden) {
-            *reasons.entry(r).or_insert(0) += 1;
-            continue;
-        }
+    for c in feasible(req, candidates, placed)? {
         let s = score(req, c, strategy, weights);
         let better = match best {
             None => true,
@@ -317,10 +339,30 @@ pub fn schedule(
             best = Some((s, &c.name));
         }
     }
-    best.map(|(_, n)| n.to_string()).ok_or(Unschedulable {
-        total: candidates.len(),
-        reasons,
-    })
+    Ok(best.map(|(_, n)| n.to_string()).unwrap_or_default())
+}
+
+/// First fit: the first hypervisor in `opened` that `req` fits on, else the first empty
+/// one by name, which then joins `opened` (First-Fit-Decreasing's bins, in the order they
+/// were opened).
+fn first_fit(
+    req: &Request,
+    candidates: &[Candidate],
+    placed: &[Placed],
+    opened: &mut Vec<String>,
+) -> Result<String, Unschedulable> {
+    let fit: BTreeSet<&str> = feasible(req, candidates, placed)?
+        .into_iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    if let Some(n) = opened.iter().find(|n| fit.contains(n.as_str())) {
+        return Ok(n.clone());
+    }
+    // None of `opened` fits and it holds every hypervisor in use: the smallest fitting
+    // name is an empty one.
+    let first = fit.first().copied().unwrap_or_default().to_string();
+    opened.push(first.clone());
+    Ok(first)
 }
 
 /// Counts `req` as placed on `node`: its cpu, its memory with the node's overhead, and
@@ -352,9 +394,14 @@ pub fn cycle_order(reqs: &[Request], candidates: &[Candidate]) -> Vec<usize> {
 }
 
 /// One scheduling cycle: every VM pending at that moment, decided against one view, each
-/// decision counted in `candidates` and `placed` before the next. Deciding largest first
-/// makes a burst pack as First-Fit-Decreasing does (best-fit decreasing, under Pack); a
-/// cycle of one VM is today's online decision. The decisions come in the order of `reqs`.
+/// decision counted in `candidates` and `placed` before the next. The decisions come in
+/// the order of `reqs`; a cycle of one VM is the online decision.
+///
+/// Spread and Balanced decide largest first. Pack plans three ways, best fit largest
+/// first (the Pack score), First-Fit-Decreasing, and best fit in arrival order, and keeps
+/// the plan that places the most VMs on the fewest hypervisors (ties: that order). No
+/// one of them wins on every input, so a burst packs no worse than FFD and no worse than
+/// the same VMs arriving one by one.
 pub fn schedule_cycle(
     reqs: &[Request],
     candidates: &mut [Candidate],
@@ -362,18 +409,85 @@ pub fn schedule_cycle(
     strategy: Strategy,
     weights: Weights,
 ) -> Vec<Result<String, Unschedulable>> {
-    let mut out: Vec<Option<Result<String, Unschedulable>>> = vec![None; reqs.len()];
-    for i in cycle_order(reqs, candidates) {
-        let req = &reqs[i];
-        let decision = schedule(req, candidates, placed, strategy, weights);
-        if let Ok(node) = &decision {
-            count(req, node, candidates, placed);
+    let largest_first = cycle_order(reqs, candidates);
+    let plan = |order: &[usize],
+                first_fit_rule: bool,
+                cands: &mut [Candidate],
+                placed: &mut Vec<Placed>| {
+        let mut opened: Vec<String> = cands
+            .iter()
+            .filter(|c| in_use(c))
+            .map(|c| c.name.clone())
+            .collect();
+        opened.sort();
+        let mut out: Vec<Option<Result<String, Unschedulable>>> = vec![None; reqs.len()];
+        for &i in order {
+            let req = &reqs[i];
+            let decision = if first_fit_rule {
+                first_fit(req, cands, placed, &mut opened)
+            } else {
+                schedule(req, cands, placed, strategy, weights)
+            };
+            if let Ok(node) = &decision {
+                count(req, node, cands, placed);
+            }
+            out[i] = Some(decision);
         }
-        out[i] = Some(decision);
+        out.into_iter()
+            .map(|d| d.expect("every index decided"))
+            .collect::<Vec<_>>()
+    };
+    if strategy != Strategy::Pack || reqs.len() < 2 {
+        return plan(&largest_first, false, candidates, placed);
     }
-    out.into_iter()
-        .map(|d| d.expect("every index decided"))
-        .collect()
+    let arrival: Vec<usize> = (0..reqs.len()).collect();
+    let plans = [
+        (&largest_first, false),
+        (&largest_first, true),
+        (&arrival, false),
+    ];
+    // Each plan works on copies; its pushes onto `placed` are taken off again.
+    let base = placed.len();
+    // (how good, the snapshot after, its pushes onto `placed`, its decisions)
+    type Plan = (Outcome, Vec<Candidate>, Vec<Placed>, Decisions);
+    let mut best: Option<Plan> = None;
+    for (order, first_fit_rule) in plans {
+        let mut cands = candidates.to_vec();
+        let decisions = plan(order, first_fit_rule, &mut cands, placed);
+        let tail = placed.split_off(base);
+        let outcome = Outcome::of(&decisions, &cands);
+        if best.as_ref().is_none_or(|b| outcome > b.0) {
+            best = Some((outcome, cands, tail, decisions));
+        }
+    }
+    let (_, cands, tail, decisions) = best.expect("three plans");
+    candidates.clone_from_slice(&cands);
+    placed.extend(tail);
+    decisions
+}
+
+/// A cycle's answers, in the order of its requests.
+type Decisions = Vec<Result<String, Unschedulable>>;
+
+/// How good a cycle's plan is: more VMs placed, then fewer hypervisors in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Outcome {
+    placed: usize,
+    free: std::cmp::Reverse<usize>,
+}
+
+impl Outcome {
+    fn of(decisions: &[Result<String, Unschedulable>], candidates: &[Candidate]) -> Self {
+        Outcome {
+            placed: decisions.iter().filter(|d| d.is_ok()).count(),
+            free: std::cmp::Reverse(candidates.iter().filter(|c| in_use(c)).count()),
+        }
+    }
+}
+
+/// Whether a hypervisor already carries VMs.
+fn in_use(c: &Candidate) -> bool {
+    c.allocated_cpu > 0 || c.allocated_memory > 0
 }
 
 #[cfg(test)]
@@ -398,6 +512,56 @@ mod tests {
             cpu,
             memory: mem_gi * GI,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pack_cycle_keeps_the_plan_on_the_fewest_hypervisors() {
+        // (vms as (cpu, GiB) on 8-cpu 8-GiB nodes, hypervisors used by best fit largest
+        // first / FFD / best fit in arrival order) -> the cycle uses the fewest
+        type Case = (&'static [(i64, u64)], [usize; 3]);
+        let table: [Case; 3] = [
+            (&[(2, 6), (4, 5), (3, 1), (3, 3)], [3, 2, 3]),
+            (&[(3, 1), (1, 4), (5, 4), (3, 3), (3, 4)], [3, 3, 2]),
+            (&[(2, 1), (2, 1), (6, 1), (6, 1)], [2, 2, 3]),
+        ];
+        for (vms, plans) in table {
+            let reqs: Vec<Request> = vms.iter().map(|&(c, m)| req(c, m)).collect();
+            let fresh = || -> Vec<Candidate> {
+                (0..vms.len())
+                    .map(|i| node(&format!("n{i}"), 8, 8))
+                    .collect()
+            };
+            let used = |c: &[Candidate]| c.iter().filter(|c| in_use(c)).count();
+            let order = cycle_order(&reqs, &fresh());
+            let arrival: Vec<usize> = (0..reqs.len()).collect();
+            for ((o, first), want) in [(&order, false), (&order, true), (&arrival, false)]
+                .into_iter()
+                .zip(plans)
+            {
+                let (mut c, mut placed, mut opened) = (fresh(), vec![], vec![]);
+                for &i in o.iter() {
+                    let n = if first {
+                        first_fit(&reqs[i], &c, &placed, &mut opened)
+                    } else {
+                        schedule(&reqs[i], &c, &placed, Strategy::Pack, Weights::default())
+                    };
+                    count(&reqs[i], &n.unwrap(), &mut c, &mut placed);
+                }
+                assert_eq!(used(&c), want, "{vms:?}, first fit {first}");
+            }
+            let mut c = fresh();
+            let mut placed = vec![];
+            let got = schedule_cycle(
+                &reqs,
+                &mut c,
+                &mut placed,
+                Strategy::Pack,
+                Weights::default(),
+            );
+            assert!(got.iter().all(|d| d.is_ok()));
+            assert_eq!(used(&c), *plans.iter().min().unwrap(), "{vms:?}");
+            assert_eq!(placed.len(), vms.len(), "each VM counted once: {vms:?}");
         }
     }
 
