@@ -31,3 +31,21 @@ pub fn init(format: LogFormat) {
             .try_init(),
     };
 }
+
+/// The metric names starting with `prefix` in a text (alert rules, a dashboard), each
+/// once, in order: for tests that hold queries to the metrics they name.
+pub fn metric_names(text: &str, prefix: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(prefix) {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
+}

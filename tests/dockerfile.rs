@@ -99,7 +99,10 @@ fn image_script_builds_what_the_dockerfile_describes() {
             r#"ENTRYPOINT ["/usr/local/bin/vmlet"]"#,
             "--config.entrypoint /usr/local/bin/vmlet",
         ),
-        ("/usr/local/bin/kubectl-vm", "for b in vmlet kubectl-vm"),
+        (
+            "/usr/local/bin/kubectl_complete-vm",
+            "for b in vmlet kubectl-vm kubectl_complete-vm",
+        ),
     ] {
         assert!(runtime.contains(docker), "Dockerfile lacks {docker}");
         assert!(

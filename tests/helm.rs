@@ -251,3 +251,203 @@ async fn install_creates_every_object_and_uninstall_removes_them() {
     }
     common::delete_namespace(&client, &ns).await;
 }
+
+/// `helm template` of the chart with `--set` pairs; its output, or helm's error text.
+fn template(sets: &[&str]) -> Result<String, String> {
+    let mut args: Vec<String> = vec!["template".into(), "t".into(), chart()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("helm", &args, None);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// values.schema.json is strict: a misspelt key or a value outside its set is refused with
+/// the path, where without a schema helm ignores it silently.
+#[test]
+fn values_schema_refuses_typos_and_bad_values() {
+    // (--set, what the error must name; None: renders)
+    let table: [(&str, Option<&str>); 8] = [
+        ("controller.stratgy=pack", Some("'stratgy' not allowed")),
+        ("controller.strategy=packed", Some("/controller/strategy")),
+        ("logFormat=xml", Some("/logFormat")),
+        ("agent.accel=hvf", Some("/agent/accel")),
+        ("agent.imageRoot=relative/dir", Some("/agent/imageRoot")),
+        (
+            "metrics.prometheusRule.enabeld=true",
+            Some("'enabeld' not allowed"),
+        ),
+        ("controller.strategy=pack", None),
+        ("agent.podLabels.team=vms", None),
+    ];
+    for (set, refused) in table {
+        match (template(&[set]), refused) {
+            (Ok(_), None) => {}
+            (Err(e), Some(want)) => assert!(e.contains(want), "--set {set}: {e}"),
+            (Ok(_), Some(want)) => panic!("--set {set} rendered; want an error naming {want}"),
+            (Err(e), None) => panic!("--set {set} refused: {e}"),
+        }
+    }
+}
+
+/// The chart's options for the Pods land where the values say.
+#[test]
+fn pod_options_reach_the_pods() {
+    let out = template(&[
+        "agent.podAnnotations.example\\.com/a=one",
+        "controller.podLabels.team=vms",
+        "controller.priorityClassName=vmlet-high",
+        "agent.extraEnv[0].name=HTTPS_PROXY",
+        "agent.extraEnv[0].value=http://proxy:3128",
+    ])
+    .unwrap();
+    let docs = documents(&out);
+    let pod = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .map(|d| d["spec"]["template"].clone())
+            .unwrap()
+    };
+    let (agent, controller) = (pod("DaemonSet"), pod("Deployment"));
+    assert_eq!(agent["metadata"]["annotations"]["example.com/a"], "one");
+    assert_eq!(agent["spec"]["priorityClassName"], "system-node-critical");
+    assert_eq!(controller["spec"]["priorityClassName"], "vmlet-high");
+    assert_eq!(controller["metadata"]["labels"]["team"], "vms");
+    let env = agent["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "HTTPS_PROXY" && e["value"] == "http://proxy:3128"),
+        "{env:?}"
+    );
+    // Pod labels never replace the selector's.
+    assert_eq!(
+        controller["metadata"]["labels"]["app.kubernetes.io/component"],
+        "controller"
+    );
+}
+
+/// Every alert of the PrometheusRule has a severity, a summary and a runbook section in
+/// docs/runbooks.md; the metrics they query are checked against the exporters by the
+/// unit tests of both metrics modules.
+#[test]
+fn every_alert_has_a_runbook_section() {
+    let out = template(&[
+        "metrics.prometheusRule.enabled=true",
+        "metrics.prometheusRule.runbookBaseURL=https://example.com/runbooks.md",
+    ])
+    .unwrap();
+    let rule = documents(&out)
+        .into_iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    let runbooks = std::fs::read_to_string(root().join("docs/runbooks.md")).unwrap();
+    let anchors: Vec<String> = runbooks
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| h.trim().to_lowercase())
+        .collect();
+    let rules = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
+    let names: Vec<&str> = rules.iter().filter_map(|r| r["alert"].as_str()).collect();
+    for want in [
+        "VmletAgentDown",
+        "VmletHeartbeatStale",
+        "VmletNodeFenced",
+        "VmletMigrationsFailing",
+        "VmletVMsUnschedulable",
+        "VmletImageDownloadsFailing",
+    ] {
+        assert!(names.contains(&want), "no alert {want}: {names:?}");
+    }
+    for r in rules {
+        let name = r["alert"].as_str().unwrap();
+        let anchor = name.to_lowercase();
+        assert!(
+            anchors.contains(&anchor),
+            "docs/runbooks.md has no ## {name}"
+        );
+        assert_eq!(
+            r["annotations"]["runbook_url"],
+            format!("https://example.com/runbooks.md#{anchor}")
+        );
+        assert!(r["labels"]["severity"].is_string(), "{name}");
+        assert!(r["annotations"]["summary"].is_string(), "{name}");
+        assert!(r["expr"].as_str().unwrap().contains("job=\"t-"), "{name}");
+    }
+    // And no section without an alert.
+    assert_eq!(anchors.len(), rules.len(), "{anchors:?}");
+}
+
+/// Every document of a manifest as JSON.
+fn documents(manifest: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(manifest)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
+}
+
+/// Two releases in one namespace: both install, each with its own leader Lease and its
+/// own cluster-scoped objects (the APIService, one per cluster, left to one release).
+#[tokio::test]
+async fn two_releases_install_side_by_side() {
+    let client = common::client().await;
+    common::ensure_crds(&client).await;
+    let ns = common::namespace(&client, "chart-two").await;
+    let releases = [
+        format!("a{}", std::process::id()),
+        format!("b{}", std::process::id()),
+    ];
+    let mut leases = vec![];
+    for release in &releases {
+        let mut args = vec![
+            "install",
+            release,
+            &chart()[..],
+            "-n",
+            &ns,
+            "--set",
+            "image.repository=vmlet.invalid/none",
+            "--set",
+            "image.pullPolicy=Never",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        // The APIService is one per cluster: here the suite's other installs hold it,
+        // so that both of these leave it alone; install_creates_every_object... and
+        // tests/helm_node.rs install it.
+        args.extend(["--set".into(), "api.registerAPIService=false".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(run("helm", &args, None), &format!("helm install {release}"));
+        let manifest = ok(
+            run("helm", &["get", "manifest", release, "-n", &ns], None),
+            "helm get manifest",
+        );
+        let deployment = documents(&manifest)
+            .into_iter()
+            .find(|d| d["kind"] == "Deployment")
+            .unwrap();
+        let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+        let lease = args
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|a| a.as_str()?.strip_prefix("--leader-lease="))
+            .map(String::from)
+            .expect("--leader-lease");
+        assert_eq!(lease, format!("{release}-controller"));
+        leases.push(lease);
+    }
+    assert_ne!(leases[0], leases[1]);
+    for release in &releases {
+        ok(
+            run("helm", &["uninstall", release, "-n", &ns, "--wait"], None),
+            "helm uninstall",
+        );
+    }
+    common::delete_namespace(&client, &ns).await;
+}

@@ -42,7 +42,16 @@ fn kubectl(args: &[&str]) -> (bool, String, String) {
 fn help_for_every_command() {
     let (ok, out, err) = kubectl(&["vm", "--help"]);
     assert!(ok, "{err}");
-    for cmd in ["start", "stop", "restart", "console", "nodes", "completion"] {
+    for cmd in [
+        "start",
+        "stop",
+        "restart",
+        "console",
+        "migrate",
+        "nodes",
+        "drain",
+        "completion",
+    ] {
         assert!(out.contains(cmd), "kubectl vm --help lacks {cmd}:\n{out}");
         let (ok, out, err) = kubectl(&["vm", cmd, "--help"]);
         assert!(
@@ -107,8 +116,98 @@ async fn start_stop_restart_and_nodes() {
     assert!(line.contains("True") && line.contains("tcg"), "{line}");
     assert!(out.lines().next().unwrap().starts_with("NAME"));
 
+    // -o prints the objects: the hypervisors as a List, the VM a command wrote.
+    let (ok, out, err) = kubectl(&["vm", "nodes", "-o", "json", "--wait", "30s"]);
+    assert!(ok, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list["kind"], "List");
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["metadata"]["name"] == node.name.as_str())
+    );
+    let (ok, out, err) = kubectl(&["vm", "restart", "vm1", "-n", &ns, "-o", "yaml"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("kind: VirtualMachine") && out.contains("vmlet.dev/restart"),
+        "{out}"
+    );
+    let (ok, _, err) = kubectl(&["vm", "console", "vm1", "-n", &ns, "-o", "json"]);
+    assert!(!ok && err.contains("-o applies to"), "{err}");
+
+    // migrate creates the migration the controller acts on; a VM not placed is refused.
+    let (ok, out, err) = kubectl(&[
+        "vm",
+        "migrate",
+        "vm1",
+        "-n",
+        &ns,
+        "--to",
+        "elsewhere",
+        "-o",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let mig: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(mig["kind"], "VirtualMachineMigration");
+    assert_eq!(
+        mig["spec"],
+        json!({"vmName": "vm1", "targetNode": "elsewhere"})
+    );
+    let (ok, _, err) = kubectl(&["vm", "migrate", "vm1", "-n", &ns, "--to", &node.name]);
+    assert!(!ok && err.contains("already runs on"), "{err}");
+
+    // Completion as kubectl does it: kubectl runs kubectl_complete-vm.
+    let (ok, out, err) = kubectl(&["__complete", "vm", "res"]);
+    assert!(ok && out.lines().any(|l| l == "restart"), "{out}{err}");
+    let (ok, out, err) = kubectl(&["__complete", "vm", "-n", &ns, "stop", ""]);
+    assert!(
+        ok && out.lines().any(|l| l == "vm1"),
+        "VM names: {out}{err}"
+    );
+    let (ok, out, err) = kubectl(&["__complete", "vm", "drain", ""]);
+    assert!(
+        ok && out.lines().any(|l| l == node.name),
+        "node names: {out}{err}"
+    );
+
     let (ok, _, err) = kubectl(&["vm", "start", "nope", "-n", &ns]);
     assert!(!ok && err.contains("not found"), "{err}");
     common::delete_vms_and_namespace(&client, &ns).await;
     node.forget().await;
+}
+
+/// A kubeconfig that is named but unreadable is an error that says so, never a silent
+/// fall-back to another cluster; the kubeconfig flags select as kubectl's do.
+#[test]
+fn kubeconfig_flags_and_errors() {
+    let run = |env_kc: &str, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kubectl-vm"))
+            .args(args)
+            .env("KUBECONFIG", env_kc)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let kc = common::kubeconfig_path();
+    let kc = kc.to_str().unwrap();
+    let (ok, err) = run("/nonexistent/config", &["nodes"]);
+    assert!(!ok && err.contains("KUBECONFIG"), "{err}");
+    let (ok, err) = run(kc, &["nodes", "--kubeconfig", "/nonexistent/other"]);
+    assert!(!ok && err.contains("/nonexistent/other"), "{err}");
+    let (ok, err) = run(kc, &["nodes", "--context", "no-such-context"]);
+    assert!(!ok && err.contains("no-such-context"), "{err}");
+    let (ok, err) = run(kc, &["nodes", "--request-timeout", "5m", "--as", "someone"]);
+    assert!(
+        !ok && err.contains("someone"),
+        "impersonation reaches the server: {err}"
+    );
+    let (ok, err) = run(kc, &["nodes", "--request-timeout", "5 minutes"]);
+    assert!(!ok && err.contains("expected a duration"), "{err}");
 }

@@ -315,3 +315,26 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `vmlet_agent_*` series the chart's alerts query is one this agent exports.
+    #[test]
+    fn the_chart_alerts_query_metrics_the_agent_exports() {
+        let m = Metrics::default();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut text, &m.registry).unwrap();
+        let rules = include_str!("../../charts/vmlet/templates/prometheusrule.yaml");
+        let queried = crate::telemetry::metric_names(rules, "vmlet_agent_");
+        assert!(queried.len() >= 2, "{queried:?}");
+        for name in queried {
+            let family = name.strip_suffix("_total").unwrap_or(&name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "the alerts query {name}, which the agent does not export"
+            );
+        }
+    }
+}

@@ -141,6 +141,15 @@ pub enum ImagePhase {
 }
 
 impl ImagePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImagePhase::Pending => "Pending",
+            ImagePhase::Downloading => "Downloading",
+            ImagePhase::Ready => "Ready",
+            ImagePhase::Failed => "Failed",
+        }
+    }
+
     /// Pure: the image's phase from its nodes' entries.
     pub fn of_nodes(nodes: &[ImageNodeStatus]) -> ImagePhase {
         let any = |p: ImagePhase| nodes.iter().any(|n| n.phase == p);

@@ -65,7 +65,8 @@ pub const RESTART_ANNOTATION: &str = "vmlet.dev/restart";
 pub const HEARTBEAT_LEASE_NAMESPACE: &str = "kube-node-lease";
 /// A heartbeat Lease's duration when it names none, and the agent's default.
 pub const DEFAULT_LEASE_DURATION_SECONDS: u64 = 15;
-/// The controller replicas' leader-election Lease, in their own namespace.
+/// The controller replicas' leader-election Lease, in their own namespace, unless told
+/// another name (`--leader-lease`; the chart's is `RELEASE-controller`).
 pub const LEADER_LEASE: &str = "vmlet-controller";
 /// On a Service without a Pod selector: the label selector of the VirtualMachines (in
 /// the Service's namespace) the controller keeps its EndpointSlices filled with.

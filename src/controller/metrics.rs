@@ -216,25 +216,42 @@ impl Metrics {
     }
 }
 
+/// One gauge per phase: how many objects are in it.
+fn count_phases(phases: Vec<&str>) -> Family<PhaseLabel, Gauge<i64>> {
+    let family = Family::<PhaseLabel, Gauge<i64>>::default();
+    for phase in phases {
+        family
+            .get_or_create(&PhaseLabel {
+                phase: phase.to_string(),
+            })
+            .inc();
+    }
+    family
+}
+
 /// Encodes the registered metrics plus the gauges counted from the caches now.
 fn render(m: &Metrics, ctx: Option<&Context>) -> String {
     let mut reg = Registry::with_prefix("vmlet_controller");
     let unschedulable = Gauge::<i64>::default();
-    let by_phase = Family::<PhaseLabel, Gauge<i64>>::default();
+    let (mut vm_phases, mut migration_phases, mut image_phases) = (vec![], vec![], vec![]);
     if let Some(ctx) = ctx {
         for vm in ctx.caches.vms.state() {
-            let st = vm.status.clone().unwrap_or_default();
-            if conditions::find(&st.conditions, conditions::Type::Scheduled)
+            let st = vm.status.as_ref();
+            if st
+                .and_then(|s| conditions::find(&s.conditions, conditions::Type::Scheduled))
                 .is_some_and(|c| c.status == "False")
             {
                 unschedulable.inc();
             }
-            let phase = st.phase.map(|p| p.as_str()).unwrap_or("Pending");
-            by_phase
-                .get_or_create(&PhaseLabel {
-                    phase: phase.to_string(),
-                })
-                .inc();
+            vm_phases.push(st.and_then(|s| s.phase).map_or("Pending", |p| p.as_str()));
+        }
+        for mig in ctx.caches.migrations.state() {
+            let phase = mig.status.as_ref().and_then(|s| s.phase);
+            migration_phases.push(phase.map_or("Pending", |p| p.as_str()));
+        }
+        for img in ctx.caches.images.state() {
+            let phase = img.status.as_ref().and_then(|s| s.phase);
+            image_phases.push(phase.unwrap_or_default().as_str());
         }
     }
     reg.register(
@@ -242,27 +259,16 @@ fn render(m: &Metrics, ctx: Option<&Context>) -> String {
         "VMs no hypervisor can take now",
         unschedulable,
     );
-    reg.register("vms", "VMs by phase", by_phase);
-    let migrations = Family::<PhaseLabel, Gauge<i64>>::default();
-    if let Some(ctx) = ctx {
-        for mig in ctx.caches.migrations.state() {
-            let phase = mig
-                .status
-                .as_ref()
-                .and_then(|s| s.phase)
-                .map(|p| p.as_str())
-                .unwrap_or("Pending");
-            migrations
-                .get_or_create(&PhaseLabel {
-                    phase: phase.to_string(),
-                })
-                .inc();
-        }
-    }
+    reg.register("vms", "VMs by phase", count_phases(vm_phases));
     reg.register(
         "migrations",
         "VirtualMachineMigrations by phase",
-        migrations,
+        count_phases(migration_phases),
+    );
+    reg.register(
+        "images",
+        "VirtualMachineImages by phase (Failed: a download or check failed on some node)",
+        count_phases(image_phases),
     );
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode_registry(&mut out, &m.registry);
@@ -289,4 +295,26 @@ pub async fn serve(
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `vmlet_controller_*` series the chart's alerts query is one the controller
+    /// exports (those counted from the caches included).
+    #[test]
+    fn the_chart_alerts_query_metrics_the_controller_exports() {
+        let text = render(&Metrics::default(), None);
+        let rules = include_str!("../../charts/vmlet/templates/prometheusrule.yaml");
+        let queried = crate::telemetry::metric_names(rules, "vmlet_controller_");
+        assert!(queried.len() >= 4, "{queried:?}");
+        for name in queried {
+            let family = name.strip_suffix("_total").unwrap_or(&name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "the alerts query {name}, which the controller does not export"
+            );
+        }
+    }
 }

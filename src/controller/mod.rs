@@ -55,6 +55,10 @@ pub struct Args {
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     pub lease_namespace: String,
+    /// The leader-election Lease's name: one per installation (the chart derives it from
+    /// the release), so that two in one namespace elect their own leaders.
+    #[arg(long, env = "VMLET_LEADER_LEASE", default_value = crate::api::LEADER_LEASE)]
+    pub leader_lease: String,
     /// This replica's identity in the leader-election Lease.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -215,17 +219,16 @@ pub async fn run_until(
     let metrics = metrics::Metrics::default();
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await?;
 
-    let manager =
-        kube_lease_manager::LeaseManagerBuilder::new(client.clone(), crate::api::LEADER_LEASE)
-            .with_namespace(&args.lease_namespace)
-            .with_identity(&identity)
-            .with_duration(args.lease_duration_seconds)
-            .with_grace(2)
-            // One field manager per replica: server-side apply conflicts between them are what
-            // keeps two replicas from both taking the lease.
-            .with_field_manager(format!("{FIELD_MANAGER}-{identity}"))
-            .build()
-            .await?;
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.leader_lease)
+        .with_namespace(&args.lease_namespace)
+        .with_identity(&identity)
+        .with_duration(args.lease_duration_seconds)
+        .with_grace(2)
+        // One field manager per replica: server-side apply conflicts between them are what
+        // keeps two replicas from both taking the lease.
+        .with_field_manager(format!("{FIELD_MANAGER}-{identity}"))
+        .build()
+        .await?;
     let (mut leader, lease_task) = manager.watch().await;
 
     let ctx_cell: Arc<tokio::sync::OnceCell<Arc<Context>>> = Arc::default();
@@ -260,7 +263,7 @@ pub async fn run_until(
             ) => Ok(()),
             _ = lost => {
                 metrics.set_leader(false);
-                anyhow::bail!("lost leadership of lease {}/{}", args.lease_namespace, crate::api::LEADER_LEASE)
+                anyhow::bail!("lost leadership of lease {}/{}", args.lease_namespace, args.leader_lease)
             }
         }
     };
