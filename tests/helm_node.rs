@@ -229,6 +229,11 @@ async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
         "helm install --wait: {:.1} s to 2 controller Pods and 1 agent Pod Ready",
         installed.as_secs_f64()
     );
+    // The chart's own check, as a user runs it: a Pod that waits for a Ready hypervisor.
+    let t = Instant::now();
+    let out = helm(&["test", RELEASE, "-n", NS, "--timeout", "3m"]);
+    assert!(out.contains("Succeeded"), "helm test: {out}");
+    println!("helm test: {:.1} s", t.elapsed().as_secs_f64());
 
     // One controller Pod leads.
     let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
