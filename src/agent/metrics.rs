@@ -76,6 +76,11 @@ impl Default for Metrics {
             migration_downtime_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             vms: Gauge::default(),
         };
+        // Present at 0 from the start, so that increase() and alerts on them see a
+        // series before the first migration.
+        for event in ["started", "succeeded", "failed"] {
+            m.migrations.get_or_create(&MigrationLabels { event });
+        }
         m.register()
     }
 }
@@ -333,7 +338,7 @@ mod tests {
             let family = name.strip_suffix("_total").unwrap_or(&name);
             assert!(
                 text.contains(&format!("# TYPE {family} ")),
-                "the alerts query {name}, which the agent does not export"
+                "the alerts query {name}, which the agent does not export:\n{text}"
             );
         }
     }

@@ -216,9 +216,15 @@ impl Metrics {
     }
 }
 
-/// One gauge per phase: how many objects are in it.
-fn count_phases(phases: Vec<&str>) -> Family<PhaseLabel, Gauge<i64>> {
+/// One gauge per phase: how many objects are in it; every phase of `all` is present,
+/// at 0 when empty, so that alerts on a phase see a series.
+fn count_phases(phases: Vec<&str>, all: &[&str]) -> Family<PhaseLabel, Gauge<i64>> {
     let family = Family::<PhaseLabel, Gauge<i64>>::default();
+    for phase in all {
+        family.get_or_create(&PhaseLabel {
+            phase: phase.to_string(),
+        });
+    }
     for phase in phases {
         family
             .get_or_create(&PhaseLabel {
@@ -259,16 +265,16 @@ fn render(m: &Metrics, ctx: Option<&Context>) -> String {
         "VMs no hypervisor can take now",
         unschedulable,
     );
-    reg.register("vms", "VMs by phase", count_phases(vm_phases));
+    reg.register("vms", "VMs by phase", count_phases(vm_phases, &[]));
     reg.register(
         "migrations",
         "VirtualMachineMigrations by phase",
-        count_phases(migration_phases),
+        count_phases(migration_phases, &["Pending", "Failed"]),
     );
     reg.register(
         "images",
         "VirtualMachineImages by phase (Failed: a download or check failed on some node)",
-        count_phases(image_phases),
+        count_phases(image_phases, &["Ready", "Failed"]),
     );
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode_registry(&mut out, &m.registry);
