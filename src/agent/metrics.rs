@@ -79,7 +79,7 @@ impl Default for Metrics {
         // Present at 0 from the start, so that increase() and alerts on them see a
         // series before the first migration.
         for event in ["started", "succeeded", "failed"] {
-            m.migrations.get_or_create(&MigrationLabels { event });
+            let _ = m.migrations.get_or_create(&MigrationLabels { event });
         }
         m.register()
     }

@@ -221,7 +221,7 @@ impl Metrics {
 fn count_phases(phases: Vec<&str>, all: &[&str]) -> Family<PhaseLabel, Gauge<i64>> {
     let family = Family::<PhaseLabel, Gauge<i64>>::default();
     for phase in all {
-        family.get_or_create(&PhaseLabel {
+        let _ = family.get_or_create(&PhaseLabel {
             phase: phase.to_string(),
         });
     }
