@@ -4,7 +4,7 @@ export KUBECONFIG ?= $(CURDIR)/.cache/cluster/kubeconfig
 export PATH := $(CURDIR)/.cache/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: all deps build image cluster-up cluster-down libvirt-up libvirt-down hosts-up hosts-down node-up node-down crds lint test test-unit demo demo-down bench clean
+.PHONY: all deps build image cluster-up cluster-down libvirt-up libvirt-down hosts-up hosts-down node-up node-down crds chart-readme lint test test-unit demo demo-down bench clean
 
 all: build
 
@@ -53,6 +53,10 @@ crds:
 	VMLET_UPDATE_CRDS=1 $(CARGO) test --test crds
 	rm -f charts/vmlet/crds/*.yaml && cp crds/*.yaml charts/vmlet/crds/
 
+## chart-readme: regenerate charts/vmlet/README.md from the comments in values.yaml
+chart-readme:
+	VMLET_UPDATE_GOLDEN=1 $(CARGO) test --test chart_readme
+
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
@@ -64,9 +68,10 @@ test: cluster-up libvirt-up hosts-up node-up image lint
 	$(CARGO) test --lib --bins --tests -- --test-threads=4
 
 ## test-unit: the tests that need no cluster, no libvirtd and no root: unit tables, golden
-## files, generated CRDs, the renderer's properties, the fencing rule, the Dockerfile
+## files, generated CRDs, the renderer's properties, the fencing rule, the Dockerfile, the
+## chart's README
 test-unit:
-	$(CARGO) test --lib --bins --test golden --test render_props --test crds --test dockerfile --test fencing_rule
+	$(CARGO) test --lib --bins --test golden --test render_props --test crds --test dockerfile --test fencing_rule --test chart_readme
 
 ## demo: control plane + agent on local libvirt, boots the tiny guest and shows it Running
 ## (hack/demo.sh installs and starts what it needs itself, so that it can name a failed step)

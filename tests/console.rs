@@ -152,11 +152,11 @@ fn kubectl(kubeconfig: &Path, args: &[&str], stdin: &str) -> std::process::Outpu
 /// A kubeconfig for the same cluster whose user is `user` (a kubeconfig user entry).
 fn kubeconfig_with(dir: &Path, name: &str, user: serde_json::Value) -> std::path::PathBuf {
     let admin = std::fs::read_to_string(common::kubeconfig_path()).unwrap();
-    let mut kc: serde_json::Value = serde_yaml::from_str(&admin).unwrap();
+    let mut kc: serde_json::Value = serde_saphyr::from_str(&admin).unwrap();
     kc["users"] = json!([{"name": name, "user": user}]);
     kc["contexts"][0]["context"]["user"] = json!(name);
     let path = dir.join(format!("{name}.kubeconfig"));
-    std::fs::write(&path, serde_yaml::to_string(&kc).unwrap()).unwrap();
+    std::fs::write(&path, serde_saphyr::to_string(&kc).unwrap()).unwrap();
     path
 }
 

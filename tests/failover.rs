@@ -241,6 +241,11 @@ async fn cut_off_node_fences_before_its_vm_moves() {
         fenced_at < moved_at,
         "moved at {moved_at:?} before A fenced at {fenced_at:?}"
     );
+    // kubectl describe vm tells the story: the node was lost, the VM was placed again.
+    for reason in ["NodeLost", "Rebound"] {
+        let note = common::wait_event(&client, &ns, "ha", reason, 15).await;
+        assert!(note.is_some(), "no {reason} Event on the VM");
+    }
     println!(
         "cut -> A fenced {:.1} s, -> rebound to B {:.1} s, -> Running on B {:.1} s",
         fenced_at.as_secs_f64(),

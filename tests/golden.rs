@@ -14,8 +14,8 @@ fn render_case(yaml: &str) -> String {
     let mut vm: Option<VirtualMachine> = None;
     let mut class = None;
     let mut images = BTreeMap::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).unwrap();
+    for v in docs {
         match v["kind"].as_str() {
             Some("VirtualMachine") => vm = Some(serde_json::from_value(v).unwrap()),
             Some("VirtualMachineClass") => {

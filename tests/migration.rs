@@ -460,6 +460,17 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
     .expect("the second migration never finished");
     assert_eq!(refused.phase, Some(MigrationPhase::Failed));
     assert_eq!(refused.reason.as_deref(), Some("NotRunning"));
+    // The decisions show in kubectl describe, of the migration and of the VM.
+    let client = api.clone().into_client();
+    let ns = api.namespace().unwrap_or_default();
+    for (object, reason) in [
+        ("move-stopped", "MigrationRefused"),
+        ("tiny", "MigrationRefused"),
+        ("tiny", "MigrationScheduled"),
+    ] {
+        let note = common::wait_event(&client, &ns, object, reason, 15).await;
+        assert!(note.is_some(), "no {reason} Event on {object}");
+    }
     assert_eq!(
         api.get("tiny")
             .await

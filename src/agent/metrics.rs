@@ -325,20 +325,29 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Context>) {
 mod tests {
     use super::*;
 
-    /// Every `vmlet_agent_*` series the chart's alerts query is one this agent exports.
+    /// Every `vmlet_agent_*` series the chart's alerts and dashboard query is one this agent exports.
     #[test]
     fn the_chart_alerts_query_metrics_the_agent_exports() {
         let m = Metrics::default();
+        // Labelled families appear with their first series.
+        m.reconcile_error("vm", "example");
         let mut text = String::new();
         prometheus_client::encoding::text::encode_registry(&mut text, &m.registry).unwrap();
-        let rules = include_str!("../../charts/vmlet/templates/prometheusrule.yaml");
-        let queried = crate::telemetry::metric_names(rules, "vmlet_agent_");
+        let rules = [
+            include_str!("../../charts/vmlet/templates/prometheusrule.yaml"),
+            include_str!("../../charts/vmlet/dashboards/vmlet.json"),
+        ]
+        .concat();
+        let queried = crate::telemetry::metric_names(&rules, "vmlet_agent_");
         assert!(queried.len() >= 2, "{queried:?}");
         for name in queried {
-            let family = name.strip_suffix("_total").unwrap_or(&name);
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
             assert!(
                 text.contains(&format!("# TYPE {family} ")),
-                "the alerts query {name}, which the agent does not export:\n{text}"
+                "the chart queries {name}, which the agent does not export:\n{text}"
             );
         }
     }

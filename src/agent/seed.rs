@@ -15,11 +15,10 @@ pub fn nocloud_files(
     user_data: Option<&str>,
     network_data: Option<&str>,
 ) -> Vec<(&'static str, &'static str, Vec<u8>)> {
-    // The uid and a DNS-subdomain name are YAML-safe scalars; serde_yaml quotes anyway.
-    let mut meta = serde_yaml::Mapping::new();
-    meta.insert("instance-id".into(), uid.into());
-    meta.insert("local-hostname".into(), hostname.into());
-    let meta = serde_yaml::to_string(&meta).expect("a string map serialises");
+    // Through the YAML serialiser, which quotes whatever a scalar needs.
+    let meta =
+        std::collections::BTreeMap::from([("instance-id", uid), ("local-hostname", hostname)]);
+    let meta = serde_saphyr::to_string(&meta).expect("a string map serialises");
     let user = user_data.unwrap_or("#cloud-config\n{}\n");
     // Without network-config cloud-init configures only the first NIC; DHCP on all instead.
     let net = network_data

@@ -108,6 +108,6 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
 pub fn crd_yaml(crd: &CustomResourceDefinition) -> String {
     format!(
         "---\n{}",
-        serde_yaml::to_string(crd).expect("a CRD always serialises")
+        serde_saphyr::to_string(crd).expect("a CRD always serialises")
     )
 }

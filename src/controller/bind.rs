@@ -108,7 +108,7 @@ async fn set_scheduled(
             Some((_, m)) if reason == "Rebound" => m.clone(),
             _ => message,
         };
-        ctx.record(vm, type_, reason, note);
+        ctx.record(vm, type_, reason, note, "Schedule");
     }
     Ok(())
 }

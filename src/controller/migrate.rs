@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, ResourceExt};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
@@ -389,7 +390,16 @@ pub async fn reconcile(
                 ..Default::default()
             };
             tracing::info!(migration = %m.name_any(), vm = %m.spec.vm_name, ?status.target_node, "migration scheduled");
+            let note = status.message.clone().unwrap_or_default();
             write_status(&m, &ctx, status).await?;
+            decision_events(
+                &ctx,
+                &m,
+                vm.as_deref(),
+                EventType::Normal,
+                "MigrationScheduled",
+                note,
+            );
             Ok(Action::requeue(Duration::from_secs(30)))
         }
         Verdict::Wait { reason, message } => {
@@ -410,10 +420,36 @@ pub async fn reconcile(
             if fresh.as_ref().and_then(|v| v.resource_version()) != seen {
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
+            let note = format!("{reason}: {message}");
             write_status(&m, &ctx, fail(reason, message)).await?;
+            decision_events(
+                &ctx,
+                &m,
+                vm.as_deref(),
+                EventType::Warning,
+                "MigrationRefused",
+                note,
+            );
             Ok(Action::await_change())
         }
     }
+}
+
+/// The admission decision as Events on the migration and on its VM (`kubectl describe`
+/// of either says it), once: Scheduled and refused are each a migration's last word here.
+fn decision_events(
+    ctx: &Context,
+    m: &VirtualMachineMigration,
+    vm: Option<&VirtualMachine>,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    if let Some(vm) = vm {
+        let on_vm = format!("migration {}: {note}", m.name_any());
+        ctx.record(vm, type_, reason, on_vm, "Migrate");
+    }
+    ctx.record(m, type_, reason, note, "Migrate");
 }
 
 /// The admission decision on the cached view, counting the VM on its target until the

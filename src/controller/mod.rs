@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::controller::Controller;
@@ -33,6 +33,9 @@ use crate::watch::slim;
 use crate::api::{Hypervisor, VirtualMachine, VirtualMachineClass, VirtualMachineMigration};
 use inventory::{Caches, View};
 use scheduler::{Strategy, Weights};
+
+/// Placement reconciles in flight at once.
+const PLACEMENT_CONCURRENCY: u16 = 256;
 
 /// The field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "vmlet-controller";
@@ -144,15 +147,17 @@ impl Context {
     /// for minutes and walks them all on each publish, which a full cluster's thousands
     /// of FailedScheduling Events turn into tens of MiB and quadratic work. The
     /// controller emits each reason once per change, so there is no series to fold.
+    /// `action` is what the controller was doing (Schedule, NodeLoss, Migrate, ...).
     pub fn record<K: kube::Resource<DynamicType = ()>>(
         &self,
         obj: &K,
         type_: kube::runtime::events::EventType,
         reason: &str,
         note: String,
+        action: &str,
     ) {
         let reference = obj.object_ref(&());
-        let event = new_event(&reference, type_, reason, note);
+        let event = new_event(&reference, type_, reason, note, action);
         let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(
             self.client.clone(),
             reference.namespace.as_deref().unwrap_or("default"),
@@ -171,6 +176,7 @@ fn new_event(
     type_: kube::runtime::events::EventType,
     reason: &str,
     note: String,
+    action: &str,
 ) -> k8s_openapi::api::events::v1::Event {
     let now = k8s_openapi::jiff::Timestamp::now();
     let name = regarding.name.clone().unwrap_or_default();
@@ -184,7 +190,7 @@ fn new_event(
         event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
             now,
         )),
-        action: Some("Schedule".into()),
+        action: Some(action.into()),
         reason: Some(reason.to_string()),
         note: Some(note),
         type_: Some(match type_ {
@@ -395,7 +401,8 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
         leases: lease_writer,
     } = writers;
     let client = ctx.client.clone();
-    // One VM watch for placement, volumes and Services.
+    // One VM watch for placement, volumes and Services; each change decoded once and
+    // shared (an Arc), not copied per consumer.
     let (vm_watch, mut vm_streams) = crate::watch::fan_out(
         reflector::reflector(
             vm_writer,
@@ -405,7 +412,8 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
             )),
         )
         .default_backoff()
-        .touched_objects(),
+        .touched_objects()
+        .map_ok(Arc::new),
         3,
     );
     let (vm_stream, vms_for_volumes, vms_for_services) = (
@@ -456,7 +464,13 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
             futures::stream::iter(pending_vms(&vms))
         })
     };
-    let placement = Controller::for_stream(vm_stream, ctx.caches.vms.clone())
+    let placement = Controller::for_shared_stream(vm_stream, ctx.caches.vms.clone())
+        .with_config(
+            // Each reconcile in flight is a task waiting on its cycle or its bind: a few
+            // hundred keep the API server busy, and 10,000 pending VMs do not become
+            // 10,000 tasks at once.
+            kube::runtime::controller::Config::default().concurrency(PLACEMENT_CONCURRENCY),
+        )
         .reconcile_on(pending)
         .run(bind::reconcile, bind::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -477,7 +491,7 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
         Api::<crate::api::VirtualMachineVolume>::all(client.clone()),
         watcher::Config::default(),
     )
-    .watches_stream(vms_for_volumes, |vm: VirtualMachine| {
+    .watches_shared_stream(vms_for_volumes, |vm: Arc<VirtualMachine>| {
         let ns = vm.metadata.namespace.clone().unwrap_or_default();
         vm.spec
             .volumes()

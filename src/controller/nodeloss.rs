@@ -128,6 +128,13 @@ async fn evict(
             vm.spec.node_local_data(&shared).join(", ")
         );
     }
+    // `kubectl describe vm` says it once, when the condition first says it.
+    let said = vm
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, conditions::Type::NodeHealthy))
+        .is_some_and(|c| c.status == "False" && c.reason == reason);
+    let event_note = (!said).then(|| message.clone());
     let mut new = Binding::of(vm.status.as_ref()).with(
         vm,
         conditions::Type::NodeHealthy,
@@ -141,6 +148,15 @@ async fn evict(
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
     binding::apply(&api, vm, new).await?;
+    if let Some(note) = event_note {
+        ctx.record(
+            vm,
+            kube::runtime::events::EventType::Warning,
+            reason,
+            note,
+            "NodeLoss",
+        );
+    }
     Ok(moves)
 }
 
@@ -363,14 +379,6 @@ fn already_said(vm: &VirtualMachine, loss: Loss) -> bool {
 /// A Warning Event on each silent Node when the guard starts holding failover back: what
 /// `kubectl describe node` shows beside the VMs' own NodeHealthy condition.
 async fn held_back_events(ctx: &Context, lost: &HashSet<String>, total: usize) {
-    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-    let recorder = Recorder::new(
-        ctx.client.clone(),
-        Reporter {
-            controller: super::FIELD_MANAGER.into(),
-            instance: None,
-        },
-    );
     for node in lost {
         let Some(n) = ctx
             .caches
@@ -379,21 +387,17 @@ async fn held_back_events(ctx: &Context, lost: &HashSet<String>, total: usize) {
         else {
             continue;
         };
-        let ev = Event {
-            type_: EventType::Warning,
-            reason: "FailoverHeldBack".into(),
-            note: Some(format!(
+        ctx.record(
+            n.as_ref(),
+            kube::runtime::events::EventType::Warning,
+            "FailoverHeldBack",
+            format!(
                 "{} of {total} hypervisors are silent: VMs of silent nodes are not moved \
                  (more likely the control plane than the nodes)",
                 lost.len()
-            )),
-            action: "NodeLoss".into(),
-            secondary: None,
-        };
-        let r = kube::Resource::object_ref(n.as_ref(), &());
-        if let Err(e) = recorder.publish(&ev, &r).await {
-            tracing::debug!(error = %e, "event not written");
-        }
+            ),
+            "NodeLoss",
+        );
     }
 }
 

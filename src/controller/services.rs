@@ -15,10 +15,9 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, ResourceExt};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 
@@ -256,23 +255,7 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
 }
 
 async fn refuse(ctx: &Context, svc: &Service, reason: &str, note: String) {
-    let recorder = Recorder::new(
-        ctx.client.clone(),
-        Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: None,
-        },
-    );
-    let ev = Event {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(note),
-        action: "KeepEndpoints".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&ev, &svc.object_ref(&())).await {
-        tracing::debug!(error = %e, "event not written");
-    }
+    ctx.record(svc, EventType::Warning, reason, note, "KeepEndpoints");
 }
 
 pub fn error_policy(_svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -285,7 +268,7 @@ pub fn error_policy(_svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Actio
 /// of its slices does, and when a VM in its namespace does.
 pub async fn run(
     ctx: Arc<Context>,
-    vms: impl futures::Stream<Item = Result<VirtualMachine, watcher::Error>> + Send + 'static,
+    vms: impl futures::Stream<Item = Arc<VirtualMachine>> + Send + 'static,
 ) {
     let client = ctx.client.clone();
     let (services, writer) = reflector::store::<Service>();
@@ -305,7 +288,7 @@ pub async fn run(
             watcher::Config::default()
                 .labels(&format!("{MANAGED_BY_LABEL}={ENDPOINTSLICE_MANAGER}")),
         )
-        .watches_stream(vms, move |vm: VirtualMachine| {
+        .watches_shared_stream(vms, move |vm: Arc<VirtualMachine>| {
             let ns = vm.namespace();
             by_namespace
                 .state()

@@ -138,7 +138,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 fn print_as<T: serde::Serialize>(output: Output, value: &T) -> anyhow::Result<String> {
     Ok(match output {
         Output::Json => serde_json::to_string_pretty(value)?,
-        Output::Yaml => serde_yaml::to_string(value)?.trim_end().to_string(),
+        Output::Yaml => serde_saphyr::to_string(value)?.trim_end().to_string(),
     })
 }
 

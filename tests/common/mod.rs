@@ -138,8 +138,8 @@ pub fn example_documents() -> Vec<(String, serde_json::Value)> {
     let mut docs = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        let values: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+        for v in values {
             if !v.is_null() {
                 docs.push((f.file_name().unwrap().to_string_lossy().into_owned(), v));
             }
@@ -414,4 +414,26 @@ pub fn agent_args(node: &str, uri: &str, base: &std::path::Path) -> vmlet::agent
         stream_tls_dir: None,
         stream_addr: "127.0.0.1:0".into(),
     }
+}
+
+/// Waits up to `secs` for an Event with `reason` about the object `name` in `ns` (what
+/// `kubectl describe` shows); its note.
+pub async fn wait_event(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    secs: u64,
+) -> Option<String> {
+    let events: kube::Api<k8s_openapi::api::core::v1::Event> =
+        kube::Api::namespaced(client.clone(), ns);
+    let lp = kube::api::ListParams::default().fields(&format!("involvedObject.name={name}"));
+    wait_for(Duration::from_secs(secs), || async {
+        let list = events.list(&lp).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| e.message.unwrap_or_default())
+    })
+    .await
 }
