@@ -32,6 +32,23 @@ pub fn init(format: LogFormat) {
     };
 }
 
+/// The names among `queried` whose family an exposition (`text`) lacks: for tests that
+/// hold the chart's queries to what a process exports. Counters and histograms are
+/// queried by their series names (`_total`, `_bucket`, ...), declared by family.
+pub fn unexported(text: &str, queried: &[String]) -> Vec<String> {
+    queried
+        .iter()
+        .filter(|name| {
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            !text.contains(&format!("# TYPE {family} "))
+        })
+        .cloned()
+        .collect()
+}
+
 /// The metric names starting with `prefix` in a text (alert rules, a dashboard), each
 /// once, in order: for tests that hold queries to the metrics they name.
 pub fn metric_names(text: &str, prefix: &str) -> Vec<String> {

@@ -468,7 +468,7 @@ async fn running_guest_moves_between_two_libvirt_hosts() {
         ("tiny", "MigrationRefused"),
         ("tiny", "MigrationScheduled"),
     ] {
-        let note = common::wait_event(&client, &ns, object, reason, 15).await;
+        let note = common::wait_event(&client, ns, object, reason, 15).await;
         assert!(note.is_some(), "no {reason} Event on {object}");
     }
     assert_eq!(

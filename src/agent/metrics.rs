@@ -340,15 +340,10 @@ mod tests {
         .concat();
         let queried = crate::telemetry::metric_names(&rules, "vmlet_agent_");
         assert!(queried.len() >= 2, "{queried:?}");
-        for name in queried {
-            let family = ["_total", "_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|s| name.strip_suffix(s))
-                .unwrap_or(&name);
-            assert!(
-                text.contains(&format!("# TYPE {family} ")),
-                "the chart queries {name}, which the agent does not export:\n{text}"
-            );
-        }
+        let missing = crate::telemetry::unexported(&text, &queried);
+        assert!(
+            missing.is_empty(),
+            "the chart queries {missing:?}, which the agent does not export"
+        );
     }
 }

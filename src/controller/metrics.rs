@@ -327,15 +327,10 @@ mod tests {
         .concat();
         let queried = crate::telemetry::metric_names(&rules, "vmlet_controller_");
         assert!(queried.len() >= 4, "{queried:?}");
-        for name in queried {
-            let family = ["_total", "_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|s| name.strip_suffix(s))
-                .unwrap_or(&name);
-            assert!(
-                text.contains(&format!("# TYPE {family} ")),
-                "the chart queries {name}, which the controller does not export"
-            );
-        }
+        let missing = crate::telemetry::unexported(&text, &queried);
+        assert!(
+            missing.is_empty(),
+            "the chart queries {missing:?}, which the controller does not export"
+        );
     }
 }

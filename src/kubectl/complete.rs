@@ -157,30 +157,27 @@ async fn from_cluster(want: &Want, flags: &Flags) -> Vec<String> {
     let Ok((client, namespace)) = super::session::connect(flags).await else {
         return vec![];
     };
-    let lp = ListParams::default();
-    let names: Result<Vec<String>, kube::Error> = match want {
-        Want::VmName => Api::<VirtualMachine>::namespaced(client, &namespace)
-            .list_metadata(&lp)
-            .await
-            .map(|l| {
-                l.items
-                    .into_iter()
-                    .filter_map(|m| m.metadata.name)
-                    .collect()
-            }),
-        _ => Api::<Hypervisor>::all(client)
-            .list_metadata(&lp)
-            .await
-            .map(|l| {
-                l.items
-                    .into_iter()
-                    .filter_map(|m| m.metadata.name)
-                    .collect()
-            }),
+    let mut names = match want {
+        Want::VmName => names_of(Api::<VirtualMachine>::namespaced(client, &namespace)).await,
+        _ => names_of(Api::<Hypervisor>::all(client)).await,
     };
-    let mut names = names.unwrap_or_default();
     names.sort();
     names
+}
+
+/// The names of the objects `api` lists (metadata only); none on an error.
+async fn names_of<K>(api: Api<K>) -> Vec<String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.list_metadata(&ListParams::default()).await {
+        Ok(l) => l
+            .items
+            .into_iter()
+            .filter_map(|m| m.metadata.name)
+            .collect(),
+        Err(_) => vec![],
+    }
 }
 
 #[cfg(test)]
