@@ -15,10 +15,11 @@ pub fn slim<K: kube::Resource + Send + 'static>(
     })
 }
 
-/// Objects a fan-out consumer may lag behind the watch: enough to ride out a busy
-/// reconcile, few enough that a burst of changes does not sit decoded in the channels
-/// (10,000 VMs' creation once held about 10 MB there, at 1,024).
-pub const FAN_OUT_BUFFER: usize = 64;
+/// Objects a fan-out consumer may lag behind the watch. Not smaller: at 64, a 35-VM
+/// burst filled a channel, held the watch (and the reflector behind it) back until the
+/// scheduler's assumed placements expired unseen, and the node was over-committed by 2-7
+/// VMs (tests/controller.rs placement_and_leader_failover).
+pub const FAN_OUT_BUFFER: usize = 1024;
 
 /// One watch for several consumers: every object the stream yields (applied or deleted)
 /// goes to each of `n` streams, in order, so the API server sends each change once

@@ -34,9 +34,6 @@ use crate::api::{Hypervisor, VirtualMachine, VirtualMachineClass, VirtualMachine
 use inventory::{Caches, View};
 use scheduler::{Strategy, Weights};
 
-/// Placement reconciles in flight at once.
-const PLACEMENT_CONCURRENCY: u16 = 256;
-
 /// The field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "vmlet-controller";
 
@@ -465,12 +462,6 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
         })
     };
     let placement = Controller::for_shared_stream(vm_stream, ctx.caches.vms.clone())
-        .with_config(
-            // Each reconcile in flight is a task waiting on its cycle or its bind: a few
-            // hundred keep the API server busy, and 10,000 pending VMs do not become
-            // 10,000 tasks at once.
-            kube::runtime::controller::Config::default().concurrency(PLACEMENT_CONCURRENCY),
-        )
         .reconcile_on(pending)
         .run(bind::reconcile, bind::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
