@@ -15,28 +15,21 @@ pub fn slim<K: kube::Resource + Send + 'static>(
     })
 }
 
-/// Objects a fan-out consumer may lag behind the watch. Not smaller: at 64, a 35-VM
-/// burst filled a channel, held the watch (and the reflector behind it) back until the
-/// scheduler's assumed placements expired unseen, and the node was over-committed by 2-7
-/// VMs (tests/controller.rs placement_and_leader_failover).
-pub const FAN_OUT_BUFFER: usize = 1024;
-
 /// One watch for several consumers: every object the stream yields (applied or deleted)
 /// goes to each of `n` streams, in order, so the API server sends each change once
 /// instead of once per consumer. Errors are the watch's own (the stream retries with
 /// backoff): logged here, not passed on. Drive the returned future for anything to flow;
-/// a full consumer holds the others back (bounded channels, [`FAN_OUT_BUFFER`] each), a
-/// dropped one is skipped. Pass a cheap clone (an `Arc`): each consumer gets one.
+/// a full consumer holds the others back (bounded channels), a dropped one is skipped.
 pub fn fan_out<K: Clone + Send + 'static>(
     stream: impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
     n: usize,
 ) -> (
     impl std::future::Future<Output = ()> + Send,
-    Vec<impl futures::Stream<Item = K> + Send + 'static>,
+    Vec<impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static>,
 ) {
     use futures::StreamExt;
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..n)
-        .map(|_| tokio::sync::mpsc::channel::<K>(FAN_OUT_BUFFER))
+        .map(|_| tokio::sync::mpsc::channel::<K>(1024))
         .unzip();
     let drive = async move {
         let mut stream = std::pin::pin!(stream);
@@ -51,7 +44,10 @@ pub fn fan_out<K: Clone + Send + 'static>(
             }
         }
     };
-    let streams = rxs.into_iter().map(tokio_stream_of).collect();
+    let streams = rxs
+        .into_iter()
+        .map(|rx| tokio_stream_of(rx).map(Ok))
+        .collect();
     (drive, streams)
 }
 

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::controller::Controller;
@@ -398,8 +398,7 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
         leases: lease_writer,
     } = writers;
     let client = ctx.client.clone();
-    // One VM watch for placement, volumes and Services; each change decoded once and
-    // shared (an Arc), not copied per consumer.
+    // One VM watch for placement, volumes and Services.
     let (vm_watch, mut vm_streams) = crate::watch::fan_out(
         reflector::reflector(
             vm_writer,
@@ -409,8 +408,7 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
             )),
         )
         .default_backoff()
-        .touched_objects()
-        .map_ok(Arc::new),
+        .touched_objects(),
         3,
     );
     let (vm_stream, vms_for_volumes, vms_for_services) = (
@@ -461,7 +459,7 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
             futures::stream::iter(pending_vms(&vms))
         })
     };
-    let placement = Controller::for_shared_stream(vm_stream, ctx.caches.vms.clone())
+    let placement = Controller::for_stream(vm_stream, ctx.caches.vms.clone())
         .reconcile_on(pending)
         .run(bind::reconcile, bind::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -482,7 +480,7 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
         Api::<crate::api::VirtualMachineVolume>::all(client.clone()),
         watcher::Config::default(),
     )
-    .watches_shared_stream(vms_for_volumes, |vm: Arc<VirtualMachine>| {
+    .watches_stream(vms_for_volumes, |vm: VirtualMachine| {
         let ns = vm.metadata.namespace.clone().unwrap_or_default();
         vm.spec
             .volumes()

@@ -268,7 +268,7 @@ pub fn error_policy(_svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Actio
 /// of its slices does, and when a VM in its namespace does.
 pub async fn run(
     ctx: Arc<Context>,
-    vms: impl futures::Stream<Item = Arc<VirtualMachine>> + Send + 'static,
+    vms: impl futures::Stream<Item = Result<VirtualMachine, watcher::Error>> + Send + 'static,
 ) {
     let client = ctx.client.clone();
     let (services, writer) = reflector::store::<Service>();
@@ -288,7 +288,7 @@ pub async fn run(
             watcher::Config::default()
                 .labels(&format!("{MANAGED_BY_LABEL}={ENDPOINTSLICE_MANAGER}")),
         )
-        .watches_shared_stream(vms, move |vm: Arc<VirtualMachine>| {
+        .watches_stream(vms, move |vm: VirtualMachine| {
             let ns = vm.namespace();
             by_namespace
                 .state()
