@@ -29,6 +29,9 @@ pub fn fan_out<K: Clone + Send + 'static>(
 ) {
     use futures::StreamExt;
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..n)
+        // Not smaller: at 64 a 35-VM burst filled a channel and held the watch (and the
+        // reflector behind it) back until the scheduler's assumed placements expired
+        // unseen, and a node was over-committed (controller::placement_and_leader_failover).
         .map(|_| tokio::sync::mpsc::channel::<K>(1024))
         .unzip();
     let drive = async move {
