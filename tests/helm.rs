@@ -68,6 +68,30 @@ fn chart_crds_are_the_generated_ones() {
     }
 }
 
+/// `helm install` of the chart with an image that is never pulled (the real node of
+/// hack/node.sh runs Pods: they must not reach for a registry), plus `sets`; the
+/// release's manifest.
+fn install_without_pods(release: &str, ns: &str, sets: &[&str]) -> String {
+    let mut args: Vec<String> = ["install", release, &chart(), "-n", ns]
+        .map(String::from)
+        .to_vec();
+    for set in [
+        "image.repository=vmlet.invalid/none",
+        "image.pullPolicy=Never",
+    ]
+    .iter()
+    .chain(sets)
+    {
+        args.extend(["--set".to_string(), set.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(run("helm", &args, None), &format!("helm install {release}"));
+    ok(
+        run("helm", &["get", "manifest", release, "-n", ns], None),
+        "helm get manifest",
+    )
+}
+
 /// Every object in a multi-document manifest: (kind, namespace, name).
 fn objects(manifest: &str) -> Vec<(String, Option<String>, String)> {
     documents(manifest)
@@ -146,30 +170,7 @@ async fn install_creates_every_object_and_uninstall_removes_them() {
     common::ensure_crds(&client).await;
     let ns = common::namespace(&client, "chart-install").await;
     let release = format!("it{}", std::process::id());
-    ok(
-        // The real node (hack/node.sh) runs Pods: they must not try to pull the
-        // release's image from a registry.
-        run(
-            "helm",
-            &[
-                "install",
-                &release,
-                &chart(),
-                "-n",
-                &ns,
-                "--set",
-                "image.repository=vmlet.invalid/none",
-                "--set",
-                "image.pullPolicy=Never",
-            ],
-            None,
-        ),
-        "helm install",
-    );
-    let manifest = ok(
-        run("helm", &["get", "manifest", &release, "-n", &ns], None),
-        "helm get manifest",
-    );
+    let manifest = install_without_pods(&release, &ns, &[]);
     let objs = objects(&manifest);
     for kind in [
         "Deployment",
@@ -403,30 +404,10 @@ async fn two_releases_install_side_by_side() {
     ];
     let mut leases = vec![];
     for release in &releases {
-        let mut args = vec![
-            "install",
-            release,
-            &chart()[..],
-            "-n",
-            &ns,
-            "--set",
-            "image.repository=vmlet.invalid/none",
-            "--set",
-            "image.pullPolicy=Never",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
         // The APIService is one per cluster: here the suite's other installs hold it,
         // so that both of these leave it alone; install_creates_every_object... and
         // tests/helm_node.rs install it.
-        args.extend(["--set".into(), "api.registerAPIService=false".into()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ok(run("helm", &args, None), &format!("helm install {release}"));
-        let manifest = ok(
-            run("helm", &["get", "manifest", release, "-n", &ns], None),
-            "helm get manifest",
-        );
+        let manifest = install_without_pods(release, &ns, &["api.registerAPIService=false"]);
         let deployment = documents(&manifest)
             .into_iter()
             .find(|d| d["kind"] == "Deployment")
