@@ -414,11 +414,16 @@ pub fn schedule_cycle(
                 first_fit_rule: bool,
                 cands: &mut [Candidate],
                 placed: &mut Vec<Placed>| {
-        let mut opened: Vec<String> = cands
-            .iter()
-            .filter(|c| in_use(c))
-            .map(|c| c.name.clone())
-            .collect();
+        // First fit's bins, in the order they were opened; best fit needs none.
+        let mut opened: Vec<String> = if first_fit_rule {
+            cands
+                .iter()
+                .filter(|c| in_use(c))
+                .map(|c| c.name.clone())
+                .collect()
+        } else {
+            vec![]
+        };
         opened.sort();
         let mut out: Vec<Option<Result<String, Unschedulable>>> = vec![None; reqs.len()];
         for &i in order {
