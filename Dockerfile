@@ -1,5 +1,5 @@
-# The single vmlet image: `vmlet` (controller, agent, crd), `kubectl-vm` and its completion
-# helper `kubectl_complete-vm`.
+# The single vmlet image: `vmlet` (controller, agent, crd), `vmlet-placeholder` (the VM
+# Pods' container), `kubectl-vm` and its completion helper `kubectl_complete-vm`.
 # With Docker:  docker build -t REGISTRY/vmlet:0.1.0 . && docker push REGISTRY/vmlet:0.1.0
 # Without Docker or a registry (Debian's mmdebstrap, umoci, skopeo): `make image` builds
 # the same image (hack/image.sh; tests/dockerfile.rs keeps the two in step).
@@ -21,6 +21,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
         libvirt0 qemu-utils ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/vmlet /usr/local/bin/vmlet
+COPY --from=build /src/target/release/vmlet-placeholder /usr/local/bin/vmlet-placeholder
 COPY --from=build /src/target/release/kubectl-vm /usr/local/bin/kubectl-vm
 COPY --from=build /src/target/release/kubectl_complete-vm /usr/local/bin/kubectl_complete-vm
 USER 65532:65532

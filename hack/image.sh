@@ -54,7 +54,7 @@ build() {
   d=$(mktemp -d)
   trap 'rm -rf "$d"' RETURN
   mkdir -p "$d/bins/usr/local/bin"
-  for b in vmlet kubectl-vm kubectl_complete-vm; do
+  for b in vmlet vmlet-placeholder kubectl-vm kubectl_complete-vm; do
     install -m 0755 "$ROOT/target/release/$b" "$d/bins/usr/local/bin/$b"
     strip "$d/bins/usr/local/bin/$b"
   done

@@ -41,6 +41,14 @@ fn invalid_objects() -> Vec<(&'static str, Value, &'static str)> {
     let root = json!({"name": "root", "image": {"name": "debian"}});
     vec![
         (
+            "a vmlet.dev label on the VM's Pod",
+            vm(
+                "p1",
+                json!({"memory": "1Gi", "podMetadata": {"labels": {"vmlet.dev/vm": "other"}}}),
+            ),
+            "vmlet.dev/ labels on the VM's Pod are vmlet's own",
+        ),
+        (
             "memory below 16Mi",
             vm("m1", json!({"memory": "1Mi"})),
             "spec.memory",

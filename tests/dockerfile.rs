@@ -101,7 +101,11 @@ fn image_script_builds_what_the_dockerfile_describes() {
         ),
         (
             "/usr/local/bin/kubectl_complete-vm",
-            "for b in vmlet kubectl-vm kubectl_complete-vm",
+            "for b in vmlet vmlet-placeholder kubectl-vm kubectl_complete-vm",
+        ),
+        (
+            "/usr/local/bin/vmlet-placeholder",
+            "for b in vmlet vmlet-placeholder kubectl-vm kubectl_complete-vm",
         ),
     ] {
         assert!(runtime.contains(docker), "Dockerfile lacks {docker}");

@@ -135,6 +135,31 @@ fn rss_mib(args0: &str, args1: &str) -> Vec<f64> {
     out
 }
 
+/// Resident and private memory (MiB) of the processes that run `program` alone: what
+/// each costs the node, shared library pages aside.
+fn memory_of(program: &str) -> Vec<(f64, f64)> {
+    let kb = |text: &str, key: &str| -> f64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(key))
+            .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .sum()
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if cmd.strip_suffix(&[0]) != Some(program.as_bytes()) {
+            continue;
+        }
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let smaps = std::fs::read_to_string(e.path().join("smaps_rollup")).unwrap_or_default();
+        let private = kb(&smaps, "Private_Clean:") + kb(&smaps, "Private_Dirty:");
+        out.push((kb(&status, "VmRSS:") / 1024.0, private / 1024.0));
+    }
+    out
+}
+
 async fn agent_pod(pods: &Api<Pod>) -> Option<Pod> {
     let list = pods
         .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
@@ -360,6 +385,7 @@ async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
     );
     let vm = vms.get("tiny").await.unwrap();
     assert_eq!(vm.status.as_ref().unwrap().node_name.as_deref(), Some(NODE));
+    vm_pod_counts_on_the_node(&client, &ns, &uid).await;
 
     // The images say where they are ready: the agent writes its node's entry, the
     // controller sums the entries up.
@@ -506,6 +532,86 @@ async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
         "containers of {NS} left in containerd: {}",
         String::from_utf8_lossy(&ctr(&["containers", "ls", &filter]).stdout)
     );
+}
+
+/// The VM's Pod on the real kubelet: running the placeholder from the vmlet image, and
+/// counted by kube-scheduler: a Pod that would fit in the node's memory were the VM not
+/// there stays Pending with kube-scheduler's "Insufficient memory".
+async fn vm_pod_counts_on_the_node(client: &kube::Client, ns: &str, vm_uid: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let sel = format!("{}={vm_uid}", vmlet::api::vmpod::VM_UID_LABEL);
+    let vm_pod = common::wait_for(Duration::from_secs(60), || async {
+        let p = pods
+            .list(&ListParams::default().labels(&sel))
+            .await
+            .ok()?
+            .items
+            .pop()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(p)
+    })
+    .await
+    .expect("the VM's Pod never ran on the node");
+    assert_eq!(
+        vm_pod.spec.as_ref().unwrap().node_name.as_deref(),
+        Some(NODE)
+    );
+    let vm_req = vmlet::controller::vmpod::pod_requests(&vm_pod);
+    // The placeholder's own memory, as the kernel counts it.
+    let rss: Vec<(f64, f64)> = memory_of(vmlet::api::vmpod::PLACEHOLDER_COMMAND);
+    println!(
+        "VM Pod {}: requests {}m cpu, {} MiB memory; placeholder (RSS, private) {rss:?} MiB",
+        vm_pod.metadata.name.as_deref().unwrap_or_default(),
+        vm_req.cpu_millis,
+        vm_req.memory >> 20
+    );
+    assert!(!rss.is_empty(), "no placeholder process on the node");
+
+    // What the node has left for Pods, the VM's Pod aside.
+    let node: Node = Api::all(client.clone()).get(NODE).await.unwrap();
+    let allocatable = node.status.unwrap().allocatable.unwrap()["memory"]
+        .0
+        .clone();
+    let allocatable = vmlet::api::quantity::parse_bytes(&allocatable).unwrap();
+    let all: Api<Pod> = Api::all(client.clone());
+    let on_node = all
+        .list(&ListParams::default().fields(&format!("spec.nodeName={NODE}")))
+        .await
+        .unwrap();
+    let others: u64 = on_node
+        .items
+        .iter()
+        .filter(|p| p.metadata.uid != vm_pod.metadata.uid)
+        .filter(|p| vmlet::controller::vmpod::holds_node(p).is_some())
+        .map(|p| vmlet::controller::vmpod::pod_requests(p).memory)
+        .sum();
+    let ask = allocatable - others - vm_req.memory / 2;
+    let big: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "big"},
+        "spec": {"containers": [{"name": "c", "image": "vmlet:dev", "imagePullPolicy": "Never",
+                 "command": [vmlet::api::vmpod::PLACEHOLDER_COMMAND],
+                 "resources": {"requests": {"memory": ask.to_string()}}}],
+                 "nodeSelector": {"kubernetes.io/hostname": NODE}}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &big).await.unwrap();
+    let why = common::wait_for(Duration::from_secs(30), || async {
+        let p = pods.get("big").await.ok()?;
+        let c = p
+            .status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+        c.message
+    })
+    .await
+    .expect("a Pod that fits only without the VM was not held Pending");
+    assert!(why.contains("Insufficient memory"), "{why}");
+    println!("a Pod of {} MiB beside the VM: Pending: {why}", ask >> 20);
+    let p = pods.get("big").await.unwrap();
+    assert_eq!(p.spec.unwrap().node_name, None, "bound beside the VM");
+    pods.delete("big", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
 }
 
 /// `kubectl vm console` against the installed chart: a ServiceAccount allowed

@@ -71,11 +71,12 @@ async fn report(ctx: &Context) -> anyhow::Result<()> {
         Some(r) => parse_bytes(r)?,
         None => parse_bytes(&ctx.args.reserved_memory)?,
     };
+    let (cpu_ratio, memory_ratio) = spec.ratios();
     let (cpu, mem) = allocatable(
         info.cpus,
         info.memory_bytes,
-        spec.cpu_overcommit.unwrap_or(4.0),
-        spec.memory_overcommit.unwrap_or(1.0),
+        cpu_ratio,
+        memory_ratio,
         reserved,
     );
     let (used_cpu, used_mem, count) = allocated(ctx);

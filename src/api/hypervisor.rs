@@ -41,6 +41,21 @@ pub struct HypervisorSpec {
     pub reserved_memory: Option<String>,
 }
 
+/// vCPUs per host CPU when the Hypervisor's spec sets none.
+pub const DEFAULT_CPU_OVERCOMMIT: f64 = 4.0;
+/// Guest memory per byte of host memory when the Hypervisor's spec sets none.
+pub const DEFAULT_MEMORY_OVERCOMMIT: f64 = 1.0;
+
+impl HypervisorSpec {
+    /// The (cpu, memory) overcommit ratios in force on this node.
+    pub fn ratios(&self) -> (f64, f64) {
+        (
+            self.cpu_overcommit.unwrap_or(DEFAULT_CPU_OVERCOMMIT),
+            self.memory_overcommit.unwrap_or(DEFAULT_MEMORY_OVERCOMMIT),
+        )
+    }
+}
+
 /// vCPUs and memory.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct Resources {

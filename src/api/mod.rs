@@ -14,6 +14,7 @@ pub mod quantity;
 mod schema;
 pub mod streams;
 pub mod vm;
+pub mod vmpod;
 pub mod volume;
 
 pub use class::{VirtualMachineClass, VirtualMachineClassSpec};

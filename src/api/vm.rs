@@ -134,6 +134,33 @@ pub struct VirtualMachineSpec {
     /// either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_policy: Option<FailoverPolicy>,
+
+    /// Labels and annotations for the VM's Pod, the Pod that stands for the VM in
+    /// Kubernetes (quota, node accounting, Services and NetworkPolicies that select Pods).
+    /// `vmlet.dev/*` labels are vmlet's own and cannot be set here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_metadata: Option<PodMetadata>,
+
+    /// The PriorityClass of the VM's Pod: ResourceQuotas scoped by priority count the VM
+    /// under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub priority_class_name: Option<String>,
+}
+
+/// Metadata the user gives the VM's Pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.labels) || self.labels.all(k, !k.startsWith('vmlet.dev/'))").message("vmlet.dev/ labels on the VM's Pod are vmlet's own").field_path(".labels"))]
+pub struct PodMetadata {
+    /// Labels of the VM's Pod, besides vmlet's own (`vmlet.dev/vm`, `vmlet.dev/vm-uid`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations of the VM's Pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]

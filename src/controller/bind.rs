@@ -9,6 +9,7 @@ use kube::runtime::events::EventType;
 
 use super::binding::{self, Binding};
 use super::scheduler::{self, Request};
+use super::vmpod;
 use super::{Context, FIELD_MANAGER};
 use crate::api::vm::Phase;
 use crate::api::{EVICT_ANNOTATION, VirtualMachine, conditions};
@@ -37,6 +38,9 @@ impl Error {
 
 /// Unschedulable VMs get another try at least this often, besides every hypervisor change.
 const RETRY_UNSCHEDULABLE: Duration = Duration::from_secs(30);
+/// A VM whose Pod the API server refused (quota, LimitRange) tries again this often:
+/// quota freed elsewhere in the namespace sends no event the controller watches.
+const RETRY_REFUSED: Duration = Duration::from_secs(10);
 
 pub(super) fn request(
     vm: &VirtualMachine,
@@ -191,8 +195,106 @@ async fn reconcile_bound(
         Some(_) => forget_eviction(vm, ctx).await?,
         None => {}
     }
+    if let Some(refusal) = keep_pods(vm, ctx, Some(&node)).await? {
+        return Ok(refusal);
+    }
     set_scheduled(vm, ctx, true, "Scheduled", format!("bound to {node}"), None).await?;
     Ok(Action::await_change())
+}
+
+/// How long a VM whose Pod a kubelet refused waits before it is placed again, so that a
+/// disagreement between vmlet's count and a kubelet's is not a loop of writes.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Brings the VM's Pods in line with its binding (`node`; None: unbound): its node's
+/// Pod is created when missing, Pods on other nodes are deleted, and a Pod that its
+/// kubelet refused sends the VM back to scheduling with the kubelet's reason. Returns
+/// the action to end the reconcile with when the VM was sent back or must wait.
+async fn keep_pods(
+    vm: &VirtualMachine,
+    ctx: &Context,
+    node: Option<&str>,
+) -> Result<Option<Action>, Error> {
+    let uid = vm.uid().unwrap_or_default();
+    let ns = vm.namespace().unwrap_or_default();
+    let pods = ctx.pods.of_vm(&uid);
+    let refs: Vec<&k8s_openapi::api::core::v1::Pod> = pods.iter().map(|p| p.as_ref()).collect();
+    for step in vmpod::plan(node, &refs) {
+        match step {
+            vmpod::Step::Delete { name, uid } => {
+                vmpod::delete(&ctx.client, &ns, &name, &uid).await?;
+                tracing::info!(vm = %vm.name_any(), pod = %name, "deleted the VM's Pod of a node it left");
+            }
+            vmpod::Step::Create => {
+                let Some(node) = node else { continue };
+                let Some(pod) = pod_for(ctx, vm, node) else {
+                    continue;
+                };
+                if let Err(r) = vmpod::create(&ctx.client, &pod).await? {
+                    // The VM runs on: only its Pod is missing. Say so, and try again.
+                    tracing::warn!(vm = %vm.name_any(), reason = r.reason, message = %r.message, "the VM's Pod was refused");
+                    ctx.record(vm, EventType::Warning, r.reason, r.message, "Schedule");
+                    return Ok(Some(Action::requeue(RETRY_UNSCHEDULABLE)));
+                }
+            }
+            vmpod::Step::Refused {
+                name,
+                uid: pod_uid,
+                reason,
+                message,
+            } => {
+                let Some(node) = node else { continue };
+                vmpod::delete(&ctx.client, &ns, &name, &pod_uid).await?;
+                ctx.refused
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(uid.clone(), Instant::now());
+                let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+                let why =
+                    format!("the kubelet on {node} refused the VM's Pod: {reason}: {message}");
+                let new = Binding::of(vm.status.as_ref())
+                    .with(
+                        vm,
+                        conditions::Type::Scheduled,
+                        false,
+                        "PodRejected",
+                        why.clone(),
+                    )
+                    .bound_to(None);
+                binding::apply(&api, vm, new).await?;
+                ctx.record(vm, EventType::Warning, "PodRejected", why, "Schedule");
+                return Ok(Some(Action::requeue(REFUSED_BACKOFF)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The VM Pod of `vm` on `node`, sized by that node's overhead formula and ratios. None
+/// when the VM's size is unknown (its class is gone).
+fn pod_for(
+    ctx: &Context,
+    vm: &VirtualMachine,
+    node: &str,
+) -> Option<k8s_openapi::api::core::v1::Pod> {
+    let class = ctx.caches.class_of(vm)?;
+    let (vcpus, memory) = vm.spec.requests(class.as_ref())?;
+    let hv = ctx
+        .caches
+        .hypervisors
+        .get(&kube::runtime::reflector::ObjectRef::new(node));
+    let overhead = hv
+        .as_ref()
+        .and_then(|h| h.status.as_ref())
+        .and_then(|s| s.vm_overhead.as_ref())
+        .and_then(|o| crate::api::overhead::Overhead::try_from(o).ok())
+        .unwrap_or_default();
+    let ratios = hv.as_ref().map(|h| h.spec.ratios()).unwrap_or((
+        crate::api::hypervisor::DEFAULT_CPU_OVERCOMMIT,
+        crate::api::hypervisor::DEFAULT_MEMORY_OVERCOMMIT,
+    ));
+    let sizing = vmpod::sizing(vcpus, memory, &overhead, ratios);
+    Some(vmpod::desired(vm, node, sizing, &ctx.vm_pod_image))
 }
 
 /// Decides where the VM goes, in a scheduling cycle with every VM waiting at that moment
@@ -262,6 +364,18 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         // deciding again would count the VM twice.
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
+    // Pods of an earlier binding (drained, or a bind that failed half-way) go first.
+    keep_pods(&vm, &ctx, None).await?;
+    let backoff = {
+        let mut refused = ctx.refused.lock().expect("not poisoned");
+        refused.retain(|_, at| at.elapsed() < REFUSED_BACKOFF);
+        refused
+            .get(&uid)
+            .map(|at| REFUSED_BACKOFF.saturating_sub(at.elapsed()))
+    };
+    if let Some(wait) = backoff {
+        return Ok(Action::requeue(wait));
+    }
     let mut req = request(&vm, class.as_ref(), requests);
     match super::volumes::needs_of(&ctx, &vm) {
         Ok(needs) => {
@@ -289,6 +403,23 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
                 ctx.view.lock().await.forget(&uid);
                 set_scheduled(&vm, &ctx, false, b.reason, b.message, None).await?;
                 return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
+            }
+            // Then its Pod, bound to the node: quota and admission have their say
+            // before the VM is bound.
+            if let Some(pod) = pod_for(&ctx, &vm, &node) {
+                match vmpod::create(&ctx.client, &pod).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(r)) => {
+                        ctx.view.lock().await.forget(&uid);
+                        ctx.metrics.attempt("refused", started.elapsed());
+                        set_scheduled(&vm, &ctx, false, r.reason, r.message, None).await?;
+                        return Ok(Action::requeue(RETRY_REFUSED));
+                    }
+                    Err(e) => {
+                        ctx.view.lock().await.forget(&uid);
+                        return Err(e.into());
+                    }
+                }
             }
             match set_scheduled(
                 &vm,

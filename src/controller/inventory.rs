@@ -146,6 +146,9 @@ pub struct Caches {
     pub volumes: Store<crate::api::VirtualMachineVolume>,
     pub snapshots: Store<crate::api::VirtualMachineSnapshot>,
     pub images: Store<crate::api::VirtualMachineImage>,
+    /// Every Pod (slimmed): what Pods other than VM Pods ask of a hypervisor is not
+    /// there for VMs.
+    pub pods: Store<k8s_openapi::api::core::v1::Pod>,
 }
 
 impl Caches {
@@ -189,16 +192,39 @@ impl Caches {
             .into_iter()
             .filter_map(|n| Some((n.metadata.name.clone()?, n)))
             .collect();
+        let others = self.other_pods();
         let candidates = self
             .hypervisor_names(&nodes)
             .into_iter()
             .map(|name| {
                 let used = used.get(&name).copied().unwrap_or_default();
+                let pods = others.get(&name).copied().unwrap_or_default();
                 let node = nodes.get(&name);
-                self.candidate(name, node, used, now, lease_grace)
+                self.candidate(name, node, used, pods, now, lease_grace)
             })
             .collect();
         (candidates, placed)
+    }
+
+    /// What the Pods that do not stand for VMs ask of each node, by node. VMs are counted
+    /// from their own objects (bound or assumed), so their Pods are not counted twice.
+    fn other_pods(&self) -> HashMap<String, super::vmpod::Sizing> {
+        let mut by_node: HashMap<String, super::vmpod::Sizing> = HashMap::new();
+        for pod in self.pods.state() {
+            let vm_pod = pod
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(crate::api::vmpod::VM_UID_LABEL));
+            let Some(node) = super::vmpod::holds_node(&pod).filter(|_| !vm_pod) else {
+                continue;
+            };
+            let r = super::vmpod::pod_requests(&pod);
+            let e = by_node.entry(node.to_string()).or_default();
+            e.cpu_millis += r.cpu_millis;
+            e.memory = e.memory.saturating_add(r.memory);
+        }
+        by_node
     }
 
     /// Counts each VM where it is bound, or where its binding is assumed (an assumption
@@ -284,6 +310,7 @@ impl Caches {
         name: String,
         node: Option<&std::sync::Arc<Node>>,
         used: NodeUse,
+        pods: super::vmpod::Sizing,
         now: Timestamp,
         lease_grace: Duration,
     ) -> Candidate {
@@ -292,6 +319,10 @@ impl Caches {
             .as_ref()
             .and_then(|h| h.status.clone())
             .unwrap_or_default();
+        let (cpu_ratio, _) = hv.as_ref().map(|h| h.spec.ratios()).unwrap_or((
+            crate::api::hypervisor::DEFAULT_CPU_OVERCOMMIT,
+            crate::api::hypervisor::DEFAULT_MEMORY_OVERCOMMIT,
+        ));
         let lease = self.leases.get(
             &ObjectRef::new(&crate::api::heartbeat_lease_name(&name))
                 .within(crate::api::HEARTBEAT_LEASE_NAMESPACE),
@@ -335,12 +366,11 @@ impl Caches {
                 .as_ref()
                 .and_then(|a| parse_bytes(&a.memory).ok())
                 .unwrap_or(0),
-            allocated_cpu: used.cpu,
-            allocated_memory: used.memory.saturating_add(overhead.of(
-                used.vms,
-                used.cpu,
-                used.memory,
-            )),
+            allocated_cpu: used.cpu + super::vmpod::vcpu_equivalent(pods.cpu_millis, cpu_ratio),
+            allocated_memory: used
+                .memory
+                .saturating_add(overhead.of(used.vms, used.cpu, used.memory))
+                .saturating_add(pods.memory),
             overhead,
             uefi: status.uefi.unwrap_or(false),
             pools: status

@@ -13,6 +13,7 @@ mod release;
 pub mod scheduler;
 pub mod selector;
 pub mod services;
+pub mod vmpod;
 pub mod volumes;
 
 use std::collections::HashMap;
@@ -97,6 +98,10 @@ pub struct Args {
     /// Kubeconfig to use instead of in-cluster config or $KUBECONFIG.
     #[arg(long, env = "VMLET_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The image of the VM Pods' placeholder container: the vmlet image (the chart
+    /// passes its own).
+    #[arg(long, env = "VMLET_VM_POD_IMAGE", default_value = "vmlet:dev")]
+    pub vm_pod_image: String,
 }
 
 impl Default for Args {
@@ -135,6 +140,11 @@ pub struct Context {
     pub fencing_bound: Duration,
     pub limits: migrate::Limits,
     pub metrics: metrics::Metrics,
+    /// The VM Pods, by VM, and every other Pod (for what they take of a node).
+    pub pods: vmpod::Pods,
+    pub vm_pod_image: String,
+    /// VMs whose Pod a kubelet refused, and when: they wait a moment before the next try.
+    pub refused: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Context {
@@ -288,6 +298,8 @@ struct Writers {
     vms: reflector::store::Writer<VirtualMachine>,
     hypervisors: reflector::store::Writer<Hypervisor>,
     leases: reflector::store::Writer<Lease>,
+    /// VMs whose Pod changed (not during a list: placement visits every VM at start).
+    pod_changes: futures::channel::mpsc::Receiver<ObjectRef<VirtualMachine>>,
 }
 
 /// Starts the caches of what the scheduler only reads and waits until they are filled.
@@ -330,6 +342,45 @@ async fn start(
     tokio::spawn(classes_run);
     tokio::spawn(nodes_run);
     let (hypervisors, hv_writer) = reflector::store::<Hypervisor>();
+    let (pod_store, pod_writer) = reflector::store::<k8s_openapi::api::core::v1::Pod>();
+    let pods = vmpod::Pods::new(pod_store.clone());
+    let (mut pod_tx, pod_changes) = futures::channel::mpsc::channel(1024);
+    {
+        use futures::SinkExt;
+        let pods = pods.clone();
+        let stream = reflector::reflector(
+            pod_writer,
+            watcher(
+                Api::<k8s_openapi::api::core::v1::Pod>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .modify(vmpod::slim),
+        )
+        .default_backoff();
+        tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                let Ok(ev) = ev else { continue };
+                pods.observe(&ev);
+                let (watcher::Event::Apply(p) | watcher::Event::Delete(p)) = &ev else {
+                    continue;
+                };
+                let Some(vm) = p
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(crate::api::vmpod::VM_LABEL))
+                else {
+                    continue;
+                };
+                let r =
+                    ObjectRef::new(vm).within(p.metadata.namespace.as_deref().unwrap_or_default());
+                if pod_tx.send(r).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let ctx = Arc::new(Context {
         client: client.clone(),
         caches: Caches {
@@ -342,6 +393,7 @@ async fn start(
             volumes,
             snapshots,
             images,
+            pods: pod_store,
         },
         view: Default::default(),
         cycle: Default::default(),
@@ -358,14 +410,19 @@ async fn start(
             cluster: args.max_migrations,
         },
         metrics,
+        pods,
+        vm_pod_image: args.vm_pod_image.clone(),
+        refused: Default::default(),
     });
     ctx.caches.classes.wait_until_ready().await?;
+    ctx.caches.pods.wait_until_ready().await?;
     ctx.caches.nodes.wait_until_ready().await?;
     ctx.caches.volumes.wait_until_ready().await?;
     let writers = Writers {
         vms: vm_writer,
         hypervisors: hv_writer,
         leases: lease_writer,
+        pod_changes,
     };
     Ok((ctx, writers))
 }
@@ -396,6 +453,7 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
         vms: vm_writer,
         hypervisors: hv_writer,
         leases: lease_writer,
+        pod_changes,
     } = writers;
     let client = ctx.client.clone();
     // One VM watch for placement, volumes and Services.
@@ -461,6 +519,7 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
     };
     let placement = Controller::for_stream(vm_stream, ctx.caches.vms.clone())
         .reconcile_on(pending)
+        .reconcile_on(pod_changes)
         .run(bind::reconcile, bind::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let migrations = Controller::new(
