@@ -609,6 +609,25 @@ async fn vm_pod_counts_on_the_node(client: &kube::Client, ns: &str, vm_uid: &str
     println!("a Pod of {} MiB beside the VM: Pending: {why}", ask >> 20);
     let p = pods.get("big").await.unwrap();
     assert_eq!(p.spec.unwrap().node_name, None, "bound beside the VM");
+
+    // The controller's token creates and deletes VM Pods only (vm-pod-restriction.yaml).
+    let controller = format!("system:serviceaccount:{NS}:{RELEASE}-controller");
+    for (what, args) in [
+        (
+            "create a Pod",
+            vec!["run", "evil", "--image=vmlet:dev", "--restart=Never"],
+        ),
+        ("delete a Pod", vec!["delete", "pod", "big"]),
+    ] {
+        let mut args = args.clone();
+        args.extend(["-n", ns, "--as", &controller]);
+        let out = kubectl(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("only VM Pods"),
+            "the controller's token could {what}: {err}"
+        );
+    }
     pods.delete("big", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();

@@ -218,8 +218,14 @@ async fn keep_pods(
     let uid = vm.uid().unwrap_or_default();
     let ns = vm.namespace().unwrap_or_default();
     let pods = ctx.pods.of_vm(&uid);
-    let refs: Vec<&k8s_openapi::api::core::v1::Pod> = pods.iter().map(|p| p.as_ref()).collect();
-    for step in vmpod::plan(node, &refs) {
+    let refs: Vec<&k8s_openapi::api::core::v1::Pod> = pods
+        .iter()
+        .map(|p| p.as_ref())
+        // Unbound, a young Pod may be another controller's placement in flight (its
+        // binding not yet written): it is left alone until it is clearly a leftover.
+        .filter(|p| node.is_some() || !young(p))
+        .collect();
+    for step in vmpod::plan(&uid, node, &refs) {
         match step {
             vmpod::Step::Delete { name, uid } => {
                 vmpod::delete(&ctx.client, &ns, &name, &uid).await?;
@@ -227,6 +233,16 @@ async fn keep_pods(
             }
             vmpod::Step::Create => {
                 let Some(node) = node else { continue };
+                // A VM bound to a Node that is gone (waiting for it, or about to move)
+                // gets no Pod there: the Pod garbage collector would delete it at once.
+                if ctx
+                    .caches
+                    .nodes
+                    .get(&kube::runtime::reflector::ObjectRef::new(node))
+                    .is_none()
+                {
+                    continue;
+                }
                 let Some(pod) = pod_for(ctx, vm, node) else {
                     continue;
                 };
@@ -244,14 +260,22 @@ async fn keep_pods(
                 message,
             } => {
                 let Some(node) = node else { continue };
+                let why =
+                    format!("the kubelet on {node} refused the VM's Pod: {reason}: {message}");
+                if !vm
+                    .spec
+                    .may_restart_elsewhere(&|v| ctx.caches.shared_volume(vm, v))
+                {
+                    // Its data is only on this node: it stays, and says why.
+                    ctx.record(vm, EventType::Warning, "PodRejected", why, "Schedule");
+                    return Ok(Some(Action::requeue(RETRY_UNSCHEDULABLE)));
+                }
                 vmpod::delete(&ctx.client, &ns, &name, &pod_uid).await?;
                 ctx.refused
                     .lock()
                     .expect("not poisoned")
                     .insert(uid.clone(), Instant::now());
                 let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
-                let why =
-                    format!("the kubelet on {node} refused the VM's Pod: {reason}: {message}");
                 let new = Binding::of(vm.status.as_ref())
                     .with(
                         vm,
@@ -269,6 +293,20 @@ async fn keep_pods(
     }
     Ok(None)
 }
+
+/// Whether a Pod was created so recently that a placement may still be writing its VM's
+/// binding.
+fn young(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.metadata.creation_timestamp.as_ref().is_none_or(|t| {
+        k8s_openapi::jiff::Timestamp::now()
+            .duration_since(t.0)
+            .unsigned_abs()
+            < LEFTOVER_AGE
+    })
+}
+
+/// How old an unbound VM's Pod must be to count as a leftover.
+const LEFTOVER_AGE: Duration = Duration::from_secs(30);
 
 /// The VM Pod of `vm` on `node`, sized by that node's overhead formula and ratios. None
 /// when the VM's size is unknown (its class is gone).
@@ -391,21 +429,8 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     let decision = place(&ctx, req, &uid).await;
     match decision {
         Ok(node) => {
-            // The volumes first: a VM is bound only once it is their one writer.
-            let claimed = match super::volumes::claim(&ctx, &vm, &node).await {
-                Ok(c) => c,
-                Err(e) => {
-                    ctx.view.lock().await.forget(&uid);
-                    return Err(e.into());
-                }
-            };
-            if let Err(b) = claimed {
-                ctx.view.lock().await.forget(&uid);
-                set_scheduled(&vm, &ctx, false, b.reason, b.message, None).await?;
-                return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
-            }
-            // Then its Pod, bound to the node: quota and admission have their say
-            // before the VM is bound.
+            // Its Pod first, bound to the node: quota and admission have their say
+            // before anything is claimed or bound for the VM.
             if let Some(pod) = pod_for(&ctx, &vm, &node) {
                 match vmpod::create(&ctx.client, &pod).await {
                     Ok(Ok(())) => {}
@@ -420,6 +445,20 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
                         return Err(e.into());
                     }
                 }
+            }
+            // Then the volumes: a VM is bound only once it is their one writer. A claim
+            // refused leaves the Pod to a later reconcile's clean-up of leftovers.
+            let claimed = match super::volumes::claim(&ctx, &vm, &node).await {
+                Ok(c) => c,
+                Err(e) => {
+                    ctx.view.lock().await.forget(&uid);
+                    return Err(e.into());
+                }
+            };
+            if let Err(b) = claimed {
+                ctx.view.lock().await.forget(&uid);
+                set_scheduled(&vm, &ctx, false, b.reason, b.message, None).await?;
+                return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
             }
             match set_scheduled(
                 &vm,

@@ -211,11 +211,7 @@ impl Caches {
     fn other_pods(&self) -> HashMap<String, super::vmpod::Sizing> {
         let mut by_node: HashMap<String, super::vmpod::Sizing> = HashMap::new();
         for pod in self.pods.state() {
-            let vm_pod = pod
-                .metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.contains_key(crate::api::vmpod::VM_UID_LABEL));
+            let vm_pod = super::vmpod::is_vm_pod(&pod).is_some();
             let Some(node) = super::vmpod::holds_node(&pod).filter(|_| !vm_pod) else {
                 continue;
             };
@@ -319,7 +315,7 @@ impl Caches {
             .as_ref()
             .and_then(|h| h.status.clone())
             .unwrap_or_default();
-        let (cpu_ratio, _) = hv.as_ref().map(|h| h.spec.ratios()).unwrap_or((
+        let (cpu_ratio, memory_ratio) = hv.as_ref().map(|h| h.spec.ratios()).unwrap_or((
             crate::api::hypervisor::DEFAULT_CPU_OVERCOMMIT,
             crate::api::hypervisor::DEFAULT_MEMORY_OVERCOMMIT,
         ));
@@ -370,7 +366,9 @@ impl Caches {
             allocated_memory: used
                 .memory
                 .saturating_add(overhead.of(used.vms, used.cpu, used.memory))
-                .saturating_add(pods.memory),
+                // In allocatable's units (host memory x r_mem), as a VM Pod's request
+                // is its footprint / r_mem.
+                .saturating_add((pods.memory as f64 * memory_ratio).ceil() as u64),
             overhead,
             uefi: status.uefi.unwrap_or(false),
             pools: status

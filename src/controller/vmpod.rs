@@ -242,12 +242,43 @@ pub enum Step {
     },
 }
 
+/// Whether `pod` is a VM Pod: its controller is the VirtualMachine its uid label names.
+/// The label alone proves nothing: anyone who may create Pods can set it.
+pub fn is_vm_pod(pod: &Pod) -> Option<&str> {
+    let uid = pod.metadata.labels.as_ref()?.get(VM_UID_LABEL)?;
+    pod.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| {
+            o.controller == Some(true)
+                && o.kind == "VirtualMachine"
+                && o.api_version == "vmlet.dev/v1alpha1"
+                && o.uid == *uid
+        })
+        .then_some(uid.as_str())
+}
+
+/// Kubelet reasons for refusing a Pod at admission (not for ending one that ran, such
+/// as a node-pressure eviction or a node shutdown).
+pub fn admission_refusal(reason: &str) -> bool {
+    reason.starts_with("OutOf")
+        || matches!(
+            reason,
+            "NodeAffinity"
+                | "NodeName"
+                | "Taint"
+                | "UnexpectedAdmissionError"
+                | "PodOSNotSupported"
+        )
+}
+
 /// Pure: what to do about the Pods of a VM bound to `node` (None: unbound), given the
-/// Pods that stand for it now.
-pub fn plan(node: Option<&str>, pods: &[&Pod]) -> Vec<Step> {
+/// Pods that stand for it now (only those of `vm_uid` count).
+pub fn plan(vm_uid: &str, node: Option<&str>, pods: &[&Pod]) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut present = false;
-    for pod in pods {
+    for pod in pods.iter().filter(|p| is_vm_pod(p) == Some(vm_uid)) {
         let name = pod.name_any();
         let uid = pod.uid().unwrap_or_default();
         let on = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
@@ -259,7 +290,12 @@ pub fn plan(node: Option<&str>, pods: &[&Pod]) -> Vec<Step> {
                 continue;
             }
             match status.phase.as_deref() {
-                Some("Failed") => steps.push(refused(name, uid, &status)),
+                Some("Failed") if admission_refusal(status.reason.as_deref().unwrap_or("")) => {
+                    steps.push(refused(name, uid, &status))
+                }
+                // Ended otherwise (evicted for node pressure, node shut down): it goes,
+                // and the VM's next reconcile puts a new one in its place.
+                Some("Failed") => steps.push(Step::Delete { name, uid }),
                 // The placeholder never ends by itself: ended, it stands for nothing.
                 Some("Succeeded") => steps.push(Step::Delete { name, uid }),
                 _ => {}
@@ -297,7 +333,7 @@ pub async fn create(client: &kube::Client, pod: &Pod) -> Result<Result<(), Refus
     let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
     match api.create(&PostParams::default(), pod).await {
         Ok(_) => Ok(Ok(())),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Ok(())),
+        Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => Ok(Ok(())),
         Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("exceeded quota") => {
             Ok(Err(Refusal {
                 reason: "QuotaExceeded",
@@ -419,6 +455,11 @@ pub fn slim(pod: &mut Pod) {
         uid: meta.uid,
         resource_version: meta.resource_version,
         deletion_timestamp: meta.deletion_timestamp,
+        creation_timestamp: meta.creation_timestamp,
+        owner_references: meta.owner_references.map(|mut o| {
+            o.retain(|r| r.controller == Some(true));
+            o
+        }),
         labels: meta.labels.map(|mut l| {
             l.retain(|k, _| k == VM_LABEL || k == VM_UID_LABEL);
             l
@@ -607,10 +648,23 @@ mod tests {
     }
 
     fn pod(name: &str, node: &str, phase: Option<&str>, going: bool) -> Pod {
+        pod_of("vm-uid", name, node, phase, "OutOfmemory", going)
+    }
+
+    fn pod_of(
+        owner: &str,
+        name: &str,
+        node: &str,
+        phase: Option<&str>,
+        reason: &str,
+        going: bool,
+    ) -> Pod {
         let mut p: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "uid": format!("uid-{name}")},
+            "metadata": {"name": name, "uid": format!("uid-{name}"), "labels": {VM_UID_LABEL: "vm-uid"},
+                         "ownerReferences": [{"apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine",
+                                              "name": "web", "uid": owner, "controller": true}]},
             "spec": {"nodeName": node, "containers": []},
-            "status": {"phase": phase, "reason": "OutOfmemory", "message": "Node didn't have enough resource: memory"}
+            "status": {"phase": phase, "reason": reason, "message": "Node didn't have enough resource: memory"}
         }))
         .unwrap();
         if going {
@@ -635,6 +689,10 @@ mod tests {
         let a_done = pod("a", "n1", Some("Succeeded"), false);
         let b_old = pod("b", "n0", Some("Running"), false);
         let b_going = pod("b", "n0", Some("Running"), true);
+        // Ended by a node-pressure eviction: not a refusal, a new Pod replaces it.
+        let a_evicted = pod_of("vm-uid", "a", "n1", Some("Failed"), "Evicted", false);
+        // Labelled as the VM's by someone else: neither the VM's Pod nor to delete.
+        let forged = pod_of("someone-else", "f", "n1", Some("Running"), "", false);
         let table: Vec<(Option<&str>, Vec<&Pod>, Vec<Step>)> = vec![
             (Some("n1"), vec![], vec![Step::Create]),
             (Some("n1"), vec![&a_running], vec![]),
@@ -642,6 +700,9 @@ mod tests {
             // Its name is taken until it is gone: no second create meanwhile.
             (Some("n1"), vec![&a_going], vec![]),
             (Some("n1"), vec![&a_done], vec![del("a")]),
+            (Some("n1"), vec![&a_evicted], vec![del("a")]),
+            (Some("n1"), vec![&forged], vec![Step::Create]),
+            (None, vec![&forged], vec![]),
             (
                 Some("n1"),
                 vec![&a_failed],
@@ -660,7 +721,7 @@ mod tests {
             (None, vec![], vec![]),
         ];
         for (node, pods, want) in table {
-            assert_eq!(plan(node, &pods), want, "{node:?}");
+            assert_eq!(plan("vm-uid", node, &pods), want, "{node:?}");
         }
     }
 
@@ -680,6 +741,7 @@ mod tests {
         assert_eq!(holds_node(&p), Some("n1"));
         assert!(p.metadata.annotations.is_none());
         assert_eq!(p.labels().len(), 1);
+        assert!(p.metadata.owner_references.is_none(), "none was there");
         assert!(p.spec.as_ref().unwrap().containers[0].image.is_none());
         assert!(p.status.as_ref().unwrap().pod_ip.is_none());
     }
