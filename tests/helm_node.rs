@@ -480,6 +480,8 @@ async fn chart_pods_on_a_real_node_boot_a_vm_upgrade_and_uninstall_cleanly() {
         !console_log.parent().unwrap().exists(),
         "the VM's directory was left on the node"
     );
+    quota_holds_vms(&client, &ns).await;
+    kubectl_drain_stops_a_shutdown_vm(&client, &ns).await;
     common::delete_namespace(&client, &ns).await;
 
     helm(&["uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "2m"]);
@@ -631,6 +633,166 @@ async fn vm_pod_counts_on_the_node(client: &kube::Client, ns: &str, vm_uid: &str
     pods.delete("big", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
+}
+
+/// A tiny guest VM named `name` with the given evictionStrategy.
+async fn tiny_vm(vms: &Api<VirtualMachine>, name: &str, eviction: &str) -> VirtualMachine {
+    let spec = json!({
+        "runStrategy": "Always", "memory": "128Mi", "evictionStrategy": eviction,
+        "boot": {"kernel": {"name": "tiny-kernel"}, "initrd": {"name": "tiny-initrd"},
+                 "cmdline": "console=ttyS0 panic=-1"},
+    });
+    vms.create(
+        &PostParams::default(),
+        &VirtualMachine::new(name, serde_json::from_value(spec).unwrap()),
+    )
+    .await
+    .unwrap()
+}
+
+async fn wait_running(vms: &Api<VirtualMachine>, name: &str, secs: u64) -> VirtualMachine {
+    let vm = common::wait_for(Duration::from_secs(secs), || async {
+        let vm = vms.get(name).await.ok()?;
+        (vm.status.as_ref()?.phase? == Phase::Running).then_some(vm)
+    })
+    .await;
+    match vm {
+        Some(vm) => vm,
+        None => panic!(
+            "{name} not Running: {:?}",
+            vms.get(name).await.ok().and_then(|v| v.status)
+        ),
+    }
+}
+
+/// A namespace's ResourceQuota on requests.memory holds its VMs: the VM over quota is
+/// not placed and says why with the API server's words, and starts once another VM is
+/// deleted, with nothing else to do.
+async fn quota_holds_vms(client: &kube::Client, ns: &str) {
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), ns);
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> =
+        Api::namespaced(client.clone(), ns);
+    let one = tiny_vm(&vms, "q1", "Shutdown").await;
+    wait_running(&vms, "q1", 120).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let sel = format!(
+        "{}={}",
+        vmlet::api::vmpod::VM_UID_LABEL,
+        one.metadata.uid.unwrap()
+    );
+    let q1_pod = pods
+        .list(&ListParams::default().labels(&sel))
+        .await
+        .unwrap()
+        .items;
+    let per_vm = vmlet::controller::vmpod::pod_requests(&q1_pod[0]).memory;
+    // Room for one such VM, not two.
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "vms"},
+        "spec": {"hard": {"requests.memory": (per_vm + per_vm / 2).to_string()}}
+    }))
+    .unwrap();
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    common::wait_for(Duration::from_secs(30), || async {
+        quotas
+            .get("vms")
+            .await
+            .ok()?
+            .status?
+            .used?
+            .get("requests.memory")
+            .map(|_| ())
+    })
+    .await
+    .expect("quota usage computed");
+    tiny_vm(&vms, "q2", "Shutdown").await;
+    let t = Instant::now();
+    let why = common::wait_for(Duration::from_secs(30), || async {
+        let vm = vms.get("q2").await.ok()?;
+        let c = vm.status?.conditions.into_iter().find(|c| {
+            c.type_ == "Scheduled" && c.status == "False" && c.reason == "QuotaExceeded"
+        })?;
+        Some(c.message)
+    })
+    .await
+    .expect("q2 was not held by the quota");
+    assert!(why.contains("exceeded quota"), "{why}");
+    println!(
+        "a VM over quota: {:.1} s to QuotaExceeded: {why}",
+        t.elapsed().as_secs_f64()
+    );
+    vms.delete("q1", &DeleteParams::default()).await.unwrap();
+    let t = Instant::now();
+    wait_running(&vms, "q2", 120).await;
+    println!(
+        "q1 deleted: q2 Running {:.1} s later",
+        t.elapsed().as_secs_f64()
+    );
+    vms.delete("q2", &DeleteParams::default()).await.unwrap();
+    quotas
+        .delete("vms", &DeleteParams::default())
+        .await
+        .unwrap();
+    common::wait_for(Duration::from_secs(60), || async {
+        vms.list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await
+    .expect("q1 and q2 not removed");
+}
+
+/// Plain `kubectl drain` of the node: the VM Pod's eviction makes the agent shut a VM
+/// with evictionStrategy Shutdown down (ACPI, destroyed after its grace period: the tiny
+/// guest has no ACPI daemon), the drain returns once it has left (its Pod waited for it), and after `kubectl uncordon` it runs again. The
+/// drain names the VM Pods (`--pod-selector`): on this one-node cluster the chart's own
+/// controller Pods could go nowhere else.
+async fn kubectl_drain_stops_a_shutdown_vm(client: &kube::Client, ns: &str) {
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), ns);
+    let vm = tiny_vm(&vms, "drained", "Shutdown").await;
+    let uid = vm.metadata.uid.clone().unwrap();
+    wait_running(&vms, "drained", 120).await;
+    let qemu = qemu_pid(&uid).expect("QEMU of the VM to drain");
+    let t = Instant::now();
+    let out = kubectl(&[
+        "drain",
+        NODE,
+        "--ignore-daemonsets",
+        "--pod-selector",
+        vmlet::api::vmpod::VM_LABEL,
+        "--timeout",
+        "180s",
+    ]);
+    let drained = t.elapsed();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = kubectl(&["uncordon", NODE]);
+    assert!(out.status.success(), "kubectl drain failed: {text}");
+    println!("kubectl drain: {:.1} s\n{text}", drained.as_secs_f64());
+    assert!(!pid_alive(qemu), "QEMU {qemu} still runs after the drain");
+    let evicting = common::wait_event(client, ns, "drained", "Evicting", 5).await;
+    assert!(evicting.is_some(), "no Evicting event on the drained VM");
+    // Uncordoned, it is placed again and runs.
+    let t = Instant::now();
+    wait_running(&vms, "drained", 180).await;
+    println!(
+        "uncordoned: Running again {:.1} s later",
+        t.elapsed().as_secs_f64()
+    );
+    vms.delete("drained", &DeleteParams::default())
+        .await
+        .unwrap();
+    common::wait_for(Duration::from_secs(60), || async {
+        vms.get_opt("drained").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .expect("the drained VM was not removed");
 }
 
 /// `kubectl vm console` against the installed chart: a ServiceAccount allowed

@@ -17,11 +17,22 @@ use vmlet::api::{Hypervisor, VirtualMachine, conditions};
 use common::node::*;
 
 async fn create_vm(api: &Api<VirtualMachine>, name: &str, memory: &str, ns: &str) {
+    create_vm_with(api, name, memory, ns, "Shutdown").await
+}
+
+async fn create_vm_with(
+    api: &Api<VirtualMachine>,
+    name: &str,
+    memory: &str,
+    ns: &str,
+    eviction: &str,
+) {
     let vm: VirtualMachine = serde_json::from_value(json!({
         "apiVersion": "vmlet.dev/v1alpha1", "kind": "VirtualMachine",
         "metadata": {"name": name},
         "spec": {"memory": memory, "cpu": {"cores": 2},
                  "nodeSelector": {"vmlet.dev/test-run": ns},
+                 "evictionStrategy": eviction,
                  "podMetadata": {"labels": {"app": name}}}
     }))
     .unwrap();
@@ -100,22 +111,115 @@ async fn vm_pods_account_quota_and_capacity() {
     assert_eq!(parse_bytes(&req["memory"].0).unwrap(), (1 << 30) + overhead);
     assert_eq!(req["cpu"].0, "500m", "2 vCPUs at the default ratio of 4");
 
-    // 2. A Pod deleted by hand comes back: the VM still runs there, and what it costs
-    //    must stay counted.
+    // 2. Deleting the VM's Pod (by hand, or an eviction by `kubectl drain`) asks the VM
+    //    to leave its node. evictionStrategy Shutdown: it is shut down, unbound and
+    //    placed again (here on the same, only node) with a new Pod; the old Pod waits
+    //    (Terminating) until the VM has left, then goes.
+    let restarts = vm.status.as_ref().unwrap().restart_count.unwrap_or(0);
     pods.delete(
         &pod.metadata.name.clone().unwrap(),
         &DeleteParams::default(),
     )
     .await
     .unwrap();
-    let back = common::wait_for(Duration::from_secs(20), || async {
+    let evicting = common::wait_event(&client, &ns, "a", "Evicting", 20).await;
+    assert!(
+        evicting.is_some_and(|m| m.contains("shutting down")),
+        "no Evicting event"
+    );
+    let back = common::wait_for(Duration::from_secs(60), || async {
+        let vm = api.get("a").await.ok()?;
+        let st = vm.status?;
+        let restarted = st.restart_count.unwrap_or(0) > restarts
+            && st.phase == Some(vmlet::api::vm::Phase::Running);
+        let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default().labels("vmlet.dev/vm=a"))
+            .await
+            .ok()?
+            .items;
+        (restarted && pods.len() == 1 && pods[0].metadata.uid != pod.metadata.uid).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "a did not restart with a new Pod after its Pod was deleted: {:?} {:?}",
+        api.get("a").await.ok().and_then(|v| v.status),
+        pods_of(&pods, "a")
+            .await
+            .iter()
+            .map(|p| p.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+
+    //    A Pod gone without its VM leaving (its finalizer removed by hand, then
+    //    deleted): the VM runs on, and a new Pod counts it again.
+    let current = pods_of(&pods, "a").await.remove(0);
+    let name = current.metadata.name.clone().unwrap();
+    pods.patch(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    pods.delete(&name, &DeleteParams::default()).await.unwrap();
+    let again = common::wait_for(Duration::from_secs(20), || async {
         pods_of(&pods, "a")
             .await
             .into_iter()
-            .find(|p| p.metadata.uid != pod.metadata.uid)
+            .find(|p| p.metadata.uid != current.metadata.uid)
     })
     .await;
-    assert!(back.is_some(), "the VM's Pod was not created again");
+    assert!(again.is_some(), "a's Pod was not created again");
+    let st = api.get("a").await.unwrap().status.unwrap();
+    assert_eq!(
+        st.restart_count.unwrap_or(0),
+        restarts + 1,
+        "not restarted for it"
+    );
+
+    //    evictionStrategy LiveMigrate: a migration is asked for, and the Pod waits while
+    //    the VM is still there (this node has no other to go to).
+    create_vm_with(&api, "l", "256Mi", &ns, "LiveMigrate").await;
+    wait_phase(&api, "l", "Running", 60).await;
+    let l_pod = common::wait_for(Duration::from_secs(10), || async {
+        pods_of(&pods, "l").await.into_iter().next()
+    })
+    .await
+    .expect("l's Pod");
+    let l_name = l_pod.metadata.name.clone().unwrap();
+    pods.delete(&l_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    let migrations: Api<vmlet::api::VirtualMachineMigration> = Api::namespaced(client.clone(), &ns);
+    let asked = common::wait_for(Duration::from_secs(20), || async {
+        migrations
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|m| m.spec.vm_name == "l")
+    })
+    .await;
+    assert!(asked.is_some(), "no migration asked for l");
+    let held = pods.get(&l_name).await.unwrap();
+    assert!(
+        held.metadata.deletion_timestamp.is_some(),
+        "l's Pod waits, Terminating"
+    );
+    // Deleting the VM lets its Pod go.
+    for m in migrations.list(&ListParams::default()).await.unwrap().items {
+        let _ = migrations
+            .delete(&m.metadata.name.unwrap(), &DeleteParams::default())
+            .await;
+    }
+    api.delete("l", &DeleteParams::default()).await.unwrap();
+    let released = common::wait_for(Duration::from_secs(60), || async {
+        pods.get_opt(&l_name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(released.is_some(), "l's Pod outlived l");
 
     // 3. A ResourceQuota on requests.memory: room for "a" only. "b" waits, says why with
     //    the API server's words, and starts once "a" is deleted.
@@ -197,6 +301,10 @@ async fn vm_pods_account_quota_and_capacity() {
     }))
     .unwrap();
     pods.create(&PostParams::default(), &big).await.unwrap();
+    // The controller sees the Pod through its watch, as kube-scheduler sees Pods through
+    // its informer: a VM created in the same instant may be decided before the Pod
+    // arrives (then the kubelet's admission would be the last word).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     create_vm(&api, "c", "2Gi", &ns).await;
     let unfit = common::wait_for(Duration::from_secs(30), || async {
         scheduled(&api, "c").await.filter(|(s, _, _)| s == "False")
@@ -210,7 +318,8 @@ async fn vm_pods_account_quota_and_capacity() {
         .unwrap();
     wait_phase(&api, "c", "Running", 60).await;
 
-    controller.abort();
+    // With the controller still running: it releases the VMs' Pods once they are gone.
     common::delete_vms_and_namespace(&client, &ns).await;
+    controller.abort();
     node.forget().await;
 }

@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod class;
 pub mod conditions;
+pub mod eviction;
 pub mod hypervisor;
 pub mod image;
 pub mod migration;

@@ -13,6 +13,10 @@ pub const VM_UID_LABEL: &str = "vmlet.dev/vm-uid";
 /// The scheduler named in a VM Pod: vmlet's controller places it (kube-scheduler leaves
 /// Pods that name another scheduler alone).
 pub const SCHEDULER_NAME: &str = "vmlet";
+/// On every VM Pod, held by the controller: a VM Pod's deletion (by hand, or by an
+/// eviction such as `kubectl drain`'s) is a request that the VM leave its node, and the
+/// Pod stays (Terminating) until the VM has, so that a drain waits for its VMs.
+pub const POD_FINALIZER: &str = "vmlet.dev/vm-pod";
 /// The VM Pod's one container.
 pub const CONTAINER: &str = "vm";
 /// The program the container runs (in the vmlet image): it only waits to be stopped.

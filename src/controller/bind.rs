@@ -154,6 +154,9 @@ async fn unbind(vm: &VirtualMachine, ctx: &Context, node: &str) -> Result<(), Er
         )
         .bound_to(None);
     binding::apply(&api, vm, new).await?;
+    // Its work is done: left in place, it would stop the VM again should it be placed
+    // on the same node (one that was not cordoned: its Pod was deleted by hand).
+    forget_eviction(vm, ctx).await?;
     tracing::info!(vm = %vm.name_any(), %node, "evicted: unbound to start elsewhere");
     Ok(())
 }
@@ -223,13 +226,21 @@ async fn keep_pods(
         .map(|p| p.as_ref())
         // Unbound, a young Pod may be another controller's placement in flight (its
         // binding not yet written): it is left alone until it is clearly a leftover.
-        .filter(|p| node.is_some() || !young(p))
+        .filter(|p| node.is_some() || !young(p) || p.metadata.deletion_timestamp.is_some())
         .collect();
     for step in vmpod::plan(&uid, node, &refs) {
         match step {
             vmpod::Step::Delete { name, uid } => {
                 vmpod::delete(&ctx.client, &ns, &name, &uid).await?;
                 tracing::info!(vm = %vm.name_any(), pod = %name, "deleted the VM's Pod of a node it left");
+            }
+            vmpod::Step::Release { name, uid } => {
+                vmpod::release(&ctx.client, &ns, &name, &uid).await?;
+                tracing::info!(vm = %vm.name_any(), pod = %name, "released the deleted Pod of a node the VM left");
+            }
+            vmpod::Step::Evict { name } => {
+                let Some(node) = node else { continue };
+                return evict(vm, ctx, node, &name).await.map(Some);
             }
             vmpod::Step::Create => {
                 let Some(node) = node else { continue };
@@ -292,6 +303,63 @@ async fn keep_pods(
         }
     }
     Ok(None)
+}
+
+/// The VM's Pod on `node` was deleted (by hand, or evicted by `kubectl drain`): the VM
+/// leaves the node as its evictionStrategy says, as `kubectl vm drain` would move it, and
+/// the Pod (held by its finalizer) goes once it has.
+async fn evict(vm: &VirtualMachine, ctx: &Context, node: &str, pod: &str) -> Result<Action, Error> {
+    use crate::api::eviction::{Plan, plan, why_stays};
+    let shared = |v: &str| ctx.caches.shared_volume(vm, v);
+    let ns = vm.namespace().unwrap_or_default();
+    match plan(vm, &shared) {
+        Plan::ShutDown => {
+            // The drain's path: the node's agent shuts the VM down, then it is unbound
+            // (reconcile_bound) and scheduled again.
+            let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+            crate::patch::annotate(&api, vm, EVICT_ANNOTATION, Some(node), FIELD_MANAGER).await?;
+            let note = format!("its Pod {pod} was deleted: shutting down to leave {node}");
+            ctx.record(vm, EventType::Normal, "Evicting", note, "Evict");
+            Ok(Action::await_change())
+        }
+        Plan::Migrate => {
+            let under_way = ctx.caches.migrations.state().iter().any(|m| {
+                m.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && m.spec.vm_name == vm.name_any()
+                    && !m
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .is_some_and(crate::api::MigrationPhase::finished)
+            });
+            if !under_way {
+                let api: Api<crate::api::VirtualMachineMigration> =
+                    Api::namespaced(ctx.client.clone(), &ns);
+                let mut m = crate::api::VirtualMachineMigration::new(
+                    "",
+                    crate::api::VirtualMachineMigrationSpec {
+                        vm_name: vm.name_any(),
+                        target_node: None,
+                    },
+                );
+                m.metadata.name = None;
+                m.metadata.generate_name = Some(format!("evict-{}-", vm.name_any()));
+                api.create(&kube::api::PostParams::default(), &m).await?;
+                let note = format!("its Pod {pod} was deleted: live-migrating it off {node}");
+                ctx.record(vm, EventType::Normal, "Evicting", note, "Evict");
+            }
+            // The migration's end moves the binding, which brings the VM back here.
+            Ok(Action::requeue(Duration::from_secs(60)))
+        }
+        Plan::Stay(why) => {
+            let note = format!(
+                "its Pod {pod} was deleted, but it stays on {node}: {}; the Pod waits (Terminating)",
+                why_stays(vm, why, &shared)
+            );
+            ctx.record(vm, EventType::Warning, "EvictionBlocked", note, "Evict");
+            Ok(Action::requeue(Duration::from_secs(300)))
+        }
+    }
 }
 
 /// Whether a Pod was created so recently that a placement may still be writing its VM's

@@ -550,6 +550,9 @@ async fn controller(ctx: Arc<Context>, writers: Writers) -> anyhow::Result<()> {
     .for_each(|_| futures::future::ready(()));
     // Services for VMs: their EndpointSlices.
     let services = services::run(ctx.clone(), vms_for_services);
-    tokio::join!(vm_watch, placement, migrations, images, volumes, services);
+    let orphans = vmpod::release_orphans(ctx.clone());
+    tokio::join!(
+        vm_watch, placement, migrations, images, volumes, services, orphans
+    );
     Ok(())
 }

@@ -25,7 +25,7 @@ use crate::api::VirtualMachine;
 use crate::api::overhead::Overhead;
 use crate::api::quantity::parse_bytes;
 use crate::api::vmpod::{
-    CONTAINER, PLACEHOLDER_COMMAND, SCHEDULER_NAME, VM_LABEL, VM_UID_LABEL, pod_name,
+    CONTAINER, PLACEHOLDER_COMMAND, POD_FINALIZER, SCHEDULER_NAME, VM_LABEL, VM_UID_LABEL, pod_name,
 };
 
 /// What a VM Pod requests.
@@ -166,6 +166,7 @@ pub fn desired(vm: &VirtualMachine, node: &str, sizing: Sizing, image: &str) -> 
             namespace: vm.namespace(),
             labels: Some(labels),
             annotations: (!user.annotations.is_empty()).then_some(user.annotations),
+            finalizers: Some(vec![POD_FINALIZER.into()]),
             owner_references: Some(vec![OwnerReference {
                 api_version: "vmlet.dev/v1alpha1".into(),
                 kind: "VirtualMachine".into(),
@@ -230,8 +231,15 @@ pub fn desired(vm: &VirtualMachine, node: &str, sizing: Sizing, image: &str) -> 
 pub enum Step {
     /// The VM is bound and its node has no Pod of it: create one.
     Create,
-    /// A Pod on a node the VM is not bound to (it moved, or was unbound): delete it.
+    /// A Pod on a node the VM is not bound to (it moved, or was unbound): delete it
+    /// (releasing it first when it holds the controller's finalizer).
     Delete { name: String, uid: String },
+    /// The Pod on the VM's node is being deleted (by hand, or evicted by a drain): the VM
+    /// must leave the node as its evictionStrategy says; the Pod waits for it.
+    Evict { name: String },
+    /// A deleted Pod whose VM has left its node: the controller's finalizer goes, and
+    /// the Pod with it.
+    Release { name: String, uid: String },
     /// The kubelet of the VM's node refused its Pod (admission: not enough memory or
     /// CPU, a taint, a selector): delete it and place the VM again, saying why.
     Refused {
@@ -284,9 +292,13 @@ pub fn plan(vm_uid: &str, node: Option<&str>, pods: &[&Pod]) -> Vec<Step> {
         let on = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
         let status = pod.status.clone().unwrap_or_default();
         let going = pod.metadata.deletion_timestamp.is_some();
+        let held = holds_finalizer(pod);
         if on.is_some() && on == node {
             present = true;
             if going {
+                if held {
+                    steps.push(Step::Evict { name });
+                }
                 continue;
             }
             match status.phase.as_deref() {
@@ -302,12 +314,23 @@ pub fn plan(vm_uid: &str, node: Option<&str>, pods: &[&Pod]) -> Vec<Step> {
             }
         } else if !going {
             steps.push(Step::Delete { name, uid });
+        } else if held {
+            steps.push(Step::Release { name, uid });
         }
     }
     if node.is_some() && !present {
         steps.push(Step::Create);
     }
     steps
+}
+
+/// Whether the Pod still holds the controller's finalizer.
+pub fn holds_finalizer(pod: &Pod) -> bool {
+    pod.metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == POD_FINALIZER)
 }
 
 fn refused(name: String, uid: String, status: &PodStatus) -> Step {
@@ -352,8 +375,48 @@ pub async fn create(client: &kube::Client, pod: &Pod) -> Result<Result<(), Refus
     }
 }
 
-/// Deletes one VM Pod, only that instance of it (its uid as precondition). Gone is done.
+/// Removes the controller's finalizer from one VM Pod (that instance: its uid is tested),
+/// which lets a deleted Pod go. Gone is done.
+pub async fn release(client: &kube::Client, ns: &str, name: &str, uid: &str) -> kube::Result<()> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let Some(pod) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    if pod.uid().as_deref() != Some(uid) || !holds_finalizer(&pod) {
+        return Ok(());
+    }
+    let finalizers: Vec<&String> = pod
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .filter(|f| *f != POD_FINALIZER)
+        .collect();
+    let patch = serde_json::json!([
+        {"op": "test", "path": "/metadata/uid", "value": uid},
+        {"op": "test", "path": "/metadata/resourceVersion", "value": pod.resource_version()},
+        {"op": "replace", "path": "/metadata/finalizers", "value": finalizers},
+    ]);
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
+    match api
+        .patch(
+            name,
+            &crate::patch::by(super::FIELD_MANAGER),
+            &kube::api::Patch::Json::<()>(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes one VM Pod, only that instance of it (its uid as precondition), releasing it
+/// first. Gone is done.
 pub async fn delete(client: &kube::Client, ns: &str, name: &str, uid: &str) -> kube::Result<()> {
+    release(client, ns, name, uid).await?;
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let dp = DeleteParams {
         preconditions: Some(Preconditions {
@@ -445,6 +508,64 @@ impl Pods {
     }
 }
 
+/// Pure: the deleted VM Pods still held by the controller's finalizer whose VM the cache
+/// no longer has (by name and uid), as (namespace, pod, pod uid, VM name, VM uid). A
+/// fresh read of the VM decides before any is released.
+pub fn orphan_candidates(
+    pods: &[Arc<Pod>],
+    vm_cached: impl Fn(&str, &str, &str) -> bool,
+) -> Vec<(String, String, String, String, String)> {
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some() && holds_finalizer(p))
+        .filter_map(|p| {
+            let vm_uid = is_vm_pod(p)?.to_string();
+            let vm = p.metadata.labels.as_ref()?.get(VM_LABEL)?.clone();
+            let ns = p.namespace().unwrap_or_default();
+            (!vm_cached(&ns, &vm, &vm_uid))
+                .then(|| (ns, p.name_any(), p.uid().unwrap_or_default(), vm, vm_uid))
+        })
+        .collect()
+}
+
+/// Releases deleted VM Pods whose VM is gone (a fresh read says so), or is being deleted
+/// and no longer holds its domain (its agent is done): nothing else would, since a VM
+/// that is gone is never reconciled. Runs every few seconds on the leader; cheap, as
+/// only deleted Pods are looked at.
+pub async fn release_orphans(ctx: std::sync::Arc<super::Context>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let vms = ctx.caches.vms.clone();
+        let cached = |ns: &str, name: &str, uid: &str| {
+            vms.get(&ObjectRef::new(name).within(ns)).is_some_and(|vm| {
+                vm.uid().as_deref() == Some(uid) && vm.metadata.deletion_timestamp.is_none()
+            })
+        };
+        for (ns, pod, pod_uid, vm, vm_uid) in orphan_candidates(&ctx.pods.store.state(), cached) {
+            let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+            let gone = match api.get_opt(&vm).await {
+                Ok(None) => true,
+                Ok(Some(v)) => {
+                    v.uid().as_deref() != Some(vm_uid.as_str())
+                        || (v.metadata.deletion_timestamp.is_some()
+                            && !v
+                                .finalizers()
+                                .iter()
+                                .any(|f| f == crate::api::DOMAIN_FINALIZER))
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, %vm, "VM not read; its Pod waits");
+                    false
+                }
+            };
+            if gone {
+                if let Err(e) = release(&ctx.client, &ns, &pod, &pod_uid).await {
+                    tracing::warn!(error = %e, %pod, "VM Pod not released");
+                }
+            }
+        }
+    }
+}
+
 /// Keeps of a Pod only what the controller reads (its identity, node, requests and
 /// phase), so that a cluster's Pods cost the controller little memory.
 pub fn slim(pod: &mut Pod) {
@@ -456,6 +577,7 @@ pub fn slim(pod: &mut Pod) {
         resource_version: meta.resource_version,
         deletion_timestamp: meta.deletion_timestamp,
         creation_timestamp: meta.creation_timestamp,
+        finalizers: meta.finalizers,
         owner_references: meta.owner_references.map(|mut o| {
             o.retain(|r| r.controller == Some(true));
             o
@@ -629,6 +751,10 @@ mod tests {
             ]
         );
         assert_eq!(spec.automount_service_account_token, Some(false));
+        assert!(
+            holds_finalizer(&desired(&vm(), "n1", s, "i")),
+            "its deletion waits for the VM"
+        );
         let c = &spec.containers[0];
         let req = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
         assert_eq!(
@@ -693,6 +819,14 @@ mod tests {
         let a_evicted = pod_of("vm-uid", "a", "n1", Some("Failed"), "Evicted", false);
         // Labelled as the VM's by someone else: neither the VM's Pod nor to delete.
         let forged = pod_of("someone-else", "f", "n1", Some("Running"), "", false);
+        let held = |mut p: Pod| {
+            p.metadata.finalizers = Some(vec![POD_FINALIZER.into()]);
+            p
+        };
+        // Deleted (by hand, or evicted by a drain) while the VM is bound there: the VM
+        // must leave first; once it has, the Pod is released.
+        let a_evicted_held = held(pod("a", "n1", Some("Running"), true));
+        let b_left_held = held(pod("b", "n0", Some("Running"), true));
         let table: Vec<(Option<&str>, Vec<&Pod>, Vec<Step>)> = vec![
             (Some("n1"), vec![], vec![Step::Create]),
             (Some("n1"), vec![&a_running], vec![]),
@@ -702,6 +836,30 @@ mod tests {
             (Some("n1"), vec![&a_done], vec![del("a")]),
             (Some("n1"), vec![&a_evicted], vec![del("a")]),
             (Some("n1"), vec![&forged], vec![Step::Create]),
+            (
+                Some("n1"),
+                vec![&a_evicted_held],
+                vec![Step::Evict { name: "a".into() }],
+            ),
+            (
+                Some("n1"),
+                vec![&b_left_held],
+                vec![
+                    Step::Release {
+                        name: "b".into(),
+                        uid: "uid-b".into(),
+                    },
+                    Step::Create,
+                ],
+            ),
+            (
+                None,
+                vec![&a_evicted_held],
+                vec![Step::Release {
+                    name: "a".into(),
+                    uid: "uid-a".into(),
+                }],
+            ),
             (None, vec![&forged], vec![]),
             (
                 Some("n1"),
@@ -726,6 +884,28 @@ mod tests {
     }
 
     #[test]
+    fn orphans_are_deleted_held_pods_whose_vm_the_cache_lacks() {
+        let mut gone = pod("a", "n1", Some("Running"), true);
+        gone.metadata.finalizers = Some(vec![POD_FINALIZER.into()]);
+        gone.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(VM_LABEL.into(), "web".into());
+        let mut live = gone.clone();
+        live.metadata.deletion_timestamp = None;
+        let mut released = gone.clone();
+        released.metadata.finalizers = None;
+        let pods: Vec<Arc<Pod>> = [gone, live, released].into_iter().map(Arc::new).collect();
+        let none = orphan_candidates(&pods, |_, _, _| false);
+        assert_eq!(none.len(), 1, "only the deleted Pod still held");
+        assert_eq!((none[0].3.as_str(), none[0].4.as_str()), ("web", "vm-uid"));
+        assert!(
+            orphan_candidates(&pods, |_, name, uid| name == "web" && uid == "vm-uid").is_empty()
+        );
+    }
+
+    #[test]
     fn slim_pods_keep_what_placement_reads() {
         let mut p: Pod = serde_json::from_value(json!({
             "metadata": {"name": "p", "namespace": "n", "uid": "u", "labels": {"vmlet.dev/vm-uid": "x", "app": "a"},
@@ -743,6 +923,7 @@ mod tests {
         assert_eq!(p.labels().len(), 1);
         assert!(p.metadata.owner_references.is_none(), "none was there");
         assert!(p.spec.as_ref().unwrap().containers[0].image.is_none());
+        assert!(!holds_finalizer(&p));
         assert!(p.status.as_ref().unwrap().pod_ip.is_none());
     }
 }
