@@ -557,10 +557,8 @@ pub async fn release_orphans(ctx: std::sync::Arc<super::Context>) {
                     false
                 }
             };
-            if gone {
-                if let Err(e) = release(&ctx.client, &ns, &pod, &pod_uid).await {
-                    tracing::warn!(error = %e, %pod, "VM Pod not released");
-                }
+            if gone && let Err(e) = release(&ctx.client, &ns, &pod, &pod_uid).await {
+                tracing::warn!(error = %e, %pod, "VM Pod not released");
             }
         }
     }
