@@ -650,21 +650,6 @@ async fn tiny_vm(vms: &Api<VirtualMachine>, name: &str, eviction: &str) -> Virtu
     .unwrap()
 }
 
-async fn wait_running(vms: &Api<VirtualMachine>, name: &str, secs: u64) -> VirtualMachine {
-    let vm = common::wait_for(Duration::from_secs(secs), || async {
-        let vm = vms.get(name).await.ok()?;
-        (vm.status.as_ref()?.phase? == Phase::Running).then_some(vm)
-    })
-    .await;
-    match vm {
-        Some(vm) => vm,
-        None => panic!(
-            "{name} not Running: {:?}",
-            vms.get(name).await.ok().and_then(|v| v.status)
-        ),
-    }
-}
-
 /// A namespace's ResourceQuota on requests.memory holds its VMs: the VM over quota is
 /// not placed and says why with the API server's words, and starts once another VM is
 /// deleted, with nothing else to do.
@@ -673,7 +658,7 @@ async fn quota_holds_vms(client: &kube::Client, ns: &str) {
     let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> =
         Api::namespaced(client.clone(), ns);
     let one = tiny_vm(&vms, "q1", "Shutdown").await;
-    wait_running(&vms, "q1", 120).await;
+    common::node::wait_phase(&vms, "q1", "Running", 120).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let sel = format!(
         "{}={}",
@@ -723,7 +708,7 @@ async fn quota_holds_vms(client: &kube::Client, ns: &str) {
     );
     vms.delete("q1", &DeleteParams::default()).await.unwrap();
     let t = Instant::now();
-    wait_running(&vms, "q2", 120).await;
+    common::node::wait_phase(&vms, "q2", "Running", 120).await;
     println!(
         "q1 deleted: q2 Running {:.1} s later",
         t.elapsed().as_secs_f64()
@@ -733,28 +718,23 @@ async fn quota_holds_vms(client: &kube::Client, ns: &str) {
         .delete("vms", &DeleteParams::default())
         .await
         .unwrap();
-    common::wait_for(Duration::from_secs(60), || async {
-        vms.list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await
-    .expect("q1 and q2 not removed");
+    assert!(
+        common::wait_until_empty(&vms, Duration::from_secs(60)).await,
+        "q1 and q2 not removed"
+    );
 }
 
 /// Plain `kubectl drain` of the node: the VM Pod's eviction makes the agent shut a VM
 /// with evictionStrategy Shutdown down (ACPI, destroyed after its grace period: the tiny
-/// guest has no ACPI daemon), the drain returns once it has left (its Pod waited for it), and after `kubectl uncordon` it runs again. The
+/// guest has no ACPI daemon), the drain returns once it has left (its Pod waited for
+/// it), and after `kubectl uncordon` it runs again. The
 /// drain names the VM Pods (`--pod-selector`): on this one-node cluster the chart's own
 /// controller Pods could go nowhere else.
 async fn kubectl_drain_stops_a_shutdown_vm(client: &kube::Client, ns: &str) {
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), ns);
     let vm = tiny_vm(&vms, "drained", "Shutdown").await;
     let uid = vm.metadata.uid.clone().unwrap();
-    wait_running(&vms, "drained", 120).await;
+    common::node::wait_phase(&vms, "drained", "Running", 120).await;
     let qemu = qemu_pid(&uid).expect("QEMU of the VM to drain");
     let t = Instant::now();
     let out = kubectl(&[
@@ -780,7 +760,7 @@ async fn kubectl_drain_stops_a_shutdown_vm(client: &kube::Client, ns: &str) {
     assert!(evicting.is_some(), "no Evicting event on the drained VM");
     // Uncordoned, it is placed again and runs.
     let t = Instant::now();
-    wait_running(&vms, "drained", 180).await;
+    common::node::wait_phase(&vms, "drained", "Running", 180).await;
     println!(
         "uncordoned: Running again {:.1} s later",
         t.elapsed().as_secs_f64()
