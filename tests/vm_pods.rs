@@ -318,6 +318,36 @@ async fn vm_pods_account_quota_and_capacity() {
         .unwrap();
     wait_phase(&api, "c", "Running", 60).await;
 
+    // 5. A LimitRange applies to VM Pods: its default memory limit is not put on them
+    //    (their limit is their request), and its maximum refuses a VM whose footprint
+    //    (guest and overhead) is larger than it.
+    let limits: k8s_openapi::api::core::v1::LimitRange = serde_json::from_value(json!({
+        "metadata": {"name": "vms"},
+        "spec": {"limits": [{"type": "Container", "default": {"memory": "64Mi"},
+                             "max": {"memory": "2Gi"}}]}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::LimitRange>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &limits)
+        .await
+        .unwrap();
+    create_vm(&api, "d", "1Gi", &ns).await;
+    create_vm(&api, "e", "1900Mi", &ns).await;
+    wait_phase(&api, "d", "Running", 60).await;
+    let over = common::wait_for(Duration::from_secs(30), || async {
+        scheduled(&api, "e")
+            .await
+            .filter(|(s, r, _)| s == "False" && r == "PodRefused")
+    })
+    .await;
+    let Some(over) = over else {
+        panic!(
+            "e not refused by the LimitRange: {:?}",
+            scheduled(&api, "e").await
+        );
+    };
+    assert!(over.2.contains("maximum memory"), "{over:?}");
+
     // With the controller still running: it releases the VMs' Pods once they are gone.
     common::delete_vms_and_namespace(&client, &ns).await;
     controller.abort();

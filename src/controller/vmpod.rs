@@ -205,7 +205,15 @@ pub fn desired(vm: &VirtualMachine, node: &str, sizing: Sizing, image: &str) -> 
                 image: Some(image.to_string()),
                 image_pull_policy: Some("IfNotPresent".into()),
                 command: Some(vec![PLACEHOLDER_COMMAND.into()]),
+                // Memory limited at the request: a quota on limits.memory counts the VM,
+                // and a LimitRange's default limit (possibly below the VM) is not put
+                // on it. No CPU limit: with it the Pod would be Guaranteed, and a static
+                // CPU manager would give the idle placeholder whole cores.
                 resources: Some(ResourceRequirements {
+                    limits: Some(BTreeMap::from([(
+                        "memory".to_string(),
+                        requests["memory"].clone(),
+                    )])),
                     requests: Some(requests),
                     ..Default::default()
                 }),
@@ -759,6 +767,9 @@ mod tests {
             (req["cpu"].0.as_str(), req["memory"].0.as_str()),
             ("500m", "1073741824")
         );
+        let lim = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(lim.len(), 1, "memory only: {lim:?}");
+        assert_eq!(lim["memory"], req["memory"]);
         assert_eq!(
             c.command.as_deref(),
             Some(&[PLACEHOLDER_COMMAND.to_string()][..])
