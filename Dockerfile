@@ -12,6 +12,9 @@ COPY src ./src
 # Cargo.toml declares them: cargo refuses the manifest without their files.
 COPY benches ./benches
 RUN cargo build --release --locked --bins
+# The VM Pods' container: a crate of its own (no std, panic = abort, static).
+COPY placeholder ./placeholder
+RUN cargo build --release --locked --manifest-path placeholder/Cargo.toml --target-dir target/placeholder
 
 # glibc base with the libvirt client library (the agent links libvirt.so) and the tool
 # the agent runs: qemu-img for overlays and image checks. No QEMU: guests, and the KVM
@@ -21,7 +24,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
         libvirt0 qemu-utils ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/vmlet /usr/local/bin/vmlet
-COPY --from=build /src/target/release/vmlet-placeholder /usr/local/bin/vmlet-placeholder
+COPY --from=build /src/target/placeholder/release/vmlet-placeholder /usr/local/bin/vmlet-placeholder
 COPY --from=build /src/target/release/kubectl-vm /usr/local/bin/kubectl-vm
 COPY --from=build /src/target/release/kubectl_complete-vm /usr/local/bin/kubectl_complete-vm
 USER 65532:65532

@@ -47,17 +47,21 @@ build() {
   mkdir -p "$OUT"
   local t0=$SECONDS
   log "cargo build --release"
-  (cd "$ROOT" && cargo build --release --locked --bins) >"$OUT/cargo.log" 2>&1 ||
+  (cd "$ROOT" && cargo build --release --locked --bins &&
+    cargo build --release --locked --manifest-path placeholder/Cargo.toml --target-dir target/placeholder) \
+    >"$OUT/cargo.log" 2>&1 ||
     { tail -n 30 "$OUT/cargo.log" >&2; die "cargo build failed; see $OUT/cargo.log"; }
   base
   local d
   d=$(mktemp -d)
   trap 'rm -rf "$d"' RETURN
   mkdir -p "$d/bins/usr/local/bin"
-  for b in vmlet vmlet-placeholder kubectl-vm kubectl_complete-vm; do
+  for b in vmlet kubectl-vm kubectl_complete-vm; do
     install -m 0755 "$ROOT/target/release/$b" "$d/bins/usr/local/bin/$b"
     strip "$d/bins/usr/local/bin/$b"
   done
+  install -m 0755 "$ROOT/target/placeholder/release/vmlet-placeholder" "$d/bins/usr/local/bin/vmlet-placeholder"
+  strip "$d/bins/usr/local/bin/vmlet-placeholder"
   # Owned by root, with fixed times: the layer depends only on the binaries.
   tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$d/bins" -cf "$d/bins.tar" .
   umoci init --layout "$d/oci"

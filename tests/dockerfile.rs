@@ -101,14 +101,18 @@ fn image_script_builds_what_the_dockerfile_describes() {
         ),
         (
             "/usr/local/bin/kubectl_complete-vm",
-            "for b in vmlet vmlet-placeholder kubectl-vm kubectl_complete-vm",
+            "for b in vmlet kubectl-vm kubectl_complete-vm",
         ),
         (
-            "/usr/local/bin/vmlet-placeholder",
-            "for b in vmlet vmlet-placeholder kubectl-vm kubectl_complete-vm",
+            "--manifest-path placeholder/Cargo.toml --target-dir target/placeholder",
+            "--manifest-path placeholder/Cargo.toml --target-dir target/placeholder",
+        ),
+        (
+            "target/placeholder/release/vmlet-placeholder /usr/local/bin/vmlet-placeholder",
+            "target/placeholder/release/vmlet-placeholder\" \"$d/bins/usr/local/bin/vmlet-placeholder",
         ),
     ] {
-        assert!(runtime.contains(docker), "Dockerfile lacks {docker}");
+        assert!(dockerfile.contains(docker), "Dockerfile lacks {docker}");
         assert!(
             script.contains(script_has),
             "hack/image.sh lacks {script_has}"
