@@ -60,6 +60,8 @@ chart-readme:
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) fmt --check --manifest-path placeholder/Cargo.toml
+	$(CARGO) clippy --manifest-path placeholder/Cargo.toml --target-dir target/placeholder -- -D warnings
 
 ## test: the whole suite, against the real local control plane and libvirt. A running
 ## demo is stopped first: its controller would be a second scheduler beside the tests'.
