@@ -385,20 +385,7 @@ fn pod_for(
 ) -> Option<k8s_openapi::api::core::v1::Pod> {
     let class = ctx.caches.class_of(vm)?;
     let (vcpus, memory) = vm.spec.requests(class.as_ref())?;
-    let hv = ctx
-        .caches
-        .hypervisors
-        .get(&kube::runtime::reflector::ObjectRef::new(node));
-    let overhead = hv
-        .as_ref()
-        .and_then(|h| h.status.as_ref())
-        .and_then(|s| s.vm_overhead.as_ref())
-        .and_then(|o| crate::api::overhead::Overhead::try_from(o).ok())
-        .unwrap_or_default();
-    let ratios = hv.as_ref().map(|h| h.spec.ratios()).unwrap_or((
-        crate::api::hypervisor::DEFAULT_CPU_OVERCOMMIT,
-        crate::api::hypervisor::DEFAULT_MEMORY_OVERCOMMIT,
-    ));
+    let (overhead, ratios) = ctx.caches.host_terms(node);
     let sizing = vmpod::sizing(vcpus, memory, &overhead, ratios);
     Some(vmpod::desired(vm, node, sizing, &ctx.vm_pod_image))
 }

@@ -206,6 +206,24 @@ impl Caches {
         (candidates, placed)
     }
 
+    /// What a VM costs `node`'s host beyond its guest (the published overhead formula; an
+    /// unreadable one counts as none: the agent refuses to start with one), and the node's
+    /// (cpu, memory) overcommit ratios (the defaults before its Hypervisor exists).
+    pub fn host_terms(&self, node: &str) -> (Overhead, (f64, f64)) {
+        let hv = self.hypervisors.get(&ObjectRef::new(node));
+        let overhead = hv
+            .as_ref()
+            .and_then(|h| h.status.as_ref())
+            .and_then(|s| s.vm_overhead.as_ref())
+            .and_then(|o| Overhead::try_from(o).ok())
+            .unwrap_or_default();
+        let ratios = hv.as_ref().map_or_else(
+            || crate::api::HypervisorSpec::default().ratios(),
+            |h| h.spec.ratios(),
+        );
+        (overhead, ratios)
+    }
+
     /// What the Pods that do not stand for VMs ask of each node, by node. VMs are counted
     /// from their own objects (bound or assumed), so their Pods are not counted twice.
     fn other_pods(&self) -> HashMap<String, super::vmpod::Sizing> {
@@ -315,20 +333,11 @@ impl Caches {
             .as_ref()
             .and_then(|h| h.status.clone())
             .unwrap_or_default();
-        let (cpu_ratio, memory_ratio) = hv.as_ref().map(|h| h.spec.ratios()).unwrap_or((
-            crate::api::hypervisor::DEFAULT_CPU_OVERCOMMIT,
-            crate::api::hypervisor::DEFAULT_MEMORY_OVERCOMMIT,
-        ));
         let lease = self.leases.get(
             &ObjectRef::new(&crate::api::heartbeat_lease_name(&name))
                 .within(crate::api::HEARTBEAT_LEASE_NAMESPACE),
         );
-        // An unreadable formula counts as none: the agent refuses to start with one.
-        let overhead = status
-            .vm_overhead
-            .as_ref()
-            .and_then(|o| Overhead::try_from(o).ok())
-            .unwrap_or_default();
+        let (overhead, (cpu_ratio, memory_ratio)) = self.host_terms(&name);
         let fresh = lease
             .and_then(|l| silence(&l, now))
             .is_some_and(|(age, duration)| age <= duration + lease_grace);
